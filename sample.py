@@ -1,0 +1,322 @@
+"""
+Sampling: load a diffusers-style model folder, step DDIM, roll out trajectories, write image grids.
+
+    python sample.py --prompt="two red circles" --num_images=16           # built-in toy model, CPU
+    python sample.py --model=out/sharpen_rlhf/model --prompt="a red circle left of a blue square"
+    python sample.py --device=cuda --model=/path/to/local/diffusers/folder --prompt="..."
+
+Also the lowest layer of the project: the model folder loader, the DDIM step that returns the x0
+prediction and the per-step noise target, the batched rollout, and the `--key=value` config helper.
+"""
+import ast
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for the hub
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOY_MODEL = os.path.join(HERE, "assets", "toy-model")
+
+# -----------------------------------------------------------------------------
+# defaults for the CLI (override with --key=value)
+model = TOY_MODEL        # a diffusers-style folder: unet/ text_encoder/ tokenizer/ scheduler/ [vae/]
+prompt = "two red circles"
+num_images = 16          # images of the prompt, in one grid
+num_steps = 20           # DDIM steps
+guidance = 2.0           # classifier-free guidance scale; 1.0 = conditional only (half the NFE)
+eta = 0.0                # DDIM eta: 0 deterministic, 1 DDPM-like
+seed = 0
+out = "samples.png"
+device = "cpu"
+# -----------------------------------------------------------------------------
+
+
+def configure(config, argv):
+    """Apply `--key=value` overrides to the dict `config` (a script's globals) in place; return the
+    effective {key: value} of the overridable keys. Values parse as Python literals, else strings."""
+    keys = {k for k, v in config.items() if not k.startswith("_") and k.islower()
+            and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: expected --key=value, got {arg!r}")
+        key, val = arg[2:].split("=", 1)
+        if key not in keys:
+            raise SystemExit(f"error: unknown config key {key!r} (known: {', '.join(sorted(keys))})")
+        try:
+            val = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            pass  # a plain string
+        old = config[key]
+        if isinstance(old, float) and type(val) is int:
+            val = float(val)
+        if old is not None and type(val) is not type(old):
+            raise SystemExit(f"error: --{key} expects {type(old).__name__}, got {type(val).__name__} {val!r}")
+        print(f"override: {key} = {val!r}")
+        config[key] = val
+    return {k: config[k] for k in sorted(keys)}
+
+
+# -----------------------------------------------------------------------------
+# the model: a diffusers-style folder
+
+@dataclass
+class Pipe:
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object          # DDIMScheduler: alphas_cumprod, prediction_type, timestep spacing
+    vae: object = None         # None: the UNet works in image space, [-1, 1]
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+
+def load_model(folder, device="cpu", dtype=torch.float32):
+    """Load unet/, text_encoder/, tokenizer/, scheduler/ (and vae/ if present) from a local folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+    _quiet()
+    missing = [d for d in ("unet", "text_encoder", "tokenizer", "scheduler")
+               if not os.path.isdir(os.path.join(folder, d))]
+    if missing:
+        raise SystemExit(f"error: model folder {folder!r} lacks {', '.join(m + '/' for m in missing)} "
+                         "(expected a diffusers-style folder: unet/ text_encoder/ tokenizer/ scheduler/ [vae/])")
+    sub = lambda d: os.path.join(folder, d)
+    vae = AutoencoderKL.from_pretrained(sub("vae"), torch_dtype=dtype) if os.path.isdir(sub("vae")) else None
+    pipe = Pipe(unet=UNet2DConditionModel.from_pretrained(sub("unet"), torch_dtype=dtype),
+                text_encoder=CLIPTextModel.from_pretrained(sub("text_encoder"), dtype=dtype),
+                tokenizer=AutoTokenizer.from_pretrained(sub("tokenizer")),
+                scheduler=DDIMScheduler.from_pretrained(sub("scheduler")), vae=vae)
+    for m in (pipe.unet, pipe.text_encoder, pipe.vae):
+        if m is not None:
+            m.to(device).eval().requires_grad_(False)
+    return pipe
+
+
+def _quiet():
+    """diffusers/transformers chatter (accelerate hints, shard progress bars) hides our own output."""
+    import diffusers, transformers
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def save_model(pipe, folder):
+    """Write the pipe as a diffusers-style folder (safetensors) that load_model reads back bit-exactly."""
+    _quiet()
+    pipe.unet.save_pretrained(os.path.join(folder, "unet"))
+    pipe.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+    pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    pipe.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+    if pipe.vae is not None:
+        pipe.vae.save_pretrained(os.path.join(folder, "vae"))
+
+
+def new_toy_model(seed=0):
+    """A fresh, random-init toy pipe: pixel-space 32x32x3 UNet, word-level tokenizer, tiny CLIP text
+    encoder, v-prediction cosine-schedule DDIM (v-prediction measured better here: CPU-FACTS.md)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+    import toyworld
+    torch.manual_seed(seed)
+    words = sorted({w for c in toyworld.train_prompts() + toyworld.heldout_prompts() for w in c.split()})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "<bos>", "<eos>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                       special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                        bos_token="<bos>", eos_token="<eos>", model_max_length=12)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=12, projection_dim=64,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8)  # cross-attention at 8x8 only: half the cost
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                              prediction_type="v_prediction", clip_sample=True,
+                              timestep_spacing="trailing", set_alpha_to_one=True)
+    return Pipe(unet, text_encoder.eval().requires_grad_(False), tokenizer, scheduler)
+
+
+@torch.no_grad()
+def encode(pipe, prompts):
+    """prompts (list of B str) -> cond (B, L, E): the text encoder's last hidden state."""
+    ids = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.device))[0]
+
+
+def to_images(pipe, x0):
+    """The model's clean space -> images (B,3,H,W) in [0,1]."""
+    if pipe.vae is not None:
+        x0 = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
+    return ((x0.float() + 1) / 2).clamp(0, 1)
+
+
+def randn(shape, generators, device="cpu"):
+    """One N(0,1) draw of `shape` (item shape) per generator, stacked: (len(generators), *shape).
+    Drawing per item makes a batch equal to the same items drawn one by one."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+# -----------------------------------------------------------------------------
+# the DDIM step (Song et al. 2020, arXiv 2010.02502, Eq. 12) and the per-step targets
+
+def alpha_bars(pipe, t):
+    """alpha_bar at integer timesteps t (tensor); t = -1 means the clean end (alpha_bar = 1)."""
+    ab = pipe.scheduler.alphas_cumprod.to(pipe.device)
+    return torch.where(t >= 0, ab[t.clamp(min=0)], torch.ones((), device=pipe.device))
+
+
+def split_prediction(pipe, x_t, model_out, t):
+    """model output -> (x0_pred, eps_pred) at timesteps t (B,), for eps- or v-prediction."""
+    ab = alpha_bars(pipe, t).view(-1, *[1] * (x_t.dim() - 1))
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    kind = pipe.scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x_t - s * model_out) / a, model_out
+    if kind == "v_prediction":  # v = a*eps - s*x0  =>  x0 = a*x_t - s*v,  eps = a*v + s*x_t
+        return a * x_t - s * model_out, a * model_out + s * x_t
+    raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
+
+
+def training_target(pipe, x_t, x0, t):
+    """The exact per-step targets for x_t reached from the clean x0: eps = (x_t - a*x0)/s, and the
+    model's own parameterisation of it (eps, or v = a*eps - s*x0). Returns (target, eps)."""
+    ab = alpha_bars(pipe, t).view(-1, *[1] * (x_t.dim() - 1))
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    eps = (x_t - a * x0) / s
+    return (a * eps - s * x0 if pipe.scheduler.config.prediction_type == "v_prediction" else eps), eps
+
+
+def ddim_step(pipe, x_t, model_out, t, t_prev, eta=0.0, noise=None):
+    """x_t -> x_{t_prev}: x_prev = a_prev*x0 + sqrt(1 - ab_prev - sigma^2)*eps + sigma*z, with
+    sigma = eta*sqrt((1-ab_prev)/(1-ab_t))*sqrt(1-ab_t/ab_prev). x0 is clipped as the config says,
+    eps is not (diffusers' default). Returns (x_prev, x0_pred, eps_pred)."""
+    x0, eps = split_prediction(pipe, x_t, model_out, t)
+    cfg = pipe.scheduler.config
+    if cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    shape = (-1, *[1] * (x_t.dim() - 1))
+    ab, ab_prev = alpha_bars(pipe, t).view(shape), alpha_bars(pipe, t_prev).view(shape)
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+    x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    if eta > 0:
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0, eps
+
+
+def timesteps(pipe, num_steps):
+    """The sampler's timesteps, noisiest first, plus -1 for the clean end: (num_steps + 1,) long."""
+    pipe.scheduler.set_timesteps(num_steps)
+    return torch.cat([pipe.scheduler.timesteps.long(), torch.tensor([-1])]).to(pipe.device)
+
+
+def predict(pipe, x_t, t, cond, uncond=None, guidance=1.0):
+    """One UNet call for the batch; with guidance != 1 the unconditional half rides in the same call.
+    x_t (B,C,H,W), t int, cond (B,L,E), uncond (1,L,E) -> guided model output (B,C,H,W)."""
+    B = x_t.shape[0]
+    tt = torch.full((B,), int(t), device=x_t.device)
+    if guidance == 1.0:
+        return pipe.unet(x_t, tt, cond).sample
+    out = pipe.unet(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
+                    torch.cat([uncond.expand(B, -1, -1), cond])).sample
+    out_u, out_c = out.chunk(2)
+    return out_u + guidance * (out_c - out_u)
+
+
+@dataclass
+class Trajectory:
+    """m DDIM steps of B trajectories. x is the state fed to each step; x_final the state after the last."""
+    x: torch.Tensor           # (B, m, C, H, W)  x_{t_k}
+    t: torch.Tensor           # (m,)             t_k, noisiest first
+    t_prev: torch.Tensor      # (m,)             where each step lands (-1: the clean end)
+    model_out: torch.Tensor   # (B, m, C, H, W)  guided UNet output (eps or v)
+    eps_pred: torch.Tensor    # (B, m, C, H, W)
+    x0_pred: torch.Tensor     # (B, m, C, H, W)  clipped, in model space
+    x_final: torch.Tensor     # (B, C, H, W)
+    target: torch.Tensor = None      # (B, m, C, H, W)  exact training target for model_out, given x0
+    eps_target: torch.Tensor = None  # (B, m, C, H, W)  exact eps from x0: (x_t - a*x0)/s
+
+
+@torch.no_grad()
+def rollout(pipe, x, ts, cond, uncond=None, guidance=1.0, eta=0.0, generators=None, x0=None, record=True):
+    """Run DDIM from x at ts[0] through ts[1], ..., ts[-1]. All B trajectories go in one UNet call
+    per step (K trajectories of a prompt: repeat its cond K times, no re-encoding). With eta > 0 the
+    step noise comes from `generators` (one per trajectory), so any trajectory can be regenerated alone.
+    x0 (B,C,H,W), the clean image that was noised to x, adds the exact per-step training targets."""
+    rec = []
+    for t, t_prev in zip(ts[:-1], ts[1:]):
+        out = predict(pipe, x, t, cond, uncond, guidance)
+        noise = randn(x.shape[1:], generators, x.device) if eta > 0 else None
+        x_prev, x0_pred, eps = ddim_step(pipe, x, out, t.expand(len(x)), t_prev.expand(len(x)), eta, noise)
+        if record:
+            rec.append((x, out, eps, x0_pred))
+        x = x_prev
+    if not record:
+        return x
+    x_t, out, eps, x0_pred = (torch.stack(r, 1) for r in zip(*rec))
+    traj = Trajectory(x_t, ts[:-1], ts[1:], out, eps, x0_pred, x)
+    if x0 is not None:
+        B, m = x_t.shape[:2]
+        tgt, eps_t = training_target(pipe, x_t.flatten(0, 1), x0.repeat_interleave(m, 0), ts[:-1].repeat(B))
+        traj.target, traj.eps_target = tgt.view_as(x_t), eps_t.view_as(x_t)
+    return traj
+
+
+@torch.no_grad()
+def sample(pipe, prompts, seeds, num_steps=20, guidance=2.0, eta=0.0, batch_size=64, progress=False):
+    """Images (B,3,H,W) in [0,1] for prompts[i] from seed seeds[i]: the same (prompt, seed) gives the
+    same image whatever else is in the batch."""
+    from tqdm import tqdm
+    ts, uncond = timesteps(pipe, num_steps), encode(pipe, [""])
+    C, S = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    images = []
+    for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="sampling"):
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+        x = randn((C, S, S), gens, pipe.device)
+        x = rollout(pipe, x, ts, encode(pipe, prompts[i:i + batch_size]), uncond, guidance, eta, gens,
+                    record=False)
+        images.append(to_images(pipe, x))
+    return torch.cat(images)
+
+
+def save_grid(images, captions, path, scale=4, ncol=None):
+    """images (B,3,H,W) in [0,1] -> a PNG grid, each tile upscaled and captioned underneath."""
+    from PIL import Image, ImageDraw
+    B, _, H, W = images.shape
+    ncol = ncol or min(B, 8)
+    nrow = (B + ncol - 1) // ncol
+    tw, th, cap = W * scale, H * scale, 24  # tile size and caption band (two lines of the default font)
+    canvas = Image.new("RGB", (ncol * (tw + 4), nrow * (th + cap + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(B):
+        x, y = (i % ncol) * (tw + 4), (i // ncol) * (th + cap + 4)
+        canvas.paste(Image.fromarray(arr[i]).resize((tw, th), Image.NEAREST), (x + 2, y + 2))
+        lines = textwrap.wrap(captions[i], width=tw // 6)
+        draw.text((x + 2, y + th + 3), "\n".join(lines[:2]), fill="black")  # wrapped to the tile width
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+if __name__ == "__main__":
+    configure(globals(), sys.argv[1:])
+    torch.set_num_threads(os.cpu_count())
+    pipe = load_model(model, device)
+    images = sample(pipe, [prompt] * num_images, [seed + i for i in range(num_images)],
+                    num_steps, guidance, eta, progress=True)
+    save_grid(images, [prompt] * num_images, out)
+    print(f"wrote {num_images} images of {prompt!r} to {out} "
+          f"({num_steps} DDIM steps, guidance {guidance}, NFE/image {num_steps * (1 + (guidance != 1))})")

@@ -1,0 +1,283 @@
+"""
+The toy world: procedural 32x32 scenes of coloured shapes, their captions, and a detector.
+
+It stands in for the web images + GenEval of the paper (arXiv 2502.12146) so that everything runs
+on a CPU with no downloads: scenes are drawn from a caption grammar covering the three skills of
+compositional benchmarks, and a detector reads any image back into objects, so a reward can check
+a caption exactly.
+
+    single    "a red circle"
+    binding   "a red circle and a blue square"
+    counting  "three green triangles"                       (2..4 objects)
+    spatial   "a red circle left of a blue square"          (left of / right of / above / below)
+
+Held-out prompts: some unordered (colour shape, colour shape) pairs never appear together in a
+training caption (neither bound nor in a relation), and some (count, colour, shape) triples are never
+counted. Every word is seen in training, only the combinations are new.
+"""
+import itertools
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SIZE = 32
+COLORS = {  # corners of the RGB cube: every pair is >= 1.0 apart, and >= 1.0 from the white background
+    "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0), "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0),
+}
+BACKGROUND = (1.0, 1.0, 1.0)
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = {1: "a", 2: "two", 3: "three", 4: "four"}
+RELATIONS = ("left of", "right of", "above", "below")
+SKILLS = ("single", "binding", "counting", "spatial")
+SKILL_WEIGHTS = (0.15, 0.3, 0.25, 0.3)  # how often each skill is drawn for training scenes
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a caption says. items: ((count, colour, shape), ...); relation relates items[0] to items[1]."""
+    skill: str
+    items: tuple
+    relation: str = None
+
+
+# -----------------------------------------------------------------------------
+# captions <-> specs
+
+def caption(spec):
+    def phrase(n, c, s):
+        return f"{NUMBERS[n]} {c} {s}" + ("s" if n > 1 else "")
+    parts = [phrase(*it) for it in spec.items]
+    if spec.skill == "spatial":
+        return f"{parts[0]} {spec.relation} {parts[1]}"
+    return " and ".join(parts)
+
+
+def parse(text):
+    """Caption -> Spec. Raises ValueError naming the caption if it is outside the grammar."""
+    words = text.strip().lower().split()
+    def phrase(ws):
+        number = {v: k for k, v in NUMBERS.items()}
+        if len(ws) != 3 or ws[0] not in number or ws[1] not in COLORS:
+            raise ValueError(f"not a toy-world caption: {text!r}")
+        n, shape = number[ws[0]], ws[2]
+        if n > 1:
+            shape = shape[:-1] if shape.endswith("s") else "?"
+        if shape not in SHAPES:
+            raise ValueError(f"not a toy-world caption: {text!r}")
+        return (n, ws[1], shape)
+    joined = " ".join(words)
+    for rel in RELATIONS:
+        if f" {rel} " in joined:
+            a, b = joined.split(f" {rel} ")
+            return Spec("spatial", (phrase(a.split()), phrase(b.split())), rel)
+    if "and" in words:
+        i = words.index("and")
+        return Spec("binding", (phrase(words[:i]), phrase(words[i + 1:])))
+    item = phrase(words)
+    return Spec("counting" if item[0] > 1 else "single", (item,))
+
+
+def all_specs():
+    """Every caption the grammar can say, in a fixed order."""
+    objs = list(itertools.product(COLORS, SHAPES))
+    specs = [Spec("single", ((1, c, s),)) for c, s in objs]
+    specs += [Spec("binding", ((1, *a), (1, *b))) for a, b in itertools.permutations(objs, 2)]
+    specs += [Spec("counting", ((n, c, s),)) for n in (2, 3, 4) for c, s in objs]
+    specs += [Spec("spatial", ((1, *a), (1, *b)), r) for a, b in itertools.permutations(objs, 2)
+              for r in RELATIONS]
+    return specs
+
+
+def _heldout_sets():
+    rng = random.Random(1234)  # fixed forever: changing it changes what "held-out" means
+    objs = list(itertools.product(COLORS, SHAPES))
+    pairs = sorted(frozenset(p) for p in itertools.combinations(objs, 2))
+    pairs = sorted(pairs, key=lambda p: sorted(p))
+    held_pairs = set(rng.sample(pairs, 16))  # 16 of 153 unordered pairs
+    triples = [(n, c, s) for n in (2, 3, 4) for c, s in objs]
+    held_triples = set(rng.sample(triples, 9))  # 9 of 54 counted objects
+    return held_pairs, held_triples
+
+HELD_PAIRS, HELD_TRIPLES = _heldout_sets()
+
+
+def is_heldout(spec):
+    if spec.skill == "counting":
+        return spec.items[0] in HELD_TRIPLES
+    if len(spec.items) == 2:
+        return frozenset(it[1:] for it in spec.items) in HELD_PAIRS
+    return False
+
+
+def _split(split):
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return [s for s in all_specs() if is_heldout(s) == (split == "heldout")]
+
+_SPECS = {"train": _split("train"), "heldout": _split("heldout")}
+
+
+def train_prompts():
+    return [caption(s) for s in _SPECS["train"]]
+
+
+def heldout_prompts():
+    return [caption(s) for s in _SPECS["heldout"]]
+
+
+def eval_prompts(split="heldout", per_skill=16):
+    """A fixed, skill-balanced subset of a split (the same list every call)."""
+    rng, out = random.Random(0), []
+    for skill in SKILLS:
+        specs = [s for s in _SPECS[split] if s.skill == skill]
+        out += [caption(s) for s in rng.sample(specs, min(per_skill, len(specs)))]
+    return out
+
+
+def random_spec(rng, split="train"):
+    """A training caption: a skill by SKILL_WEIGHTS, then uniform within the skill."""
+    skill = rng.choices(SKILLS, SKILL_WEIGHTS)[0]
+    return rng.choice([s for s in _SPECS[split] if s.skill == skill] or _SPECS[split])
+
+
+def corrupt(spec, rng):
+    """A caption that describes its image imperfectly (web alt-text noise): one field changed."""
+    fields = ["colour", "shape"] + (["count"] if spec.skill == "counting" else []) \
+        + (["relation"] if spec.relation else [])
+    while True:
+        items = [list(it) for it in spec.items]
+        i, what = rng.randrange(len(items)), rng.choice(fields)
+        relation = spec.relation
+        if what == "relation":
+            relation = rng.choice([r for r in RELATIONS if r != spec.relation])
+        elif what == "count":
+            items[i][0] = rng.choice([n for n in (2, 3, 4) if n != items[i][0]])
+        else:
+            j, pool = (1, COLORS) if what == "colour" else (2, SHAPES)
+            items[i][j] = rng.choice([x for x in pool if x != items[i][j]])
+        new = Spec(spec.skill, tuple(map(tuple, items)), relation)
+        # two items must stay distinct objects, and noise must not leak held-out captions into training
+        if (len(items) == 1 or items[0][1:] != items[1][1:]) and is_heldout(new) == is_heldout(spec):
+            return new
+
+
+# -----------------------------------------------------------------------------
+# rendering
+
+def _mask(shape, x0, y0, s):
+    """Boolean (SIZE, SIZE) mask of a shape whose s x s bounding box has top-left corner (x0, y0)."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5  # pixel centres
+    u, v = (xx - x0) / s, (yy - y0) / s  # coordinates inside the box, in [0, 1]
+    inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+    if shape == "circle":
+        return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    if shape == "square":
+        return inside
+    return inside & (np.abs(u - 0.5) <= 0.5 * v)  # upright triangle, apex at top
+
+
+def _relation_ok(rel, a, b, margin=0):
+    """Does box-centre a stand in `rel` to b? The relation's axis must dominate the other axis."""
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    d = {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[rel]
+    other = abs(dy) if rel in ("left of", "right of") else abs(dx)
+    return d > other + margin
+
+
+def render(spec, rng):
+    """Spec -> (image float32 (3,SIZE,SIZE) in [0,1], [(colour, shape, cx, cy), ...]). Non-overlapping."""
+    objects = [(c, s) for n, c, s in spec.items for _ in range(n)]
+    hi = 12 if len(objects) <= 2 else 11 - (len(objects) == 4)  # box sizes 8..hi-1 pixels
+    def clear(a, b):  # a 2-pixel gap between boxes keeps objects (even of one colour) separate blobs
+        return a[0] >= b[0] + b[2] + 2 or b[0] >= a[0] + a[2] + 2 or a[1] >= b[1] + b[2] + 2 \
+            or b[1] >= a[1] + a[2] + 2
+    for _ in range(1000):  # place objects one by one; start over if one finds no room
+        boxes = []
+        for _obj in objects:
+            for _ in range(50):
+                s = int(rng.integers(8, hi))
+                box = (int(rng.integers(1, SIZE - s)), int(rng.integers(1, SIZE - s)), s)
+                if all(clear(box, b) for b in boxes):
+                    boxes.append(box)
+                    break
+        if len(boxes) < len(objects):
+            continue
+        centres = [(x + s / 2, y + s / 2) for x, y, s in boxes]
+        if spec.relation and not _relation_ok(spec.relation, centres[0], centres[1], margin=4):
+            continue
+        break
+    else:
+        raise RuntimeError(f"could not place {caption(spec)!r}")  # not reached for this grammar
+    image = np.empty((3, SIZE, SIZE), np.float32)
+    image[:] = np.array(BACKGROUND, np.float32)[:, None, None]
+    for (c, s), (x, y, sz) in zip(objects, boxes):
+        m = _mask(s, x, y, sz)
+        image[:, m] = np.array(COLORS[c], np.float32)[:, None]
+    return image, [(c, s, x + sz / 2, y + sz / 2) for (c, s), (x, y, sz) in zip(objects, boxes)]
+
+
+def sample_scene(seed, split="train"):
+    """Seed -> (image float tensor (3,32,32) in [0,1], caption). Same seed, same scene."""
+    rng = np.random.default_rng(seed)
+    spec = random_spec(random.Random(int(rng.integers(2**31))), split)
+    image, _ = render(spec, rng)
+    return torch.from_numpy(image), caption(spec)
+
+
+# -----------------------------------------------------------------------------
+# detection: colour segmentation -> connected components -> shape from geometry
+
+PALETTE = torch.tensor([BACKGROUND] + list(COLORS.values()))  # (7, 3), index 0 is background
+NAMES = [None] + list(COLORS)
+MAX_DIST = 0.45  # a pixel farther than this from every palette colour is ignored (edges, mud)
+MIN_AREA = 10  # smaller blobs are noise: the smallest rendered object covers ~30 pixels
+
+
+def _components(cls):
+    """cls (B,H,W) int, 0 = background -> labels (B,H,W): 4-connected same-class pixels share a label."""
+    B, H, W = cls.shape
+    fg = cls > 0
+    labels = torch.where(fg, torch.arange(1, H * W + 1).view(1, H, W).expand(B, H, W), 0)
+    while True:  # propagate the max label to 4-neighbours of the same class until nothing changes
+        new = labels.clone()
+        for dim, shift in ((1, 1), (1, -1), (2, 1), (2, -1)):
+            nb, nb_cls = torch.roll(labels, shift, dim), torch.roll(cls, shift, dim)
+            edge = torch.zeros_like(fg)  # torch.roll wraps around: forbid the wrapped row/column
+            if dim == 1:
+                edge[:, 0 if shift == 1 else H - 1, :] = True
+            else:
+                edge[:, :, 0 if shift == 1 else W - 1] = True
+            ok = fg & (nb_cls == cls) & ~edge
+            new = torch.where(ok, torch.maximum(new, nb), new)
+        if torch.equal(new, labels):
+            return labels
+        labels = new
+
+
+def detect(images):
+    """images (B,3,H,W) in [0,1] -> per image a list of dicts: colour, shape, cx, cy, area (pixels)."""
+    images = images.detach().float().cpu()
+    dist = torch.cdist(images.permute(0, 2, 3, 1).reshape(images.shape[0], -1, 3), PALETTE)  # (B,HW,7)
+    d, cls = dist.min(-1)
+    cls = torch.where(d <= MAX_DIST, cls, 0).view(images.shape[0], *images.shape[2:])
+    labels = _components(cls)
+    out = []
+    for b in range(images.shape[0]):
+        objs = []
+        for lab in labels[b].unique():
+            if lab == 0:
+                continue
+            ys, xs = torch.nonzero(labels[b] == lab, as_tuple=True)
+            area = len(xs)
+            if area < MIN_AREA:
+                continue
+            w, h = int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1
+            fill = area / (w * h)  # square ~1.0, circle ~pi/4, triangle ~1/2
+            shape = "triangle" if fill < 0.66 else "circle" if fill < 0.9 else "square"
+            objs.append(dict(colour=NAMES[int(cls[b, ys[0], xs[0]])], shape=shape, area=area,
+                             cx=(xs.min() + xs.max() + 1).item() / 2, cy=(ys.min() + ys.max() + 1).item() / 2))
+        out.append(objs)
+    return out
