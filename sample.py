@@ -77,16 +77,21 @@ class Pipe:
         return next(self.unet.parameters()).device
 
 
-def load_model(folder, device="cpu", dtype=torch.float32):
-    """Load unet/, text_encoder/, tokenizer/, scheduler/ (and vae/ if present) from a local folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-    _quiet()
+def check_model_folder(folder):
+    """Fail with one line unless `folder` has the subfolders load_model reads."""
     missing = [d for d in ("unet", "text_encoder", "tokenizer", "scheduler")
                if not os.path.isdir(os.path.join(folder, d))]
     if missing:
         raise SystemExit(f"error: model folder {folder!r} lacks {', '.join(m + '/' for m in missing)} "
                          "(expected a diffusers-style folder: unet/ text_encoder/ tokenizer/ scheduler/ [vae/])")
+
+
+def load_model(folder, device="cpu", dtype=torch.float32):
+    """Load unet/, text_encoder/, tokenizer/, scheduler/ (and vae/ if present) from a local folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+    _quiet()
+    check_model_folder(folder)
     sub = lambda d: os.path.join(folder, d)
     vae = AutoencoderKL.from_pretrained(sub("vae"), torch_dtype=dtype) if os.path.isdir(sub("vae")) else None
     pipe = Pipe(unet=UNet2DConditionModel.from_pretrained(sub("unet"), torch_dtype=dtype),
@@ -191,13 +196,20 @@ def split_prediction(pipe, x_t, model_out, t):
     raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
 
 
+def param_target(pipe, eps, x0, t):
+    """The model's own parameterisation of (eps, x0) at timesteps t: eps, or v = a*eps - s*x0."""
+    if pipe.scheduler.config.prediction_type != "v_prediction":
+        return eps
+    ab = alpha_bars(pipe, t).view(-1, *[1] * (eps.dim() - 1))
+    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+
 def training_target(pipe, x_t, x0, t):
-    """The exact per-step targets for x_t reached from the clean x0: eps = (x_t - a*x0)/s, and the
-    model's own parameterisation of it (eps, or v = a*eps - s*x0). Returns (target, eps)."""
+    """The exact per-step targets for x_t reached from the clean x0: eps = (x_t - a*x0)/s, and its
+    parameterisation for the model (param_target). Returns (target, eps)."""
     ab = alpha_bars(pipe, t).view(-1, *[1] * (x_t.dim() - 1))
-    a, s = ab.sqrt(), (1 - ab).sqrt()
-    eps = (x_t - a * x0) / s
-    return (a * eps - s * x0 if pipe.scheduler.config.prediction_type == "v_prediction" else eps), eps
+    eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+    return param_target(pipe, eps, x0, t), eps
 
 
 def ddim_step(pipe, x_t, model_out, t, t_prev, eta=0.0, noise=None):
@@ -223,14 +235,15 @@ def timesteps(pipe, num_steps):
     return torch.cat([pipe.scheduler.timesteps.long(), torch.tensor([-1])]).to(pipe.device)
 
 
-def predict(pipe, x_t, t, cond, uncond=None, guidance=1.0):
+def predict(pipe, x_t, t, cond, uncond=None, guidance=1.0, unet=None):
     """One UNet call for the batch; with guidance != 1 the unconditional half rides in the same call.
-    x_t (B,C,H,W), t int, cond (B,L,E), uncond (1,L,E) -> guided model output (B,C,H,W)."""
-    B = x_t.shape[0]
+    x_t (B,C,H,W), t int, cond (B,L,E), uncond (1,L,E) -> guided model output (B,C,H,W).
+    unet: another network with the pipe's interface (a DDP wrapper, a frozen reference)."""
+    B, unet = x_t.shape[0], unet or pipe.unet
     tt = torch.full((B,), int(t), device=x_t.device)
     if guidance == 1.0:
-        return pipe.unet(x_t, tt, cond).sample
-    out = pipe.unet(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
+        return unet(x_t, tt, cond).sample
+    out = unet(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
                     torch.cat([uncond.expand(B, -1, -1), cond])).sample
     out_u, out_c = out.chunk(2)
     return out_u + guidance * (out_c - out_u)
@@ -250,15 +263,21 @@ class Trajectory:
     eps_target: torch.Tensor = None  # (B, m, C, H, W)  exact eps from x0: (x_t - a*x0)/s
 
 
-@torch.no_grad()
-def rollout(pipe, x, ts, cond, uncond=None, guidance=1.0, eta=0.0, generators=None, x0=None, record=True):
+def rollout(pipe, x, ts, cond, uncond=None, guidance=1.0, eta=0.0, generators=None, x0=None, record=True,
+            grad=False, unet=None):
     """Run DDIM from x at ts[0] through ts[1], ..., ts[-1]. All B trajectories go in one UNet call
     per step (K trajectories of a prompt: repeat its cond K times, no re-encoding). With eta > 0 the
     step noise comes from `generators` (one per trajectory), so any trajectory can be regenerated alone.
-    x0 (B,C,H,W), the clean image that was noised to x, adds the exact per-step training targets."""
+    x0 (B,C,H,W), the clean image that was noised to x, adds the exact per-step training targets.
+    grad=True keeps the graph through the whole chain (where grad is enabled); the default is no_grad."""
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return _rollout(pipe, x, ts, cond, uncond, guidance, eta, generators, x0, record, unet)
+
+
+def _rollout(pipe, x, ts, cond, uncond, guidance, eta, generators, x0, record, unet):
     rec = []
     for t, t_prev in zip(ts[:-1], ts[1:]):
-        out = predict(pipe, x, t, cond, uncond, guidance)
+        out = predict(pipe, x, t, cond, uncond, guidance, unet)
         noise = randn(x.shape[1:], generators, x.device) if eta > 0 else None
         x_prev, x0_pred, eps = ddim_step(pipe, x, out, t.expand(len(x)), t_prev.expand(len(x)), eta, noise)
         if record:

@@ -1,117 +1,188 @@
 """
-Training: pretraining of the built-in toy model (and, next, Diffusion-Sharpening on top of it).
+Training: Diffusion-Sharpening (arXiv 2502.12146, Algorithms 1 and 2) and the pretraining of the toy model.
 
-    python train.py --method=pretrain                                  # CPU, the built-in toy model
-    python train.py --method=pretrain --device=cuda                    # one GPU
-    torchrun --standalone --nproc_per_node=8 train.py --method=pretrain --device=cuda
-    python train.py --method=pretrain --init_from=resume               # continue out_dir/ckpt.pt
+    python train.py                                                    # sharpen_rlhf, built-in toy model, CPU
+    python train.py --method=sharpen_sft --lam=0.1
+    python train.py --device=cuda --model=/path/to/diffusers/folder    # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --device=cuda    # 8 GPUs
+    torchrun --standalone --nproc_per_node=2 train.py                  # 2 CPU processes (gloo)
+    python train.py --init_from=resume --out_dir=out/sharpen_rlhf      # continue out_dir/ckpt.pt
 
 The built-in model (assets/toy-model) is exactly:
-    python train.py --method=pretrain --out_dir=out/pretrain --save_to=assets/toy-model
+    python train.py --method=pretrain --steps=1300 --batch_size=64 --lr=1e-3 --warmup=100 --ema=0.995 \
+        --eval_interval=325 --eval_seeds=2 --out_dir=out/pretrain --save_to=assets/toy-model
 """
 import copy
+import gc
 import math
 import os
 import random
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import sample as S
+import sharpen
 import toyworld
+from reward import make_reward
 
 # -----------------------------------------------------------------------------
 # run
-method = "pretrain"      # pretrain
-out_dir = "out/pretrain" # ckpt.pt, log.txt, model/ go here
+method = "sharpen_rlhf"  # sharpen_rlhf | sharpen_sft | pretrain
+model = S.TOY_MODEL      # the diffusers folder sharpening starts from
+out_dir = ""             # ckpt.pt, log.txt, model/ ("" = out/<method>)
 save_to = ""             # where the final diffusers folder goes ("" = out_dir/model)
 init_from = "scratch"    # scratch | resume (out_dir/ckpt.pt)
 seed = 1337
-# data (toy world)
+# sharpening (the paper's n = 3 trajectories, m = 3 steps)
+reward = "compositional" # reward name for make_reward
+prompts_per_step = 8     # prompts per optimizer step, over all ranks and micro-steps
+grad_accum = 1           # micro-steps per optimizer step (no_sync on all but the last)
+n_traj = 3               # trajectories per prompt (they differ in the noise that reaches x_t)
+m_steps = 3              # DDIM steps rolled per trajectory, each scored on its x0 prediction
+agg = "sum"              # trajectory reward: sum (Eq. 8) | mean | last
+lam = 0.0                # path-integral temperature: 0 = argmax (the paper), inf = uniform
+normalize = False        # z-score each prompt's trajectory rewards before the softmax
+sft_target = "exact"     # exact: eps from the noised x0 at every step | official: the first eps reused
+chain_grad = False       # backprop through the chain of m steps (the official code) instead of per step
+beta = 2.0               # Diffusion-DPO beta (ours has the 1/2 inside: beta = 2 * official beta_dpo)
+reward_in_sigmoid = True # reward gap inside the log-sigmoid (the paper) | outside (the official code)
+num_steps = 20           # sampler schedule the trajectories follow (and RLHF's own samples use)
+guidance = 2.0           # CFG scale of rollouts and samples
+eta = 0.0                # DDIM eta of rollouts
+# pretraining (toy world)
 caption_noise = 0.1      # fraction of captions changed in one field (web alt-text noise)
 caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-free guidance)
 # optim
-steps = 1300             # optimizer steps (~28 min on 2 CPU cores)
-batch_size = 64          # images per optimizer step, over all ranks
-lr = 1e-3                # AdamW peak learning rate
-warmup = 100             # linear warmup steps, then cosine decay to lr/10
+steps = 120              # optimizer steps
+batch_size = 64          # pretraining images per optimizer step, over all ranks
+lr = 1e-4                # AdamW peak learning rate
+warmup = 10              # linear warmup steps, then cosine decay to lr/10
 weight_decay = 0.0
 grad_clip = 1.0
-ema = 0.995              # EMA of the weights; the exported model is the EMA (0 = off)
+ema = 0.0                # EMA of the weights, exported instead of them (0 = off)
 # eval and logging
-eval_interval = 325      # steps between held-out gold evaluations (0 = only at the end)
-eval_seeds = 2           # seeds per held-out eval prompt (0 = no evaluation)
-log_interval = 10
-ckpt_interval = 250
+eval_interval = 0        # steps between held-out gold evaluations (0 = at start and end only)
+eval_seeds = 8           # seeds per held-out eval prompt (41 prompts x 8 = 328 images; 0 = no eval)
+log_interval = 1
+ckpt_interval = 20
 # system
 device = "cpu"           # cpu | cuda
 threads = 0              # torch threads per process (0 = cores / processes)
 # -----------------------------------------------------------------------------
 
+METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain")
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
 
 def main():
     config = S.configure(globals(), sys.argv[1:])
-    if method not in ("pretrain",):
-        raise SystemExit(f"error: unknown method {method!r} (known: pretrain)")
+    global out_dir
+    out_dir = out_dir or os.path.join("out", method)
+    config["out_dir"] = out_dir
+    # every check that can fail runs here, before any heavy work
+    if method not in METHODS:
+        fail(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    if init_from not in ("scratch", "resume"):
+        fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device=cuda but no CUDA device is available")
-
-    # DDP, nanoGPT-style: the RANK env var (set by torchrun) decides
-    ddp = int(os.environ.get("RANK", -1)) != -1
+        fail("--device=cuda but no CUDA device is available")
+    if method == "sharpen_rlhf" and n_traj < 2:
+        fail(f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}")
+    if not 1 <= m_steps <= num_steps:
+        fail(f"m_steps={m_steps} must be in 1..num_steps={num_steps}")
+    pretrain, reward_fn = method == "pretrain", None
+    if not pretrain:
+        S.check_model_folder(model)
+        try:
+            reward_fn = make_reward(reward, device)
+        except ValueError as e:
+            fail(e)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # DDP, nanoGPT-style: torchrun sets RANK
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    master = rank == 0
+    # batch arithmetic: each prompt's n trajectories stay on one rank, so the softmax is rank-local
+    per_step = batch_size if pretrain else prompts_per_step
+    if per_step % (world * grad_accum):
+        fail(f"{'batch_size' if pretrain else 'prompts_per_step'}={per_step} is not divisible by "
+             f"{world} ranks x grad_accum {grad_accum}")
+    P = per_step // (world * grad_accum)  # images (pretrain) or prompts per rank per micro-step
+    assert P * world * grad_accum == per_step
+    if master:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create out_dir {out_dir!r}: {e.strerror}")
+        if not os.access(out_dir, os.W_OK):
+            fail(f"out_dir {out_dir!r} is not writable")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if init_from == "resume" and not os.path.exists(ckpt_path):
+        fail(f"--init_from=resume but {ckpt_path} does not exist")
+
     dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device == "cuda" else "cpu"
     if ddp:
         torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
-    master = rank == 0
+        if device == "cuda":
+            torch.cuda.set_device(dev)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
-    if batch_size % world:
-        raise SystemExit(f"error: batch_size={batch_size} is not divisible by {world} processes")
-    per_rank = batch_size // world
     if master:
-        print(f"batch: {per_rank} images/rank x {world} ranks = {batch_size} per step, {steps} steps")
-        os.makedirs(out_dir, exist_ok=True)
-    assert per_rank * world == batch_size
+        if pretrain:
+            print(f"batch: {P} images x {grad_accum} micro-steps x {world} ranks = {per_step} per step")
+        else:
+            print(f"batch: {P} prompts x {n_traj} trajectories x {m_steps} steps per micro-step per rank; "
+                  f"{grad_accum} micro-steps x {world} ranks = {per_step} prompts = "
+                  f"{per_step * n_traj} trajectories = {per_step * n_traj * m_steps} scored x0 per step")
 
-    # model, optimizer, EMA
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    pipe = S.new_toy_model(seed)
+    # model: pretraining trains UNet + text encoder from scratch; sharpening trains the UNet
+    pipe = S.new_toy_model(seed) if pretrain else S.load_model(model, dev)
     pipe.unet.to(dev).train().requires_grad_(True)
-    pipe.text_encoder.to(dev).train().requires_grad_(True)  # the tiny text encoder learns with the UNet
-    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    trained = [pipe.unet]
+    if pretrain:
+        pipe.text_encoder.to(dev).train().requires_grad_(True)
+        trained.append(pipe.text_encoder)
+    params = [p for m in trained for p in m.parameters()]
+    ref_unet = copy.deepcopy(pipe.unet).eval().requires_grad_(False) if method == "sharpen_rlhf" else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    ema_params = [p.detach().clone() for p in params]
+    ema_params = [p.detach().clone() for p in params] if ema else None
     step = 0
     if init_from == "resume":
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"error: --init_from=resume but {ckpt_path} does not exist")
         ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        if ck["config"]["method"] != method:
-            raise SystemExit(f"error: {ckpt_path} is a {ck['config']['method']!r} run, not {method!r}")
-        pipe.unet.load_state_dict(ck["unet"])
-        pipe.text_encoder.load_state_dict(ck["text_encoder"])
+        changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size")
+                   if ck["config"].get(k) != config.get(k)]
+        if changed:
+            fail(f"{ckpt_path} is from another config: " + ", ".join(
+                f"{k}={ck['config'].get(k)!r} there, {config.get(k)!r} here" for k in changed))
+        for m, sd in zip(trained, ck["models"]):
+            m.load_state_dict(sd)
         opt.load_state_dict(ck["optimizer"])
-        ema_params = [e.to(dev) for e in ck["ema"]]
-        step = ck["step"]
+        ema_params, step = ck["ema"], ck["step"]
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
-    elif init_from != "scratch":
-        raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
-    unet, text_encoder = pipe.unet, pipe.text_encoder
+    nets = trained
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        unet, text_encoder = DDP(unet), DDP(text_encoder)
+        nets = [DDP(m) for m in trained]
+    unet = nets[0]
+    uncond = S.encode(pipe, [""])
+    train_prompts = toyworld.train_prompts()
 
     def lr_at(it):
         if it < warmup:
             return lr * (it + 1) / warmup
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, steps - warmup))))
 
-    def batch(it):
-        """Toy-world scenes of step `it` for this rank; seeds derived from (seed, step, index)."""
+    def pretrain_loss(it, micro):
+        """Denoising loss on toy-world scenes; every seed derives from (seed, step, global index)."""
         images, prompts = [], []
-        for i in range(rank * per_rank, (rank + 1) * per_rank):
+        first = (micro * world + rank) * P
+        for i in range(first, first + P):
             s = (seed * 1_000_003 + it) * 4096 + i
             image, cap = toyworld.sample_scene(s)
             rng = random.Random(s)
@@ -119,74 +190,167 @@ def main():
                 cap = toyworld.caption(toyworld.corrupt(toyworld.parse(cap), rng))
             images.append(image)
             prompts.append("" if rng.random() < caption_dropout else cap)
-        return torch.stack(images).to(dev) * 2 - 1, prompts  # model space: [-1, 1]
-
-    def export(folder):
-        """The EMA weights as a diffusers folder."""
-        ema_pipe = copy.deepcopy(pipe)
-        for p, e in zip(list(ema_pipe.unet.parameters()) + list(ema_pipe.text_encoder.parameters()),
-                        ema_params if ema else params):
-            p.data.copy_(e)
-        ema_pipe.unet.eval().cpu(), ema_pipe.text_encoder.eval().cpu()
-        S.save_model(ema_pipe, folder)
-        return ema_pipe
-
-    def evaluate(tag):
-        import eval as E
-        ema_pipe = export(os.path.join(out_dir, "model"))
-        ema_pipe.unet.to(dev), ema_pipe.text_encoder.to(dev)
-        res = E.gold_eval(ema_pipe, seeds=eval_seeds)
-        line = f"eval {tag} | step {step} | heldout gold {res['overall']:.4f} | " + \
-            " | ".join(f"{k} {v:.4f}" for k, v in res["per_skill"].items())
-        print(line)
-        with open(os.path.join(out_dir, "log.txt"), "a") as f:
-            f.write(line + "\n")
-
-    from tqdm import tqdm
-    bar = tqdm(total=steps, initial=step, disable=not master, desc=method, mininterval=5)
-    torch.manual_seed(seed + rank)
-    while step < steps:
-        t0 = time.time()
-        gen = torch.Generator().manual_seed(seed * 7919 + step * world + rank)  # resume-exact noise
-        x0, prompts = batch(step)
-        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (per_rank,), generator=gen).to(dev)
+        x0 = torch.stack(images).to(dev) * 2 - 1  # model space: [-1, 1]
+        gen = torch.Generator().manual_seed(seed * 7919 + (it * grad_accum + micro) * world + rank)
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (P,), generator=gen).to(dev)
         eps = torch.randn(x0.shape, generator=gen).to(dev)
         ab = S.alpha_bars(pipe, t).view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         target, _ = S.training_target(pipe, x_t, x0, t)
         ids = pipe.tokenizer(prompts, padding="max_length", truncation=True,
                              max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-        cond = text_encoder(ids.to(dev))[0]
-        loss = F.mse_loss(unet(x_t, t, cond).sample.float(), target.float())
+        cond = nets[1](ids.to(dev))[0]
+        return F.mse_loss(unet(x_t, t, cond).sample.float(), target.float()), {}
+
+    def sharpen_loss(it, micro):
+        """One micro-step of Algorithm 1 (SFT) or 2 (RLHF) on this rank's P prompts."""
+        n, m = n_traj, m_steps
+        first = (it * grad_accum + micro) * per_step + rank * P  # global index of this rank's first prompt
+        gidx = range(first, first + P)
+        prompts = [random.Random(seed * 1_000_003 + g).choice(train_prompts) for g in gidx]
+        cond = S.encode(pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
+        C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+        ts = S.timesteps(pipe, num_steps)
+        if method == "sharpen_sft":  # Alg. 1: dataset images (toy-world renders of the prompts)
+            x0 = torch.stack([torch.from_numpy(toyworld.render(toyworld.parse(p), np.random.default_rng(
+                seed + g))[0]) for p, g in zip(prompts, gidx)]).to(dev) * 2 - 1
+        else:  # Alg. 2: the current model's own samples (no dataset)
+            gens = [torch.Generator().manual_seed(seed * 31 + g) for g in gidx]
+            x0 = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, cond, uncond, guidance, eta, gens,
+                           record=False)
+        k = random.Random(seed * 17 + it * grad_accum + micro).randrange(num_steps - m + 1)  # start step
+        gens = [torch.Generator().manual_seed((seed * 1_000_003 + g) * 64 + j) for g in gidx for j in range(n)]
+        eps0 = S.randn((C, H, H), gens, dev)  # (P*n, C, H, W): the noise that reaches x_t
+        x0n = x0.repeat_interleave(n, 0)
+        ab = S.alpha_bars(pipe, ts[k:k + 1])
+        x_t = ab.sqrt() * x0n + (1 - ab).sqrt() * eps0
+        condn = cond.repeat_interleave(n, 0)
+        traj = S.rollout(pipe, x_t, ts[k:k + m + 1], condn, uncond, guidance, eta, gens, x0=x0n)
+        images = S.to_images(pipe, traj.x0_pred.flatten(0, 1))  # (P*n*m, 3, H, W)
+        r, _ = reward_fn(images, [p for p in prompts for _ in range(n * m)])
+        per_step_r = r.to(dev).view(P, n, m)
+        R = sharpen.trajectory_rewards(per_step_r, agg)  # (P, n)
+        target = traj.target  # (P*n, m, C, H, W), exact
+        if sft_target == "official":
+            tt = traj.t.repeat(P * n)
+            target = S.param_target(pipe, sharpen.official_eps_target(eps0, m).flatten(0, 1),
+                                    x0n.repeat_interleave(m, 0), tt).view_as(target)
+
+        def recompute(rows, net):
+            """Model output with grad for trajectories `rows` (K,) at their m states: (K, m, C, H, W)."""
+            if chain_grad:  # re-roll the chain with grad from x_t, through the same guided DDIM steps
+                tr = S.rollout(pipe, x_t[rows], ts[k:k + m + 1], condn[rows], uncond, guidance, eta,
+                               [gens[i] for i in rows.tolist()], grad=True, unet=net)  # grad if enabled
+                return tr.model_out
+            x = traj.x[rows].flatten(0, 1)
+            out = net(x, traj.t.repeat(len(rows)), condn[rows].repeat_interleave(m, 0)).sample
+            return out.view(len(rows), m, *out.shape[1:])
+
+        info = dict(reward=per_step_r[:, :, -1].mean().item(), reward_std=per_step_r[:, :, -1].std().item())
+        if method == "sharpen_sft":
+            w = sharpen.trajectory_weights(R, lam, normalize)
+            p_idx, n_idx = sharpen.select_rows(w)  # only trajectories with w > 0 need a forward
+            rows = p_idx * n + n_idx
+            loss = sharpen.sft_loss(recompute(rows, unet), target[rows], w, rows=(p_idx, n_idx))
+            info["w_max"] = w.max(1).values.mean().item()
+        else:
+            iw, il = sharpen.best_worst(R)
+            ar = torch.arange(P, device=R.device)
+            ar = ar[R[ar, iw] > R[ar, il]]  # a prompt whose trajectories tie states no preference: skip it
+            info.update(pairs=len(ar) / P)
+            if len(ar) == 0:  # nothing to learn this micro-step; a zero loss keeps DDP's backward in step
+                return sum(p.sum() for p in pipe.unet.parameters()) * 0.0, dict(info, acc=0.0, gap=0.0)
+            rows = torch.cat([ar * n + iw[ar], ar * n + il[ar]])  # (2K,): winners then losers
+            K = len(ar)
+            mse = sharpen.trajectory_mse(recompute(rows, unet), target[rows])
+            with torch.no_grad():
+                ref = sharpen.trajectory_mse(recompute(rows, ref_unet), target[rows])
+            loss, dpo = sharpen.rlhf_loss(mse[:K], mse[K:], ref[:K], ref[K:], R[ar, iw[ar]], R[ar, il[ar]],
+                                          beta, reward_in_sigmoid)
+            info.update(acc=dpo["implicit_acc"].item(), gap=dpo["reward_gap"].item())
+        return loss, info
+
+    def export(folder):
+        """The trained (or EMA) weights as a diffusers folder, written beside and renamed into place."""
+        out = copy.deepcopy(pipe)
+        if ema_params is not None:
+            for p, e in zip([p for m in (out.unet, out.text_encoder)[:len(trained)] for p in m.parameters()],
+                            ema_params):
+                p.data.copy_(e)
+        out.unet.eval(), out.text_encoder.eval()
+        S.save_model(out, folder)
+        return out
+
+    def evaluate(tag):
+        import eval as E
+        res = E.gold_eval(export(os.path.join(out_dir, "model")), seeds=eval_seeds, num_steps=num_steps,
+                          guidance=guidance)
+        log(f"eval {tag} | step {step} | heldout gold {res['overall']:.4f} | n {res['n']} | " +
+            " | ".join(f"{k} {v:.4f}" for k, v in res["per_skill"].items()))
+
+    def log(line):
+        tqdm.write(line)
+        with open(os.path.join(out_dir, "log.txt"), "a") as f:
+            f.write(line + "\n")
+
+    def checkpoint():
+        ck = dict(models=[m.state_dict() for m in trained], optimizer=opt.state_dict(), ema=ema_params,
+                  step=step, config=config)
+        torch.save(ck, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash leaves the old or the new one
+
+    if master and eval_seeds and step == 0 and not pretrain:
+        evaluate("start")
+    bar = tqdm(total=steps, initial=step, disable=not master, desc=method, mininterval=5)
+    step_loss = pretrain_loss if pretrain else sharpen_loss
+    while step < steps:
+        t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        infos, total = [], 0.0
+        for micro in range(grad_accum):
+            sync = micro == grad_accum - 1 or not ddp
+            ctxs = [net.no_sync() for net in nets] if not sync else []
+            for c in ctxs:
+                c.__enter__()
+            loss, info = step_loss(step, micro)
+            (loss / grad_accum).backward()
+            for c in ctxs:
+                c.__exit__(None, None, None)
+            total += loss.item() / grad_accum
+            infos.append(info)
         gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema_params, params):
-                e.lerp_(p.detach(), 1 - ema)
+        if ema_params is not None:
+            with torch.no_grad():
+                for e, p in zip(ema_params, params):
+                    e.lerp_(p.detach(), 1 - ema)
         step += 1
         bar.update(1)
-        if master and (step % log_interval == 0 or step == steps):
-            line = (f"step {step} | loss {loss.item():.4f} | gnorm {gnorm.item():.3f} | "
+        if step % log_interval == 0 or step == steps:
+            stats = torch.tensor([total] + [sum(i[k] for i in infos) / len(infos) for k in sorted(infos[0])])
+            if ddp:  # only logging scalars cross ranks
+                torch.distributed.all_reduce(stats)
+                stats /= world
+            if master:
+                extra = "".join(f" | {k} {v:.4f}" for k, v in zip(sorted(infos[0]), stats[1:].tolist()))
+                log(f"step {step} | loss {stats[0]:.6f}{extra} | gnorm {gnorm.item():.3f} | "
                     f"lr {lr_at(step - 1):.2e} | dt {(time.time() - t0) * 1000:.0f}ms")
-            bar.write(line)
-            with open(os.path.join(out_dir, "log.txt"), "a") as f:
-                f.write(line + "\n")
         if master and (step % ckpt_interval == 0 or step == steps):
-            ck = dict(unet=pipe.unet.state_dict(), text_encoder=pipe.text_encoder.state_dict(),
-                      optimizer=opt.state_dict(), ema=ema_params, step=step, config=config)
-            torch.save(ck, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash leaves the old or the new one
+            checkpoint()
+            if os.environ.get("TRAIN_CRASH_AFTER_STEP") == str(step):  # fault injection for the tests
+                os._exit(3)
         if master and eval_seeds and ((eval_interval and step % eval_interval == 0) or step == steps):
             evaluate("end" if step == steps else "mid")
     bar.close()
     if master:
-        export(save_to or os.path.join(out_dir, "model"))
-        print(f"saved model to {save_to or os.path.join(out_dir, 'model')}")
-    if ddp:
+        path = save_to or os.path.join(out_dir, "model")
+        export(path)
+        print(f"saved model to {path}")
+    if ddp:  # teardown order that avoids gloo's abort at exit (CPU-FACTS.md)
+        del nets, unet, opt
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 

@@ -1,0 +1,161 @@
+"""
+Diffusion-Sharpening (Tian et al., ICML 2025, arXiv 2502.12146): rewards -> path-integral weights -> losses.
+
+Per prompt c, n trajectories tau_1..tau_n leave the same noise level, each rolled m DDIM steps;
+r_jk is the reward of trajectory j's x0 prediction at step k, e_jk its per-pixel denoising error.
+    R_j    = sum_k r_jk                                        path integral (Eq. 8)
+    w_j    = exp(R_j / lam) / sum_i exp(R_i / lam)            lam -> 0: argmax (the paper), lam -> inf: 1/n
+    L_SFT  = E_c sum_j w_j * 1/m sum_k e_jk                    weighted denoising loss (Eq. 9)
+    L_RLHF = -E_c log sigma(-beta/2 [(e_w - e_l) - (e_w^ref - e_l^ref)] + (R_w - R_l))     (Eq. 11)
+with e_j = 1/m sum_k e_jk and w, l = argmax, argmin of R: Diffusion-DPO (arXiv 2311.12908) between a
+prompt's best and worst trajectory. Rewards and weights are constants: everything here detaches them.
+
+Provenance: semantics checked against Gen-Verse/Diffusion-Sharpening train_{sft,rlhf}_diffusion_sharpen_sdxl.py
+and Diffusion-DPO's train.py (differences noted where they matter); no code copied.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
+
+try:
+    from kernels import row_mse, weighted_mse
+except ImportError:  # no kernels/ package: the same math in plain torch, fp32 accumulation
+    def row_mse(pred, target, use_triton=None):
+        """(N, ...) x2 -> (N,): mean over the non-batch dims of (pred - target)^2."""
+        return reduce((pred.float() - target.float()) ** 2, "n ... -> n", "mean")
+
+    def weighted_mse(pred, target, weights, use_triton=None):
+        """sum_i w_i * row_mse_i -> 0-dim."""
+        return (weights.float() * row_mse(pred, target)).sum()
+
+AGGREGATES = ("sum", "mean", "last")
+
+# -----------------------------------------------------------------------------
+# rewards -> weights
+
+
+def trajectory_rewards(per_step, agg="sum"):
+    """R_j from the per-step rewards r_jk: (P, n, m) -> (P, n).
+    "sum": R_j = sum_k r_jk, the path integral of Eq. 8. "mean": R_j / m, the same ranking (the
+    official code's choice; use it when lam should not scale with m). "last": r_jm, the final-step
+    (outcome) reward only, an ablation that ignores the path."""
+    if agg == "sum":
+        return reduce(per_step, "p n m -> p n", "sum")
+    if agg == "mean":
+        return reduce(per_step, "p n m -> p n", "mean")
+    if agg == "last":
+        return per_step[:, :, -1]
+    raise ValueError(f"unknown agg {agg!r}; expected one of {AGGREGATES}")
+
+
+@torch.no_grad()
+def trajectory_weights(rewards, lam, normalize=False, eps=1e-6):
+    """w_pj = softmax_j(R_pj / lam), one softmax per prompt row: (P, n) -> (P, n), detached, rows sum to 1.
+    lam = 0 is exactly the one-hot at argmax_j R_pj (ties -> the lowest index), the paper's selection;
+    lam = inf is exactly 1/n (plain fine-tuning on all trajectories); lam < 0 is an error.
+    normalize=True first z-scores each row, R <- (R - mean) / max(std, eps) (a row with std <= eps
+    becomes zeros), so lam is in units of the row's spread and w is invariant to R -> a*R + b, a > 0."""
+    lam = float(lam)
+    if not lam >= 0:  # also rejects NaN
+        raise ValueError(f"lam must be >= 0 (0: argmax, inf: uniform), got {lam}")
+    R = rewards.detach()
+    R = R if R.is_floating_point() else R.float()  # (P, n)
+    if normalize:
+        mu = reduce(R, "p n -> p 1", "mean")
+        std = R.std(dim=1, keepdim=True, correction=0)
+        R = torch.where(std > eps, (R - mu) / std.clamp_min(eps), torch.zeros_like(R))
+    if lam == 0:
+        return F.one_hot(R.argmax(dim=1), R.shape[1]).to(R.dtype)  # torch.argmax: first max on ties
+    if math.isinf(lam):
+        return torch.full_like(R, 1.0 / R.shape[1])
+    return torch.softmax(R / lam, dim=1)
+
+
+def select_rows(weights):
+    """(p_idx, n_idx), each (K,) long: the trajectories with w > 0, the only ones sft_loss needs.
+    Use it to recompute the model output with grad only there: pred = model(x[p_idx, n_idx]) (K, m, ...),
+    then sft_loss(pred, target[p_idx, n_idx], weights, rows=(p_idx, n_idx)). lam = 0 keeps one
+    trajectory per prompt (n times fewer forwards); softmax weights are positive, so lam > 0 keeps all."""
+    return torch.nonzero(weights > 0, as_tuple=True)
+
+
+def best_worst(R):
+    """(idx_w, idx_l), each (P,) long: argmax_j and argmin_j of R (P, n) per prompt.
+    Ties: the winner takes the lowest index, the loser the highest, so idx_w != idx_l for n >= 2
+    (a constant row gives (0, n-1) and a zero reward gap)."""
+    n = R.shape[1]
+    if n < 2:
+        raise ValueError(f"best_worst needs n >= 2 trajectories per prompt, got R of shape {tuple(R.shape)}")
+    return R.argmax(dim=1), n - 1 - R.flip(1).argmin(dim=1)
+
+# -----------------------------------------------------------------------------
+# weighted losses
+
+
+def sft_loss(pred, target, weights, rows=None, use_triton=None):
+    """Eq. 9, the path-integral-weighted denoising loss, normalised as a mean over prompts and steps:
+        L = 1/P sum_p sum_j w_pj * 1/m sum_k mean_d (pred_pjkd - target_pjkd)^2
+    so with rows of w summing to 1 it is a plain MSE (lam = 0: that of each prompt's best trajectory).
+    weights (P, n) is always the full matrix (it fixes P) and is detached here. Two contracts for pred:
+      rows=None:              pred, target (P, n, m, ...) for every trajectory;
+      rows=(p_idx, n_idx):    pred, target (K, m, ...) for those K trajectories only (see select_rows);
+                              the trajectories left out count as weight 0, so keep every one with w > 0.
+    target is the exact per-step target of pred (eps or v, from the sampler). Computed as one
+    kernels.weighted_mse over the K*m step rows, row (k, step) weighted w_k / (P * m)."""
+    P, n = weights.shape
+    w = weights.detach()
+    if rows is None:
+        if pred.shape[:2] != (P, n):
+            raise ValueError(f"pred {tuple(pred.shape)} must be (P, n, m, ...) = ({P}, {n}, m, ...) "
+                             "when rows=None")
+        pred, target, w = pred.flatten(0, 1), target.flatten(0, 1), w.flatten()  # (P*n, m, ...)
+    else:
+        w = w[rows]  # (K,)
+    if pred.dim() < 3 or pred.shape[0] != w.shape[0]:
+        raise ValueError(f"pred {tuple(pred.shape)} must be (K, m, ...) with K = {w.shape[0]} weights")
+    m = pred.shape[1]
+    w_step = repeat(w / (P * m), "k -> (k m)", m=m)  # (K*m,)
+    return weighted_mse(rearrange(pred, "k m ... -> (k m) ..."), rearrange(target, "k m ... -> (k m) ..."),
+                        w_step, use_triton=use_triton)
+
+
+def trajectory_mse(pred, target, use_triton=None):
+    """e_j = 1/m sum_k mean_d (pred_jkd - target_jkd)^2, one number per trajectory: (K, m, ...) -> (K,).
+    The per-pair error rlhf_loss compares (for the model with grad, for the reference under no_grad)."""
+    return row_mse(rearrange(pred, "k m ... -> k (m ...)"), rearrange(target, "k m ... -> k (m ...)"),
+                   use_triton=use_triton)
+
+
+def official_eps_target(eps0, m):
+    """The official code's approximation: the first step's noise eps0 (K, ...) reused as the target of all
+    m steps -> (K, m, ...). Exact only at k = 0: later x_{t_k} come from the model's own DDIM steps, not
+    from add_noise(x0, eps0, t_k). For ablations; the sampler's exact targets are the default."""
+    return repeat(eps0, "k ... -> k m ...", m=m)
+
+
+def rlhf_loss(mse_w, mse_l, ref_mse_w, ref_mse_l, R_w, R_l, beta, reward_in_sigmoid=True):
+    """Eq. 11, Diffusion-DPO between each prompt's best (w) and worst (l) trajectory; all inputs (P,),
+    the mse's per trajectory averaged over steps and pixels (trajectory_mse), ref_* and R_* detached here:
+        h_p     = -beta/2 * [(mse_w - mse_l) - (ref_mse_w - ref_mse_l)]      Diffusion-DPO's inside term
+        Delta_p = R_w - R_l >= 0
+        reward_in_sigmoid=True  (the paper):         L = mean_p -log sigma(h_p + Delta_p)
+        reward_in_sigmoid=False (the official code): L = mean_p -log sigma(h_p) + mean_p Delta_p
+    The official code adds the reward gap outside the log-sigmoid, and R is a constant there, so its
+    gradient is exactly Diffusion-DPO's: only the logged value shifts. Inside, Delta is a per-pair margin:
+    dL/dh = -sigma(-(h + Delta)), so pairs with a large gap get a smaller push (mind R's scale).
+    Their beta_dpo has no 1/2 (logits = beta_dpo * (ref_diff - model_diff)): beta here = 2 * beta_dpo.
+    Returns (loss, info); info holds detached 0-dim tensors: implicit_acc = fraction of pairs with h > 0
+    (as Diffusion-DPO, without Delta, so it tracks the model and not the reward), inside = mean argument
+    of the log-sigmoid, reward_gap = mean Delta."""
+    ref_diff = (ref_mse_w - ref_mse_l).detach()
+    gap = (R_w - R_l).detach().float()  # (P,)
+    h = -0.5 * beta * ((mse_w - mse_l) - ref_diff)  # (P,)
+    inside = h + gap if reward_in_sigmoid else h
+    loss = reduce(-F.logsigmoid(inside), "p -> ", "mean")
+    if not reward_in_sigmoid:
+        loss = loss + reduce(gap, "p -> ", "mean")  # a constant: the official code's placement
+    info = {"implicit_acc": (h.detach() > 0).float().mean(), "inside": inside.detach().mean(),
+            "reward_gap": gap.mean()}
+    return loss, info
