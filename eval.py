@@ -24,14 +24,14 @@ split = "heldout"        # heldout | train: which prompts (a fixed skill-balance
 per_skill = 16           # prompts per skill (fewer where a skill has fewer)
 seeds = 8                # seeds per prompt: images = prompts x seeds
 num_steps = 20           # DDIM steps
-guidance = 2.0           # classifier-free guidance scale
+guidance = 1.0           # classifier-free guidance scale (1.0 measured best on train prompts)
 eta = 0.0
 out_dir = "out/eval"     # results.json, results.md, grid.png
 device = "cpu"
 # -----------------------------------------------------------------------------
 
 
-def gold_eval(pipe, split="heldout", per_skill=16, seeds=8, num_steps=20, guidance=2.0, eta=0.0):
+def gold_eval(pipe, split="heldout", per_skill=16, seeds=8, num_steps=20, guidance=1.0, eta=0.0):
     """Mean gold reward overall and per skill over eval_prompts(split) x seeds. Seeds are 0..seeds-1
     for every prompt (the same for every model)."""
     prompts = [p for p in toyworld.eval_prompts(split, per_skill) for _ in range(seeds)]

@@ -28,7 +28,7 @@ model = TOY_MODEL        # a diffusers-style folder: unet/ text_encoder/ tokeniz
 prompt = "two red circles"
 num_images = 16          # images of the prompt, in one grid
 num_steps = 20           # DDIM steps
-guidance = 2.0           # classifier-free guidance scale; 1.0 = conditional only (half the NFE)
+guidance = 1.0           # classifier-free guidance scale; 1.0 = conditional only (half the NFE; best for the toy model on train prompts)
 eta = 0.0                # DDIM eta: 0 deterministic, 1 DDPM-like
 seed = 0
 out = "samples.png"
@@ -295,7 +295,7 @@ def _rollout(pipe, x, ts, cond, uncond, guidance, eta, generators, x0, record, u
 
 
 @torch.no_grad()
-def sample(pipe, prompts, seeds, num_steps=20, guidance=2.0, eta=0.0, batch_size=64, progress=False):
+def sample(pipe, prompts, seeds, num_steps=20, guidance=1.0, eta=0.0, batch_size=64, progress=False):
     """Images (B,3,H,W) in [0,1] for prompts[i] from seed seeds[i]: the same (prompt, seed) gives the
     same image whatever else is in the batch."""
     from tqdm import tqdm

@@ -52,7 +52,7 @@ chain_grad = False       # backprop through the chain of m steps (the official c
 beta = 2.0               # Diffusion-DPO beta (ours has the 1/2 inside: beta = 2 * official beta_dpo)
 reward_in_sigmoid = True # reward gap inside the log-sigmoid (the paper) | outside (the official code)
 num_steps = 20           # sampler schedule the trajectories follow (and RLHF's own samples use)
-guidance = 2.0           # CFG scale of rollouts and samples
+guidance = 1.0           # CFG scale of rollouts and samples (1.0: best for the toy model, half the NFE)
 eta = 0.0                # DDIM eta of rollouts
 # pretraining (toy world)
 caption_noise = 0.1      # fraction of captions changed in one field (web alt-text noise)
