@@ -658,7 +658,9 @@ def test_ddp_two_ranks_equal_one_rank():
         run(*args, f"--out_dir={d}/one")
         _, log = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, f"--out_dir={d}/two")
         assert "2 prompts x 2 trajectories x 2 steps per micro-step per rank; 1 micro-steps x 2 ranks" in log, log
-        weights_equal(f"{d}/one/model", f"{d}/two/model", exact=False)
+        # Adam turns float-order differences in near-zero gradients into update differences: allow a
+        # tenth of one step (lr 1e-3); a missing gradient sync differs by whole steps
+        weights_equal(f"{d}/one/model", f"{d}/two/model", exact=False, atol=1e-4)
 
 
 def test_train_bad_input_one_line():
