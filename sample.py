@@ -54,6 +54,8 @@ def configure(config, argv):
         old = config[key]
         if isinstance(old, float) and type(val) is int:
             val = float(val)
+        if isinstance(old, float) and val in ("inf", "-inf", "nan"):  # not Python literals
+            val = float(val)
         if old is not None and type(val) is not type(old):
             raise SystemExit(f"error: --{key} expects {type(old).__name__}, got {type(val).__name__} {val!r}")
         print(f"override: {key} = {val!r}")

@@ -570,6 +570,8 @@ def test_dispatch_and_errors():
 
 def test_configure_overrides_and_errors():
     cfg = dict(lr=1e-3, steps=10, name="x", flag=False, _private=1, CONST="c")
+    S.configure(cfg, ["--lr=inf"])
+    assert cfg["lr"] == math.inf
     eff = S.configure(cfg, ["--lr=2", "--steps=20", "--name=hello world", "--flag=True"])
     assert cfg["lr"] == 2.0 and isinstance(cfg["lr"], float) and cfg["steps"] == 20
     assert cfg["name"] == "hello world" and cfg["flag"] is True
