@@ -115,14 +115,20 @@ def _quiet():
 
 
 def save_model(pipe, folder):
-    """Write the pipe as a diffusers-style folder (safetensors) that load_model reads back bit-exactly."""
+    """Write the pipe as a diffusers-style folder (safetensors) that load_model reads back bit-exactly.
+    Written beside the target and renamed into place, so a crash never leaves a half-written folder."""
+    import shutil
     _quiet()
-    pipe.unet.save_pretrained(os.path.join(folder, "unet"))
-    pipe.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
-    pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
-    pipe.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
-    if pipe.vae is not None:
-        pipe.vae.save_pretrained(os.path.join(folder, "vae"))
+    folder = os.path.abspath(folder)
+    tmp, old = f"{folder}.tmp{os.getpid()}", f"{folder}.old{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
+        if getattr(pipe, name) is not None:
+            getattr(pipe, name).save_pretrained(os.path.join(tmp, name))
+    if os.path.exists(folder):
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def new_toy_model(seed=0):

@@ -171,7 +171,6 @@ def main():
         nets = [DDP(m) for m in trained]
     unet = nets[0]
     uncond = S.encode(pipe, [""])
-    train_prompts = toyworld.train_prompts()
 
     def lr_at(it):
         if it < warmup:
@@ -207,7 +206,8 @@ def main():
         n, m = n_traj, m_steps
         first = (it * grad_accum + micro) * per_step + rank * P  # global index of this rank's first prompt
         gidx = range(first, first + P)
-        prompts = [random.Random(seed * 1_000_003 + g).choice(train_prompts) for g in gidx]
+        # train prompts drawn skill-balanced, as in pretraining (uniform would be 80 % spatial)
+        prompts = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g))) for g in gidx]
         cond = S.encode(pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
         C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
         ts = S.timesteps(pipe, num_steps)
@@ -271,7 +271,7 @@ def main():
         return loss, info
 
     def export(folder):
-        """The trained (or EMA) weights as a diffusers folder, written beside and renamed into place."""
+        """The trained (or EMA) weights as a diffusers folder (save_model writes it atomically)."""
         out = copy.deepcopy(pipe)
         if ema_params is not None:
             for p, e in zip([p for m in (out.unet, out.text_encoder)[:len(trained)] for p in m.parameters()],
