@@ -162,12 +162,16 @@ def new_toy_model(seed=0):
     return Pipe(unet, text_encoder.eval().requires_grad_(False), tokenizer, scheduler)
 
 
+def tokenize(pipe, prompts):
+    """prompts (list of B str) -> token ids (B, L), padded to the tokenizer's max length."""
+    return pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
+                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def encode(pipe, prompts):
     """prompts (list of B str) -> cond (B, L, E): the text encoder's last hidden state."""
-    ids = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.device))[0]
+    return pipe.text_encoder(tokenize(pipe, prompts).to(pipe.device))[0]
 
 
 def to_images(pipe, x0):

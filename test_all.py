@@ -693,12 +693,11 @@ def test_eval_cli_on_builtin_model():
 
 
 def test_builtin_model_is_in_target_band():
-    """A guard on the shipped model: it draws shapes but is imperfect at composition. (The issue asked
-    for 0.35-0.75 held-out; it measures 0.331 over 328 images: see the README.)"""
+    """The shipped base model draws shapes but is imperfect at composition: held-out gold in 0.35-0.75
+    (82 of the 328 images `python eval.py` scores)."""
     import eval as E
-    pipe = S.load_model(S.TOY_MODEL)
-    res = E.gold_eval(pipe, seeds=2)
-    assert 0.25 <= res["overall"] <= 0.75, res["overall"]
+    res = E.gold_eval(S.load_model(S.TOY_MODEL), seeds=2)
+    assert 0.35 <= res["overall"] <= 0.75, res["overall"]
 
 
 # -----------------------------------------------------------------------------
