@@ -50,7 +50,7 @@ lam = 0.0                # path-integral temperature: 0 = argmax (the paper), in
 normalize = False        # z-score each prompt's trajectory rewards before the softmax
 sft_target = "exact"     # exact: eps from the noised x0 at every step | official: the first eps reused
 chain_grad = False       # backprop through the chain of m steps (the official code) instead of per step
-beta = 2.0               # Diffusion-DPO beta (ours has the 1/2 inside: beta = 2 * official beta_dpo)
+beta = 5000.0            # Diffusion-DPO beta (ours has the 1/2 inside: beta = 2 * official beta_dpo); 2 and 500 collapsed the toy model
 reward_in_sigmoid = True # reward gap inside the log-sigmoid (the paper) | outside (the official code)
 num_steps = 20           # sampler schedule the trajectories follow (and RLHF's own samples use)
 guidance = 1.0           # CFG scale of rollouts and samples (1.0: best for the toy model, half the NFE)
@@ -61,7 +61,7 @@ caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-f
 # optim
 steps = 120              # optimizer steps
 batch_size = 64          # pretraining images per optimizer step, over all ranks
-lr = 1e-4                # AdamW peak learning rate
+lr = 1e-5                # AdamW peak learning rate (1e-4 collapsed sharpen_rlhf on the toy model)
 warmup = 10              # linear warmup steps, then cosine decay to lr/10
 weight_decay = 0.0
 grad_clip = 1.0
