@@ -282,26 +282,23 @@ def rollout(pipe, x, ts, cond, uncond=None, guidance=1.0, eta=0.0, generators=No
     step noise comes from `generators` (one per trajectory), so any trajectory can be regenerated alone.
     x0 (B,C,H,W), the clean image that was noised to x, adds the exact per-step training targets.
     grad=True keeps the graph through the whole chain (where grad is enabled); the default is no_grad."""
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        return _rollout(pipe, x, ts, cond, uncond, guidance, eta, generators, x0, record, unet)
-
-
-def _rollout(pipe, x, ts, cond, uncond, guidance, eta, generators, x0, record, unet):
     rec = []
-    for t, t_prev in zip(ts[:-1], ts[1:]):
-        out = predict(pipe, x, t, cond, uncond, guidance, unet)
-        noise = randn(x.shape[1:], generators, x.device) if eta > 0 else None
-        x_prev, x0_pred, eps = ddim_step(pipe, x, out, t.expand(len(x)), t_prev.expand(len(x)), eta, noise)
-        if record:
-            rec.append((x, out, eps, x0_pred))
-        x = x_prev
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        for t, t_prev in zip(ts[:-1], ts[1:]):
+            out = predict(pipe, x, t, cond, uncond, guidance, unet)
+            noise = randn(x.shape[1:], generators, x.device) if eta > 0 else None
+            x_prev, x0_pred, eps = ddim_step(pipe, x, out, t.expand(len(x)), t_prev.expand(len(x)), eta, noise)
+            if record:
+                rec.append((x, out, eps, x0_pred))
+            x = x_prev
     if not record:
         return x
     x_t, out, eps, x0_pred = (torch.stack(r, 1) for r in zip(*rec))
     traj = Trajectory(x_t, ts[:-1], ts[1:], out, eps, x0_pred, x)
-    if x0 is not None:
+    if x0 is not None:  # targets are constants: no graph
         B, m = x_t.shape[:2]
-        tgt, eps_t = training_target(pipe, x_t.flatten(0, 1), x0.repeat_interleave(m, 0), ts[:-1].repeat(B))
+        tgt, eps_t = training_target(pipe, x_t.flatten(0, 1).detach(), x0.repeat_interleave(m, 0),
+                                     ts[:-1].repeat(B))
         traj.target, traj.eps_target = tgt.view_as(x_t), eps_t.view_as(x_t)
     return traj
 

@@ -649,6 +649,21 @@ def test_sharpen_sft_and_rlhf_train_and_export():
             raise AssertionError(f"{method} did not change the weights")
 
 
+def test_sharpen_ablation_flags():
+    """With one rolled step the chain has no depth and the first noise is the exact target, so
+    chain_grad and the official target must give the baseline loss; with two steps the target differs."""
+    def first_loss(d, *flags):
+        run("train.py", "--method=sharpen_sft", "--steps=1", f"--out_dir={d}", *SHARPEN_TINY, *flags)
+        return float(open(f"{d}/log.txt").read().split("loss ")[1].split()[0])
+    with tempfile.TemporaryDirectory() as d:
+        base = first_loss(f"{d}/a", "--m_steps=1")
+        both = first_loss(f"{d}/b", "--m_steps=1", "--chain_grad=True", "--sft_target=official")
+        assert abs(base - both) <= 1e-6 * max(1.0, abs(base)), (base, both)
+        exact2 = first_loss(f"{d}/c", "--m_steps=2")
+        official2 = first_loss(f"{d}/e", "--m_steps=2", "--sft_target=official")
+        assert abs(exact2 - official2) > 1e-4, (exact2, official2)
+
+
 def test_sharpen_resume_exact():
     with tempfile.TemporaryDirectory() as d:
         crash_and_resume(["train.py", "--method=sharpen_rlhf", "--steps=4", "--ckpt_interval=2", *SHARPEN_TINY], d)
