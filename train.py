@@ -13,6 +13,7 @@ The built-in model (assets/toy-model) is exactly (28 min on 2 CPU cores):
         --lr=1e-3 --warmup=100 --ema=0.995 --eval_seeds=0 --log_interval=10 --ckpt_interval=250 \
         --out_dir=out/pretrain2 --save_to=assets/toy-model
 """
+import contextlib
 import copy
 import gc
 import math
@@ -172,6 +173,7 @@ def main():
         nets = [DDP(m) for m in trained]
     unet = nets[0]
     uncond = S.encode(pipe, [""])
+    ts = S.timesteps(pipe, num_steps)  # the sampler schedule every trajectory follows (num_steps + 1,)
 
     def lr_at(it):
         if it < warmup:
@@ -209,7 +211,6 @@ def main():
         prompts = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g))) for g in gidx]
         cond = S.encode(pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
         C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-        ts = S.timesteps(pipe, num_steps)
         if method == "sharpen_sft":  # Alg. 1: dataset images (toy-world renders of the prompts)
             x0 = torch.stack([torch.from_numpy(toyworld.render(toyworld.parse(p), np.random.default_rng(
                 seed + g))[0]) for p, g in zip(prompts, gidx)]).to(dev) * 2 - 1
@@ -309,14 +310,12 @@ def main():
         opt.zero_grad(set_to_none=True)
         infos, total = [], 0.0
         for micro in range(grad_accum):
-            sync = micro == grad_accum - 1 or not ddp
-            ctxs = [net.no_sync() for net in nets] if not sync else []
-            for c in ctxs:
-                c.__enter__()
-            loss, info = step_loss(step, micro)
-            (loss / grad_accum).backward()
-            for c in ctxs:
-                c.__exit__(None, None, None)
+            with contextlib.ExitStack() as no_sync:  # DDP all-reduces only on the last micro-step
+                if ddp and micro < grad_accum - 1:
+                    for net in nets:
+                        no_sync.enter_context(net.no_sync())
+                loss, info = step_loss(step, micro)
+                (loss / grad_accum).backward()
             total += loss.item() / grad_accum
             infos.append(info)
         gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
