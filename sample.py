@@ -131,24 +131,30 @@ def save_model(pipe, folder):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def new_toy_model(seed=0):
-    """A fresh, random-init toy pipe: pixel-space 32x32x3 UNet, word-level tokenizer, tiny CLIP text
-    encoder, v-prediction cosine-schedule DDIM (v-prediction measured better here: CPU-FACTS.md)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+def new_toy_tokenizer():
+    """Word-level tokenizer over every toy-world caption word: <bos> words <eos>, padded to 12."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
     import toyworld
-    torch.manual_seed(seed)
     words = sorted({w for c in toyworld.train_prompts() + toyworld.heldout_prompts() for w in c.split()})
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "<bos>", "<eos>"] + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
                                                        special_tokens=[("<bos>", 2), ("<eos>", 3)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                        bos_token="<bos>", eos_token="<eos>", model_max_length=12)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="<bos>", eos_token="<eos>", model_max_length=12)
+
+
+def new_toy_model(seed=0):
+    """A fresh, random-init toy pipe: pixel-space 32x32x3 UNet, word-level tokenizer, tiny CLIP text
+    encoder, v-prediction cosine-schedule DDIM (v-prediction measured better here: CPU-FACTS.md)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    tokenizer = new_toy_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=12, projection_dim=64,
         pad_token_id=0, bos_token_id=2, eos_token_id=3))
     unet = UNet2DConditionModel(

@@ -56,21 +56,25 @@ def trajectory_weights(rewards, lam, normalize=False, eps=1e-6):
     lam = 0 is exactly the one-hot at argmax_j R_pj (ties -> the lowest index), the paper's selection;
     lam = inf is exactly 1/n (plain fine-tuning on all trajectories); lam < 0 is an error.
     normalize=True first z-scores each row, R <- (R - mean) / max(std, eps) (a row with std <= eps
-    becomes zeros), so lam is in units of the row's spread and w is invariant to R -> a*R + b, a > 0."""
+    becomes zeros), so lam is in units of the row's spread and w is invariant to R -> a*R + b, a > 0.
+    Non-finite rewards (a grader that failed) get weight 0; a row with none finite is all zeros."""
     lam = float(lam)
     if not lam >= 0:  # also rejects NaN
         raise ValueError(f"lam must be >= 0 (0: argmax, inf: uniform), got {lam}")
     R = rewards.detach()
     R = R if R.is_floating_point() else R.float()  # (P, n)
+    ok = torch.isfinite(R)  # a failed score (NaN) drops its trajectory: weight 0, left out of mean/std
+    cnt = ok.sum(dim=1, keepdim=True)
     if normalize:
-        mu = reduce(R, "p n -> p 1", "mean")
-        std = R.std(dim=1, keepdim=True, correction=0)
+        mu = torch.where(ok, R, 0).sum(dim=1, keepdim=True) / cnt.clamp_min(1)
+        std = (torch.where(ok, (R - mu) ** 2, 0).sum(dim=1, keepdim=True) / cnt.clamp_min(1)).sqrt()
         R = torch.where(std > eps, (R - mu) / std.clamp_min(eps), torch.zeros_like(R))
-    if lam == 0:
-        return F.one_hot(R.argmax(dim=1), R.shape[1]).to(R.dtype)  # torch.argmax: first max on ties
+    R = torch.where(ok, R, -math.inf)
+    if lam == 0:  # torch.argmax: first max on ties; a row with no score left gets no weight
+        return F.one_hot(R.argmax(dim=1), R.shape[1]).to(R.dtype) * (cnt > 0)
     if math.isinf(lam):
-        return torch.full_like(R, 1.0 / R.shape[1])
-    return torch.softmax(R / lam, dim=1)
+        return ok.to(R.dtype) / cnt.clamp_min(1)
+    return torch.softmax(R / lam, dim=1).nan_to_num(0.0)
 
 
 def select_rows(weights):
@@ -84,11 +88,14 @@ def select_rows(weights):
 def best_worst(R):
     """(idx_w, idx_l), each (P,) long: argmax_j and argmin_j of R (P, n) per prompt.
     Ties: the winner takes the lowest index, the loser the highest, so idx_w != idx_l for n >= 2
-    (a constant row gives (0, n-1) and a zero reward gap)."""
+    (a constant row gives (0, n-1) and a zero reward gap). Non-finite rewards are never picked while a
+    finite one is left; a row with fewer than two finite rewards has R_w > R_l false: skip it."""
     n = R.shape[1]
     if n < 2:
         raise ValueError(f"best_worst needs n >= 2 trajectories per prompt, got R of shape {tuple(R.shape)}")
-    return R.argmax(dim=1), n - 1 - R.flip(1).argmin(dim=1)
+    ok = torch.isfinite(R)
+    hi, lo = torch.where(ok, R, -math.inf), torch.where(ok, R, math.inf)
+    return hi.argmax(dim=1), n - 1 - lo.flip(1).argmin(dim=1)
 
 # -----------------------------------------------------------------------------
 # weighted losses

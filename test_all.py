@@ -338,6 +338,22 @@ def test_weights_detached_and_bad_lam():
         raises(lambda: sharpen.trajectory_weights(R, bad), "lam")
 
 
+def test_failed_scores_drop_out_of_selection():
+    nan = float("nan")
+    R = torch.tensor([[0.2, nan, 0.9], [nan, nan, nan], [0.5, 0.1, nan], [nan, 0.3, nan]])
+    assert torch.equal(sharpen.trajectory_weights(R, 0), torch.tensor([[0., 0, 1], [0, 0, 0], [1, 0, 0], [0, 1, 0]]))
+    u = sharpen.trajectory_weights(R, math.inf)
+    assert torch.allclose(u, torch.tensor([[.5, 0, .5], [0, 0, 0], [.5, .5, 0], [0, 1, 0]]))
+    for normalize in (False, True):
+        w = sharpen.trajectory_weights(R, 0.3, normalize)
+        want = sharpen.trajectory_weights(torch.tensor([[0.2, 0.9]]), 0.3, normalize)
+        assert torch.allclose(w[0, [0, 2]], want[0]) and w[0, 1] == 0 and w[1].sum() == 0, w
+    iw, il = sharpen.best_worst(R)
+    assert iw.tolist()[0::2] == [2, 0] and il.tolist()[0::2] == [0, 1]
+    keep = R[torch.arange(4), iw] > R[torch.arange(4), il]  # train.py's rule: rows 1 and 3 are skipped
+    assert keep.tolist() == [True, False, True, False]
+
+
 def test_trajectory_rewards_aggregates():
     torch.manual_seed(4)
     r = torch.rand(3, 5, 4)
@@ -713,6 +729,203 @@ def test_builtin_model_is_in_target_band():
     import eval as E
     res = E.gold_eval(S.load_model(S.TOY_MODEL), seeds=2)
     assert 0.35 <= res["overall"] <= 0.75, res["overall"]
+
+
+# -----------------------------------------------------------------------------
+# reward zoo: learned rewards on tiny random-init models through the public loader, the grader on a stub
+
+def tiny_clip_folder(d, head=None):
+    """A random-init CLIP saved like a real one, with a processor that resizes and crops (32 -> 30 -> 28)
+    and CLIP's own normalisation; optionally the aesthetic layout (clip/ + head.pth)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    torch.manual_seed(0)
+    tok = S.new_toy_tokenizer()
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=12, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3),
+        vision_config=dict(image_size=28, patch_size=7, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2), projection_dim=16))
+    proc = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 28, "width": 28},
+                              image_mean=[0.481, 0.458, 0.408], image_std=[0.269, 0.261, 0.276])
+    folder = os.path.join(d, "clip") if head else d
+    for x in (model, tok, proc):
+        x.save_pretrained(folder)
+    if head:
+        torch.save(head, os.path.join(d, "head.pth"))
+    return d
+
+
+def check_reward_fn(fn, size=(32, 32)):
+    """Finite (B,) scores, invariant to batch order, deterministic."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 3, *size, generator=g)
+    prompts = toyworld.eval_prompts("train", 2)[:6]
+    r, _ = fn(images, prompts)
+    assert r.shape == (6,) and torch.isfinite(r).all(), r
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    r2, _ = fn(images[perm], [prompts[i] for i in perm])
+    assert torch.allclose(r2, r[perm], atol=1e-5), (r2, r[perm])
+    assert torch.equal(fn(images, prompts)[0], r)
+    return r
+
+
+def test_learned_rewards_load_from_folders():
+    with tempfile.TemporaryDirectory() as d:
+        tiny_clip_folder(f"{d}/clip")
+        mlp = {"layers.0.weight": torch.randn(8, 16), "layers.0.bias": torch.randn(8),
+               "layers.2.weight": torch.randn(1, 8), "layers.2.bias": torch.randn(1)}
+        tiny_clip_folder(f"{d}/aes", head=mlp)
+        tiny_clip_folder(f"{d}/lin", head={"weight": torch.randn(1, 16), "bias": torch.randn(1)})
+        scores = {}
+        for spec in ("clip", "toyclip", "pickscore", "aesthetic", "linear"):
+            folder = {"aesthetic": "aes", "linear": "lin"}.get(spec, "clip")
+            name = "aesthetic" if spec == "linear" else spec
+            scores[spec] = check_reward_fn(reward.make_reward(f"{name}@{d}/{folder}"), size=(40, 48))
+        assert (scores["clip"] >= 0).all() and torch.allclose(scores["clip"], 2.5 * scores["toyclip"].clamp(min=0))
+        model, tok, proc = reward.load_clip(f"{d}/clip")
+        assert torch.allclose(scores["pickscore"], model.logit_scale.exp() * scores["toyclip"], atol=1e-5)
+        # the aesthetic head by hand: Linear layers in index order on the unit image embedding
+        img, _ = reward.clip_embed(model, tok, proc, torch.rand(6, 3, 40, 48, generator=torch.Generator().manual_seed(0)),
+                                   ["a red circle"] * 6)
+        want = (img @ mlp["layers.0.weight"].T + mlp["layers.0.bias"]) @ mlp["layers.2.weight"].T + mlp["layers.2.bias"]
+        assert torch.allclose(scores["aesthetic"], want.squeeze(-1), atol=1e-5)
+
+
+def test_clip_preprocess_matches_processor():
+    """Our tensor resize/crop/normalise against the processor's own PIL path on the same uint8 pixels."""
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as d:
+        _, _, proc = reward.load_clip(tiny_clip_folder(d))
+        images = (torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(1)) * 255).round() / 255
+        pil = [Image.fromarray((im.permute(1, 2, 0) * 255).round().byte().numpy()) for im in images]
+        want = torch.as_tensor(np.array(proc(images=pil, return_tensors="np")["pixel_values"]))
+        got = reward.preprocess(images, proc)
+        assert got.shape == want.shape == (3, 3, 28, 28), (got.shape, want.shape)
+        # PIL and torch bicubic differ by interpolation details, not by layout, scale or channel order
+        assert (got - want).abs().mean() < 0.05 and torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.99
+
+
+def test_toyclip_ranks_heldout_captions():
+    """The shipped toyclip ranks a held-out scene's caption above a one-field-corrupted one >= 90 %."""
+    import toyclip
+    acc = toyclip.heldout_accuracy(reward.make_reward("toyclip"), n=500, seed=7)
+    assert acc >= 0.9, acc
+
+
+def test_combined_reward_is_weighted_sum_and_spec_errors():
+    images = torch.cat([scene("a red circle")[0], scene("two blue squares")[0], torch.rand(1, 3, 32, 32)])
+    prompts = ["a red circle", "three blue squares", "a green triangle"]
+    comp, _ = reward.compositional(images, prompts)
+    tc, _ = reward.make_reward("toyclip")(images, prompts)
+    r, info = reward.make_reward("toyclip:0.7, compositional:0.3")(images, prompts)
+    assert torch.allclose(r, 0.7 * tc + 0.3 * comp) and torch.equal(info["compositional"]["rewards"], comp)
+    assert reward.parse_spec("clip@/a/b:c:2.5,mllm@http://h:80/v1") == [("clip", "/a/b:c", 2.5),
+                                                                       ("mllm", "http://h:80/v1", 1.0)]
+    raises(lambda: reward.make_reward("toyclip:0.5,nope"), "unknown reward 'nope'")
+    raises(lambda: reward.make_reward("clip@/no/such/clip"), "/no/such/clip")
+    raises(lambda: reward.make_reward("aesthetic"), "head.pth")
+    raises(lambda: reward.make_reward("imagereward"), "pip install image-reward")
+
+
+class StubGrader:
+    """A loopback OpenAI-compatible server; what it answers depends on the prompt in the rubric."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        stub = self
+        self.calls, self.inflight, self.max_inflight, self.auth = Counter(), 0, 0, set()
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                import json
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = body["messages"][0]["content"][0]["text"]
+                assert body["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+                prompt = text.split('prompt: "')[1].split('"')[0]
+                with stub.lock:
+                    stub.calls[prompt] += 1
+                    stub.inflight += 1
+                    stub.max_inflight = max(stub.max_inflight, stub.inflight)
+                    stub.auth.add(self.headers.get("Authorization"))
+                    n = stub.calls[prompt]
+                try:
+                    kind = prompt.split()[0]
+                    if kind == "slow" or kind == "conc":
+                        time.sleep(1.0 if kind == "slow" else 0.2)
+                    if kind == "flaky" and n <= 2:
+                        return self.send_error(500)
+                    answer = {"good": '```json\n{"prompt_fidelity": 9, "creativity": 7, "visual_quality": 8, '
+                                      '"consistency": 8, "emotional_resonance": 8, "overall": 8}\n```',
+                              "free": "Overall I would give this image 7/10.", "garbage": "lorem ipsum",
+                              "flaky": '{"overall": 6}', "conc": '{"overall": 5}', "slow": '{"overall": 9}'}[kind]
+                    data = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out first
+                finally:
+                    with stub.lock:
+                        stub.inflight -= 1
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_mllm_grader_against_stub():
+    stub = StubGrader()
+    os.environ["TEST_GRADER_KEY"] = "sk-test-secret"
+    try:
+        g = reward.MLLMGrader(stub.url, model="stub", key_env="TEST_GRADER_KEY", timeout=0.5, retries=2,
+                              backoff=0.01, concurrency=4)
+        images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        prompts = ["good a red circle", "free a red circle", "garbage a red circle", "flaky a red circle",
+                   "slow a red circle"]
+        r, info = g(images, prompts)
+        assert torch.allclose(r[:4].nan_to_num(-1), torch.tensor([0.8, 0.7, -1, 0.6])) and r[2].isnan() and r[4].isnan(), r
+        assert info["failed"] == 2 and info["errors"] == {2: "unparseable answer", 4: "timeout"}, info
+        assert stub.calls["flaky a red circle"] == 3 and stub.calls["slow a red circle"] == 3  # 2 retries
+        assert info["aspects"][0]["prompt_fidelity"] == 9
+        assert stub.auth == {"Bearer sk-test-secret"} and "sk-test" not in repr(info)
+        # cache: scored pairs are not asked again; failed ones are
+        r2, info2 = g(images[:3], prompts[:3])
+        assert info2["cached"] == 2 and stub.calls["good a red circle"] == 1 and torch.equal(r2[:2], r[:2])
+        # concurrency: 8 requests of 0.2 s with 4 in flight take ~0.4 s, never more than 4 at once
+        while stub.inflight:  # the stub may still be sleeping on the request that timed out
+            time.sleep(0.05)
+        stub.max_inflight = 0
+        t0 = time.time()
+        r3, _ = g(torch.rand(8, 3, 32, 32), [f"conc {i}" for i in range(8)])
+        dt = time.time() - t0
+        assert torch.allclose(r3, torch.full((8,), 0.5)) and stub.max_inflight == 4 and dt < 1.5, (r3, stub.max_inflight, dt)
+    finally:
+        stub.server.shutdown()
+        del os.environ["TEST_GRADER_KEY"]
+
+
+def test_parse_grade_forms():
+    assert reward.parse_grade('{"overall": 85}')[0] == 0.85
+    assert reward.parse_grade('Sure! {"prompt_fidelity": 6, "creativity": 8}')[0] == 0.7
+    assert reward.parse_grade("Score: 72 out of 100")[0] == 0.72
+    assert reward.parse_grade("rating - 9")[0] == 0.9
+    assert reward.parse_grade("I cannot grade this.")[0] is None and reward.parse_grade("")[0] is None
+    assert reward.parse_grade("15/10")[0] is None
+
+
+def test_train_with_learned_and_combined_reward():
+    with tempfile.TemporaryDirectory() as d:
+        _, log = run("train.py", "--method=sharpen_sft", "--steps=1", f"--out_dir={d}", *SHARPEN_TINY,
+                     "--reward=toyclip:0.5,compositional:0.5")
+        assert "step 1 | loss" in log, log
 
 
 # -----------------------------------------------------------------------------

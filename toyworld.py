@@ -160,7 +160,7 @@ def corrupt(spec, rng):
             items[i][j] = rng.choice([x for x in pool if x != items[i][j]])
         new = Spec(spec.skill, tuple(map(tuple, items)), relation)
         # two items must stay distinct objects, and noise must not leak held-out captions into training
-        if (len(items) == 1 or items[0][1:] != items[1][1:]) and is_heldout(new) == is_heldout(spec):
+        if (len(items) == 1 or items[0][1:] != items[1][1:]) and (is_heldout(spec) or not is_heldout(new)):
             return new
 
 

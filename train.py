@@ -246,7 +246,9 @@ def main():
             out = net(x, traj.t.repeat(len(rows)), condn[rows].repeat_interleave(m, 0)).sample
             return out.view(len(rows), m, *out.shape[1:])
 
-        info = dict(reward=per_step_r[:, :, -1].mean().item(), reward_std=per_step_r[:, :, -1].std().item())
+        last = per_step_r[:, :, -1]  # a failed score is NaN: its trajectory drops out of selection
+        info = dict(reward=last.nanmean().item(), reward_std=last[last.isfinite()].std().nan_to_num(0).item(),
+                    failed=(~per_step_r.isfinite()).float().mean().item())
         if method == "sharpen_sft":
             w = sharpen.trajectory_weights(R, lam, normalize)
             p_idx, n_idx = sharpen.select_rows(w)  # only trajectories with w > 0 need a forward
@@ -256,7 +258,7 @@ def main():
         else:
             iw, il = sharpen.best_worst(R)
             ar = torch.arange(P, device=R.device)
-            ar = ar[R[ar, iw] > R[ar, il]]  # a prompt whose trajectories tie states no preference: skip it
+            ar = ar[R[ar, iw] > R[ar, il]]  # ties (or < 2 scored trajectories) state no preference: skip
             info.update(pairs=len(ar) / P)
             if len(ar) == 0:  # nothing to learn this micro-step; a zero loss keeps DDP's backward in step
                 return sum(p.sum() for p in pipe.unet.parameters()) * 0.0, dict(info, acc=0.0, gap=0.0)
