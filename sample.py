@@ -9,6 +9,7 @@ Also the lowest layer of the project: the model folder loader, the DDIM step tha
 prediction and the per-step noise target, the batched rollout, and the `--key=value` config helper.
 """
 import ast
+import math
 import os
 import sys
 import textwrap
@@ -230,21 +231,33 @@ def training_target(pipe, x_t, x0, t):
     return param_target(pipe, eps, x0, t), eps
 
 
+def ddim_sigma(pipe, t, t_prev, eta, shape=(-1, 1, 1, 1)):
+    """sigma_t = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev), broadcastable."""
+    ab, ab_prev = alpha_bars(pipe, t).view(shape), alpha_bars(pipe, t_prev).view(shape)
+    return eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt(), ab_prev
+
+
 def ddim_step(pipe, x_t, model_out, t, t_prev, eta=0.0, noise=None):
-    """x_t -> x_{t_prev}: x_prev = a_prev*x0 + sqrt(1 - ab_prev - sigma^2)*eps + sigma*z, with
-    sigma = eta*sqrt((1-ab_prev)/(1-ab_t))*sqrt(1-ab_t/ab_prev). x0 is clipped as the config says,
-    eps is not (diffusers' default). Returns (x_prev, x0_pred, eps_pred)."""
+    """x_t -> x_{t_prev}: x_prev = a_prev*x0 + sqrt(1 - ab_prev - sigma^2)*eps + sigma*z (ddim_sigma).
+    x0 is clipped as the config says, eps is not (diffusers' default). Returns (x_prev, x0_pred, eps_pred)."""
     x0, eps = split_prediction(pipe, x_t, model_out, t)
     cfg = pipe.scheduler.config
     if cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-    shape = (-1, *[1] * (x_t.dim() - 1))
-    ab, ab_prev = alpha_bars(pipe, t).view(shape), alpha_bars(pipe, t_prev).view(shape)
-    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+    sigma, ab_prev = ddim_sigma(pipe, t, t_prev, eta, (-1, *[1] * (x_t.dim() - 1)))
     x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
     if eta > 0:
         x_prev = x_prev + sigma * noise
     return x_prev, x0, eps
+
+
+def ddim_logprob(pipe, x_t, model_out, t, t_prev, eta, x_prev):
+    """log N(x_prev; mean, sigma^2 I) of a stochastic DDIM step, averaged over pixels (DDPO, arXiv
+    2305.13301, does the same): (B,), differentiable in model_out. sigma = 0 (the clean end): -inf/NaN."""
+    mean, _, _ = ddim_step(pipe, x_t, model_out, t, t_prev, eta, torch.zeros_like(x_t))
+    sigma, _ = ddim_sigma(pipe, t, t_prev, eta, (-1, *[1] * (x_t.dim() - 1)))
+    lp = -(x_prev.detach() - mean) ** 2 / (2 * sigma ** 2) - sigma.log() - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(1)
 
 
 def timesteps(pipe, num_steps):

@@ -714,13 +714,21 @@ def test_train_bad_input_one_line():
             assert code != 0 and len(lines) == 1 and needle in lines[0], (args, out[-1500:])
 
 
-def test_eval_cli_on_builtin_model():
+def test_eval_cli_two_models_and_search():
+    """eval.py on two checkpoints plus two search rows writes its table, grid and figure; the search
+    rows report the NFE they spent; the same model gives the same numbers in two rows."""
     with tempfile.TemporaryDirectory() as d:
-        _, log = run("eval.py", "--seeds=1", "--per_skill=2", "--num_steps=4", f"--out_dir={d}")
+        _, log = run("eval.py", f"--models={S.TOY_MODEL}+{S.TOY_MODEL}", "--search=bon1+bon2+greedy2", "--seeds=2",
+                     "--per_skill=2", "--num_steps=4", f"--out_dir={d}", "--rewards=compositional")
         import json
-        res = json.load(open(os.path.join(d, "results.json")))
-        assert 0 <= res["overall"] <= 1 and set(res["per_skill"]) == {"binding", "counting", "spatial"}
-        assert res["n"] == 6 and os.path.exists(os.path.join(d, "grid.png"))
+        rows = json.load(open(os.path.join(d, "results.json")))["rows"]
+        assert [r["nfe_per_image"] for r in rows] == [4, 4, 4, 8, 1 + 3 * 2], rows
+        assert rows[0]["overall"] == rows[1]["overall"] == rows[2]["overall"] == rows[0]["rewards"]["compositional"]
+        assert rows[3]["overall"] >= rows[2]["overall"] and set(rows[0]["per_skill"]) == {"binding", "counting", "spatial"}
+        assert all(r["n"] == 12 and r["diversity"] > 0 for r in rows)
+        for f in ("results.md", "grid.png", "reward_vs_nfe.png"):
+            assert os.path.getsize(os.path.join(d, f)) > 0, f
+        assert "| toy-model | " in open(os.path.join(d, "results.md")).read()
 
 
 def test_builtin_model_is_in_target_band():
@@ -863,7 +871,7 @@ class StubGrader:
                     answer = {"good": '```json\n{"prompt_fidelity": 9, "creativity": 7, "visual_quality": 8, '
                                       '"consistency": 8, "emotional_resonance": 8, "overall": 8}\n```',
                               "free": "Overall I would give this image 7/10.", "garbage": "lorem ipsum",
-                              "flaky": '{"overall": 6}', "conc": '{"overall": 5}', "slow": '{"overall": 9}'}[kind]
+                              "flaky": '{"overall": 6}', "slow": '{"overall": 9}'}.get(kind, '{"overall": 5}')
                     data = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
@@ -921,11 +929,21 @@ def test_parse_grade_forms():
     assert reward.parse_grade("15/10")[0] is None
 
 
-def test_train_with_learned_and_combined_reward():
-    with tempfile.TemporaryDirectory() as d:
-        _, log = run("train.py", "--method=sharpen_sft", "--steps=1", f"--out_dir={d}", *SHARPEN_TINY,
-                     "--reward=toyclip:0.5,compositional:0.5")
-        assert "step 1 | loss" in log, log
+def test_train_with_every_reward():
+    """One train.py step whose reward sums every name: learned ones from tiny folders, the grader on the stub."""
+    stub = StubGrader()
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            tiny_clip_folder(f"{d}/clip")
+            tiny_clip_folder(f"{d}/aes", head={"weight": torch.randn(1, 16), "bias": torch.randn(1)})
+            spec = (f"compositional:0.5,toyclip@{d}/clip:0.1,clip@{d}/clip:0.1,pickscore@{d}/clip:0.01,"
+                    f"aesthetic@{d}/aes:0.1,mllm@{stub.url}:0.2")
+            _, log = run("train.py", "--method=sharpen_rlhf", "--steps=1", f"--out_dir={d}/run", *SHARPEN_TINY,
+                         f"--reward={spec}")
+            assert "step 1 | loss" in log and "failed 0.0000" in log, log
+            assert sum(stub.calls.values()) == 4 * 2 * 2, stub.calls  # each scored x0 (4 prompts x 2 x 2) once
+    finally:
+        stub.server.shutdown()
 
 
 # -----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from reward import make_reward
 
 # -----------------------------------------------------------------------------
 # run
-method = "sharpen_rlhf"  # sharpen_rlhf | sharpen_sft | pretrain
+method = "sharpen_rlhf"  # sharpen_rlhf | sharpen_sft | pretrain | baselines: sft | diffusion_dpo | ddpo
 model = S.TOY_MODEL      # the diffusers folder sharpening starts from
 out_dir = ""             # ckpt.pt, log.txt, model/ ("" = out/<method>)
 save_to = ""             # where the final diffusers folder goes ("" = out_dir/model)
@@ -56,11 +56,18 @@ reward_in_sigmoid = True # reward gap inside the log-sigmoid (the paper) | outsi
 num_steps = 20           # sampler schedule the trajectories follow (and RLHF's own samples use)
 guidance = 1.0           # CFG scale of rollouts and samples (1.0: best for the toy model, half the NFE)
 eta = 0.0                # DDIM eta of rollouts
+# baselines (the issue of equal compute: nfe_budget)
+dpo_pool = 256           # diffusion_dpo: train prompts the base model samples once, dpo_k images each
+dpo_k = 2                # the best and worst of them make the prompt's preference pair
+ppo_clip = 1e-4          # ddpo: ratio clip range (ddpo-pytorch's default)
+ppo_epochs = 2           # ddpo: optimizer steps per sampled batch (the second sees a ratio != 1)
+ddpo_eta = 1.0           # ddpo: DDIM eta of its sampler (the policy needs step noise to have a density)
 # pretraining (toy world)
 caption_noise = 0.1      # fraction of captions changed in one field (web alt-text noise)
 caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-free guidance)
 # optim
 steps = 120              # optimizer steps
+nfe_budget = 0           # > 0: steps = nfe_budget // UNet image-passes per step (equal compute across methods)
 batch_size = 64          # pretraining images per optimizer step, over all ranks
 lr = 1e-5                # AdamW peak learning rate (1e-4 collapsed sharpen_rlhf on the toy model)
 warmup = 10              # linear warmup steps, then cosine decay to lr/10
@@ -77,7 +84,18 @@ device = "cpu"           # cpu | cuda
 threads = 0              # torch threads per process (0 = cores / processes)
 # -----------------------------------------------------------------------------
 
-METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain")
+METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain", "sft", "diffusion_dpo", "ddpo")
+
+
+def nfe_per_step():
+    """Planned UNet image-passes (forward, with or without grad; CFG counts 2) per optimizer step, all
+    ranks. The run also counts the passes it makes (the `nfe` log column) with a forward hook."""
+    c, P, n, m = 1 + (guidance != 1.0), prompts_per_step, n_traj, m_steps
+    return {"pretrain": batch_size, "sft": P,
+            "sharpen_sft": P * (n * m * c + (1 if lam == 0 else n) * m),  # rollouts + selected, with grad
+            "sharpen_rlhf": P * (num_steps * c + n * m * c + 4 * m),  # own sample, rollouts, w/l x policy/ref
+            "diffusion_dpo": P * 4,  # winner and loser through policy and reference (+ the pool, once)
+            "ddpo": P * n * (num_steps * c / ppo_epochs + m)}[method]  # a sampled batch serves ppo_epochs
 
 
 def fail(msg):
@@ -101,12 +119,18 @@ def main():
     if not 1 <= m_steps <= num_steps:
         fail(f"m_steps={m_steps} must be in 1..num_steps={num_steps}")
     pretrain, reward_fn = method == "pretrain", None
-    if not pretrain:
+    global steps
+    if nfe_budget > 0:
+        steps = max(1, int(nfe_budget // nfe_per_step()))
+        config["steps"] = steps
+    if method not in ("pretrain", "sft"):
         S.check_model_folder(model)
         try:
             reward_fn = make_reward(reward, device)
         except ValueError as e:
             fail(e)
+    elif not pretrain:
+        S.check_model_folder(model)
     ddp = int(os.environ.get("RANK", -1)) != -1  # DDP, nanoGPT-style: torchrun sets RANK
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     master = rank == 0
@@ -141,6 +165,8 @@ def main():
             print(f"batch: {P} prompts x {n_traj} trajectories x {m_steps} steps per micro-step per rank; "
                   f"{grad_accum} micro-steps x {world} ranks = {per_step} prompts = "
                   f"{per_step * n_traj} trajectories = {per_step * n_traj * m_steps} scored x0 per step")
+        print(f"compute: {nfe_per_step():.0f} UNet image-passes per step planned x {steps} steps = "
+              f"{nfe_per_step() * steps:.0f}" + (f" (nfe_budget {nfe_budget})" if nfe_budget else ""))
 
     # model: pretraining trains UNet + text encoder from scratch; sharpening trains the UNet
     pipe = S.new_toy_model(seed) if pretrain else S.load_model(model, dev)
@@ -150,10 +176,16 @@ def main():
         pipe.text_encoder.to(dev).train().requires_grad_(True)
         trained.append(pipe.text_encoder)
     params = [p for m in trained for p in m.parameters()]
-    ref_unet = copy.deepcopy(pipe.unet).eval().requires_grad_(False) if method == "sharpen_rlhf" else None
+    ref_unet = copy.deepcopy(pipe.unet).eval().requires_grad_(False) \
+        if method in ("sharpen_rlhf", "diffusion_dpo") else None
+    nfe = [0]  # UNet image-passes this rank made, counted where they happen (CFG doubles the batch)
+    for net in (pipe.unet, ref_unet):
+        if net is not None:
+            net.register_forward_pre_hook(lambda mod, args, kw: nfe.__setitem__(0, nfe[0] + len(kw.get(
+                "sample", args[0] if args else None))), with_kwargs=True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     ema_params = [p.detach().clone() for p in params] if ema else None
-    step = 0
+    step, pool, ddpo_batch = 0, [], {}  # diffusion_dpo's offline pairs; ddpo's batch of the old policy
     if init_from == "resume":
         ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
         changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size")
@@ -164,7 +196,8 @@ def main():
         for m, sd in zip(trained, ck["models"]):
             m.load_state_dict(sd)
         opt.load_state_dict(ck["optimizer"])
-        ema_params, step = ck["ema"], ck["step"]
+        ema_params, step, nfe[0] = ck["ema"], ck["step"], ck["nfe"]
+        ddpo_batch.update(ck["ddpo_batch"])
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
     nets = trained
@@ -181,17 +214,19 @@ def main():
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, steps - warmup))))
 
     def pretrain_loss(it, micro):
-        """Denoising loss on toy-world scenes; every seed derives from (seed, step, global index)."""
+        """Denoising loss on toy-world scenes; every seed derives from (seed, step, global index).
+        pretrain: noisy captions, the text encoder trains too; sft (the standard fine-tuning baseline):
+        exact captions, the UNet alone."""
         images, prompts = [], []
         first = (micro * world + rank) * P
         for i in range(first, first + P):
             s = (seed * 1_000_003 + it) * 4096 + i
             image, cap = toyworld.sample_scene(s)
             rng = random.Random(s)
-            if rng.random() < caption_noise:
+            if pretrain and rng.random() < caption_noise:
                 cap = toyworld.caption(toyworld.corrupt(toyworld.parse(cap), rng))
             images.append(image)
-            prompts.append("" if rng.random() < caption_dropout else cap)
+            prompts.append("" if pretrain and rng.random() < caption_dropout else cap)
         x0 = torch.stack(images).to(dev) * 2 - 1  # model space: [-1, 1]
         gen = torch.Generator().manual_seed(seed * 7919 + (it * grad_accum + micro) * world + rank)
         t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (P,), generator=gen).to(dev)
@@ -199,8 +234,90 @@ def main():
         ab = S.alpha_bars(pipe, t).view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         target, _ = S.training_target(pipe, x_t, x0, t)
-        cond = nets[1](S.tokenize(pipe, prompts).to(dev))[0]  # the text encoder trains too: with grad
+        cond = nets[1](S.tokenize(pipe, prompts).to(dev))[0] if pretrain else S.encode(pipe, prompts)
         return F.mse_loss(unet(x_t, t, cond).sample.float(), target.float()), {}
+
+    def scored_samples(prompts, seeds, eta_=0.0, net=None):
+        """The current model's (or net's) samples of prompts from seeds, recorded, and their rewards."""
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+        traj = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, S.encode(pipe, prompts), uncond, guidance,
+                         eta_, gens, unet=net)
+        return traj, reward_fn(S.to_images(pipe, traj.x_final), prompts)[0].float()
+
+    def dpo_pool_pairs():
+        """Offline preference pairs for diffusion_dpo: dpo_pool train prompts x dpo_k base-model samples
+        (the frozen reference is the base model, also after a resume), the best and worst of each prompt
+        (prompts whose samples tie are dropped): (x_w, x_l, prompts). Every rank makes the whole pool."""
+        rng = random.Random(seed * 99991)
+        prompts = [toyworld.caption(toyworld.random_spec(rng)) for _ in range(dpo_pool)]
+        xw, xl, kept = [], [], []
+        for i in tqdm(range(0, dpo_pool, 32), desc="diffusion_dpo pool", disable=not master):
+            ps = prompts[i:i + 32]
+            seeds = [seed * 7 + (i + j) * dpo_k + k for j in range(len(ps)) for k in range(dpo_k)]
+            traj, r = scored_samples([p for p in ps for _ in range(dpo_k)], seeds, net=ref_unet)
+            x, r = traj.x_final.view(len(ps), dpo_k, *traj.x_final.shape[1:]), r.view(len(ps), dpo_k)
+            iw, il = sharpen.best_worst(r)
+            for j in torch.nonzero(r[torch.arange(len(ps)), iw] > r[torch.arange(len(ps)), il]).flatten():
+                xw.append(x[j, iw[j]]), xl.append(x[j, il[j]]), kept.append(ps[j])
+        return torch.stack(xw), torch.stack(xl), kept
+
+    def dpo_loss(it, micro):
+        """Diffusion-DPO (arXiv 2311.12908) on the offline pairs: one shared t and noise per pair."""
+        if not pool:
+            pool.extend(dpo_pool_pairs())
+            if master:
+                tqdm.write(f"diffusion_dpo pool: {len(pool[2])} pairs from {dpo_pool} prompts x {dpo_k} samples")
+        xw, xl, prompts = pool
+        first = (it * grad_accum + micro) * per_step + rank * P
+        idx = torch.tensor([g % len(prompts) for g in range(first, first + P)])  # cycles through the pool
+        gen = torch.Generator().manual_seed(seed * 7919 + first)
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (P,), generator=gen).to(dev).repeat(2)
+        x0 = torch.cat([xw[idx], xl[idx]])  # (2P, C, H, W): winners then losers
+        eps = torch.randn(xw[idx].shape, generator=gen).to(dev).repeat(2, 1, 1, 1)
+        ab = S.alpha_bars(pipe, t).view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        target, _ = S.training_target(pipe, x_t, x0, t)
+        cond = S.encode(pipe, [prompts[i] for i in idx.tolist()]).repeat(2, 1, 1)
+        mse = sharpen.row_mse(unet(x_t, t, cond).sample, target)
+        with torch.no_grad():
+            ref = sharpen.row_mse(ref_unet(x_t, t, cond).sample, target)
+        zero = torch.zeros(P, device=dev)  # no reward gap: plain Diffusion-DPO
+        loss, d = sharpen.rlhf_loss(mse[:P], mse[P:], ref[:P], ref[P:], zero, zero, beta, False)
+        return loss, dict(acc=d["implicit_acc"].item())
+
+    def ddpo_loss(it, micro):
+        """DDPO (Black et al. 2023, arXiv 2305.13301), PPO-clip on per-step DDIM log-probabilities: every
+        ppo_epochs steps the current model samples n trajectories per prompt (eta = ddpo_eta); advantages
+        are the rewards normalised within each prompt; each step trains on m_steps random timesteps."""
+        n, m, key = n_traj, m_steps, (it // ppo_epochs, micro)
+        if key not in ddpo_batch:  # sample a new batch with the current (old) policy
+            for old in [k for k in ddpo_batch if k[0] != key[0]]:
+                del ddpo_batch[old]
+            first = (it // ppo_epochs * grad_accum + micro) * per_step + rank * P
+            prompts = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g)))
+                       for g in range(first, first + P) for _ in range(n)]
+            traj, r = scored_samples(prompts, [(seed * 1_000_003 + first) * 64 + j for j in range(P * n)], ddpo_eta)
+            x_next = torch.cat([traj.x[:, 1:], traj.x_final[:, None]], 1)  # (B, steps, C, H, W)
+            with torch.no_grad():  # the last step lands on x0 with sigma = 0: no density, left out
+                lp = torch.stack([S.ddim_logprob(pipe, traj.x[:, k], traj.model_out[:, k], ts[k].expand(P * n),
+                                                 ts[k + 1].expand(P * n), ddpo_eta, x_next[:, k])
+                                  for k in range(num_steps - 1)], 1)
+            rv = r.view(P, n)
+            adv = ((rv - rv.mean(1, keepdim=True)) / (rv.std(1, keepdim=True) + 1e-4)).flatten()
+            ddpo_batch[key] = dict(x=traj.x, x_next=x_next, lp=lp, adv=adv.nan_to_num(0).clamp(-5, 5),
+                                   prompts=prompts, reward=r)
+        b = ddpo_batch[key]
+        ks = torch.randperm(num_steps - 1, generator=torch.Generator().manual_seed(seed + it * 131 + micro))[:m]
+        B, cond = len(b["prompts"]), S.encode(pipe, b["prompts"])
+        loss = 0.0
+        for k in ks.tolist():
+            out = S.predict(pipe, b["x"][:, k], ts[k], cond, uncond, guidance, unet)
+            lp = S.ddim_logprob(pipe, b["x"][:, k], out, ts[k].expand(B), ts[k + 1].expand(B), ddpo_eta,
+                                b["x_next"][:, k])
+            ratio = (lp - b["lp"][:, k]).exp()
+            loss = loss + torch.max(-b["adv"] * ratio, -b["adv"] * ratio.clamp(1 - ppo_clip, 1 + ppo_clip)).mean() / m
+        return loss, dict(reward=b["reward"].nanmean().item(), clipfrac=((ratio - 1).abs() > ppo_clip).float().mean().item())
 
     def sharpen_loss(it, micro):
         """One micro-step of Algorithm 1 (SFT) or 2 (RLHF) on this rank's P prompts."""
@@ -297,14 +414,15 @@ def main():
 
     def checkpoint():
         ck = dict(models=[m.state_dict() for m in trained], optimizer=opt.state_dict(), ema=ema_params,
-                  step=step, config=config)
+                  step=step, config=config, nfe=nfe[0], ddpo_batch=ddpo_batch)
         torch.save(ck, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash leaves the old or the new one
 
     if master and eval_seeds and step == 0 and not pretrain:
         evaluate("start")
     bar = tqdm(total=steps, initial=step, disable=not master, desc=method, mininterval=5)
-    step_loss = pretrain_loss if pretrain else sharpen_loss
+    step_loss = {"pretrain": pretrain_loss, "sft": pretrain_loss, "diffusion_dpo": dpo_loss,
+                 "ddpo": ddpo_loss}.get(method, sharpen_loss)
     while step < steps:
         t0 = time.time()
         for g in opt.param_groups:
@@ -330,12 +448,15 @@ def main():
         bar.update(1)
         if step % log_interval == 0 or step == steps:
             stats = torch.tensor([total] + [sum(i[k] for i in infos) / len(infos) for k in sorted(infos[0])])
+            total_nfe = torch.tensor(nfe[0])
+            if ddp:
+                torch.distributed.all_reduce(total_nfe)  # UNet image-passes so far, all ranks
             if ddp:  # only logging scalars cross ranks
                 torch.distributed.all_reduce(stats)
                 stats /= world
             if master:
                 extra = "".join(f" | {k} {v:.4f}" for k, v in zip(sorted(infos[0]), stats[1:].tolist()))
-                log(f"step {step} | loss {stats[0]:.6f}{extra} | gnorm {gnorm.item():.3f} | "
+                log(f"step {step} | loss {stats[0]:.6f}{extra} | gnorm {gnorm.item():.3f} | nfe {total_nfe.item()} | "
                     f"lr {lr_at(step - 1):.2e} | dt {(time.time() - t0) * 1000:.0f}ms")
         if master and (step % ckpt_interval == 0 or step == steps):
             checkpoint()
