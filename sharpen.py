@@ -166,3 +166,27 @@ def rlhf_loss(mse_w, mse_l, ref_mse_w, ref_mse_l, R_w, R_l, beta, reward_in_sigm
     info = {"implicit_acc": (h.detach() > 0).float().mean(), "inside": inside.detach().mean(),
             "reward_gap": gap.mean()}
     return loss, info
+
+
+# -----------------------------------------------------------------------------
+# baselines (train.py's ddpo; diffusion_dpo is rlhf_loss with no reward gap, sft a plain MSE)
+
+
+def group_advantages(rewards, eps=1e-4, clip=5.0):
+    """DDPO's per-prompt advantage: A_pj = (r_pj - mean_j r_pj) / (std_j r_pj + eps), clipped to
+    [-clip, clip]: (P, n) -> (P, n). NaN (a failed score) gets advantage 0 and stays out of the stats."""
+    ok = rewards.isfinite()
+    cnt = ok.sum(1, keepdim=True).clamp_min(1)
+    mu = torch.where(ok, rewards, 0).sum(1, keepdim=True) / cnt
+    std = (torch.where(ok, (rewards - mu) ** 2, 0).sum(1, keepdim=True) / (cnt - 1).clamp_min(1)).sqrt()
+    return torch.where(ok, (rewards - mu) / (std + eps), 0.0).clamp(-clip, clip)
+
+
+def ppo_clip_loss(logp, logp_old, adv, clip):
+    """PPO's clipped surrogate (arXiv 1707.06347) as DDPO uses it, per (trajectory, step):
+        L = mean max(-A * rho, -A * clamp(rho, 1 - clip, 1 + clip)),   rho = exp(logp - logp_old)
+    logp (N,) with grad, logp_old and adv (N,) constants. Returns (loss, fraction of clipped ratios)."""
+    ratio = (logp - logp_old.detach()).exp()
+    adv = adv.detach()
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
+    return loss, ((ratio - 1).abs() > clip).float().mean()

@@ -740,6 +740,92 @@ def test_builtin_model_is_in_target_band():
 
 
 # -----------------------------------------------------------------------------
+# baselines and inference-time search
+
+def test_baseline_losses_hand_computation():
+    # DDPO advantages: per prompt (r - mean) / (std + eps) with the unbiased std; a NaN stays out
+    a = sharpen.group_advantages(torch.tensor([[1.0, 2.0, 3.0], [0.0, 4.0, float("nan")]]), eps=0.0)
+    assert torch.allclose(a, torch.tensor([[-1.0, 0.0, 1.0], [-2 / 8 ** 0.5, 2 / 8 ** 0.5, 0.0]]), atol=1e-6), a
+    # PPO clip: rho = (e^0.2, e^-0.2, 1); A = (1, 1, -2); clip 0.1
+    lp_old = torch.zeros(3)
+    lp = torch.tensor([0.2, -0.2, 0.0], requires_grad=True)
+    loss, frac = sharpen.ppo_clip_loss(lp, lp_old, torch.tensor([1.0, 1.0, -2.0]), 0.1)
+    r0, r1 = math.exp(0.2), math.exp(-0.2)
+    want = (max(-r0, -1.1) + max(-r1, -r1) + max(2.0, 2.0)) / 3  # A > 0 and rho above 1 + clip: no gain
+    assert abs(loss.item() - want) < 1e-6 and abs(frac.item() - 2 / 3) < 1e-6, (loss.item(), want)
+    loss.backward()  # the clipped term has no gradient; the others -A * rho / 3
+    assert torch.allclose(lp.grad, torch.tensor([0.0, -r1 / 3, 2 / 3]), atol=1e-6), lp.grad
+    # Diffusion-DPO baseline = rlhf_loss with no reward gap, gap outside the sigmoid
+    d, beta = dpo_numbers(), 2.0
+    zero = torch.zeros(2)
+    loss, _ = sharpen.rlhf_loss(d["mse_w"], d["mse_l"], d["ref_mse_w"], d["ref_mse_l"], zero, zero, beta, False)
+    h = [0.2, -0.05]  # from test_rlhf_loss_hand_computation
+    assert abs(loss.item() - (math.log1p(math.exp(-h[0])) + math.log1p(math.exp(-h[1]))) / 2) < 1e-6
+
+
+def test_ddim_logprob_is_the_step_density():
+    pipe = tiny_pipe()
+    g = torch.Generator().manual_seed(0)
+    x_t, out, z = (torch.randn(3, 3, 8, 8, generator=g) for _ in range(3))
+    t, t_prev = torch.tensor([700, 500, 300]), torch.tensor([600, 300, 100])
+    x_prev, _, _ = S.ddim_step(pipe, x_t, out, t, t_prev, 1.0, z)
+    mean, _, _ = S.ddim_step(pipe, x_t, out, t, t_prev, 1.0, torch.zeros_like(z))
+    sigma = ((x_prev - mean) / z).flatten(1)[:, 0]  # the step is mean + sigma * z
+    want = torch.distributions.Normal(mean, sigma.view(-1, 1, 1, 1)).log_prob(x_prev).flatten(1).mean(1)
+    assert torch.allclose(S.ddim_logprob(pipe, x_t, out, t, t_prev, 1.0, x_prev), want, atol=1e-5)
+
+
+def count_nfe(pipe):
+    """A forward hook counting UNet image-passes: returns the counter (a one-element list)."""
+    n = [0]
+    pipe.unet.register_forward_pre_hook(lambda m, a, kw: n.__setitem__(0, n[0] + len(a[0] if a else kw["sample"])),
+                                        with_kwargs=True)
+    return n
+
+
+def test_search_methods_nfe_and_best_of_one():
+    import search as Q
+    pipe = S.load_model(S.TOY_MODEL)
+    prompts, seeds = ["a red circle and a blue square", "two green triangles", "a cyan square above a red circle"], [0, 5, 9]
+    fn = reward.make_reward("compositional")
+    plain = S.sample(pipe, prompts, seeds, num_steps=4)
+    for guidance in (1.0, 3.0):
+        for name, call in [("bon1", lambda: Q.best_of_n(pipe, prompts, seeds, fn, 1, 4, guidance)),
+                           ("bon3", lambda: Q.best_of_n(pipe, prompts, seeds, fn, 3, 4, guidance)),
+                           ("noise", lambda: Q.noise_search(pipe, prompts, seeds, fn, 2, 2, num_steps=4, guidance=guidance)),
+                           ("greedy", lambda: Q.greedy_search(pipe, prompts, seeds, fn, 3, 4, guidance))]:
+            n = count_nfe(pipe)
+            images, nfe, info = call()
+            assert n[0] == nfe * len(prompts), (name, guidance, n[0], nfe)
+            pipe.unet._forward_pre_hooks.clear()
+            if name == "bon1" and guidance == 1.0:
+                assert torch.allclose(images, plain, atol=1e-5)
+            if name == "bon3":  # the kept image is the best candidate's, and candidate 0 is plain sampling
+                r = info["rewards"]
+                assert torch.equal(fn(images, prompts)[0], r.max(1).values) and info["choice"].tolist() == r.argmax(1).tolist()
+    assert [g[0] for g in (Q.best_of_n(pipe, prompts[:1], seeds[:1], fn, 1, 4),)][0].shape == (1, 3, 32, 32)
+
+
+def test_baseline_methods_train_count_nfe_and_resume():
+    with tempfile.TemporaryDirectory() as d:
+        for method, per_step in (("sft", 4), ("diffusion_dpo", 16), ("ddpo", 2 * 4 * (4 / 2 + 2))):
+            _, log = run("train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}", *SHARPEN_TINY,
+                         "--dpo_pool=8", "--nfe_budget=" + str(int(2 * per_step)))
+            assert f"compute: {per_step:.0f} UNet image-passes per step planned x 2 steps" in log, log
+            nfe = [int(l.split("| nfe ")[1].split()[0]) for l in open(f"{d}/{method}/log.txt")]
+            pool = 8 * 2 * 4 if method == "diffusion_dpo" else 0  # 8 prompts x 2 samples x 4 steps, once
+            assert nfe[-1] == 2 * per_step + pool, (method, nfe)
+            try:
+                weights_equal(S.TOY_MODEL, f"{d}/{method}/model")
+            except AssertionError:
+                continue
+            raise AssertionError(f"{method} did not change the weights")
+    with tempfile.TemporaryDirectory() as d:  # killed between the two steps that share a sampled batch
+        crash_and_resume(["train.py", "--method=ddpo", "--steps=4", "--ckpt_interval=1", "--ppo_epochs=4",
+                          *SHARPEN_TINY], d)
+
+
+# -----------------------------------------------------------------------------
 # reward zoo: learned rewards on tiny random-init models through the public loader, the grader on a stub
 
 def tiny_clip_folder(d, head=None):

@@ -303,21 +303,19 @@ def main():
                 lp = torch.stack([S.ddim_logprob(pipe, traj.x[:, k], traj.model_out[:, k], ts[k].expand(P * n),
                                                  ts[k + 1].expand(P * n), ddpo_eta, x_next[:, k])
                                   for k in range(num_steps - 1)], 1)
-            rv = r.view(P, n)
-            adv = ((rv - rv.mean(1, keepdim=True)) / (rv.std(1, keepdim=True) + 1e-4)).flatten()
-            ddpo_batch[key] = dict(x=traj.x, x_next=x_next, lp=lp, adv=adv.nan_to_num(0).clamp(-5, 5),
+            ddpo_batch[key] = dict(x=traj.x, x_next=x_next, lp=lp, adv=sharpen.group_advantages(r.view(P, n)).flatten(),
                                    prompts=prompts, reward=r)
         b = ddpo_batch[key]
         ks = torch.randperm(num_steps - 1, generator=torch.Generator().manual_seed(seed + it * 131 + micro))[:m]
         B, cond = len(b["prompts"]), S.encode(pipe, b["prompts"])
-        loss = 0.0
+        loss = clipped = 0.0
         for k in ks.tolist():
             out = S.predict(pipe, b["x"][:, k], ts[k], cond, uncond, guidance, unet)
             lp = S.ddim_logprob(pipe, b["x"][:, k], out, ts[k].expand(B), ts[k + 1].expand(B), ddpo_eta,
                                 b["x_next"][:, k])
-            ratio = (lp - b["lp"][:, k]).exp()
-            loss = loss + torch.max(-b["adv"] * ratio, -b["adv"] * ratio.clamp(1 - ppo_clip, 1 + ppo_clip)).mean() / m
-        return loss, dict(reward=b["reward"].nanmean().item(), clipfrac=((ratio - 1).abs() > ppo_clip).float().mean().item())
+            l_k, c_k = sharpen.ppo_clip_loss(lp, b["lp"][:, k], b["adv"], ppo_clip)
+            loss, clipped = loss + l_k / len(ks), clipped + c_k.item() / len(ks)
+        return loss, dict(reward=b["reward"].nanmean().item(), clipfrac=clipped)
 
     def sharpen_loss(it, micro):
         """One micro-step of Algorithm 1 (SFT) or 2 (RLHF) on this rank's P prompts."""
