@@ -39,10 +39,13 @@ device = "cpu"
 
 def configure(config, argv):
     """Apply `--key=value` overrides to the dict `config` (a script's globals) in place; return the
-    effective {key: value} of the overridable keys. Values parse as Python literals, else strings."""
+    effective {key: value} of the overridable keys. Values parse as Python literals, else strings;
+    a bare `--flag` sets a bool key to True."""
     keys = {k for k, v in config.items() if not k.startswith("_") and k.islower()
             and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
     for arg in argv:
+        if arg.startswith("--") and "=" not in arg and isinstance(config.get(arg[2:]), bool):
+            arg += "=True"
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"error: expected --key=value, got {arg!r}")
         key, val = arg[2:].split("=", 1)

@@ -808,10 +808,10 @@ def test_search_methods_nfe_and_best_of_one():
 
 def test_baseline_methods_train_count_nfe_and_resume():
     with tempfile.TemporaryDirectory() as d:
-        for method, per_step in (("sft", 4), ("diffusion_dpo", 16), ("ddpo", 2 * 4 * (4 / 2 + 2))):
+        for method, per_step in (("sft", 3 * 4), ("diffusion_dpo", 4 * 8), ("ddpo", 4 * 2 * (4 / 2 + 3 * 2))):
             _, log = run("train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}", *SHARPEN_TINY,
-                         "--dpo_pool=8", "--nfe_budget=" + str(int(2 * per_step)))
-            assert f"compute: {per_step:.0f} UNet image-passes per step planned x 2 steps" in log, log
+                         "--dpo_pool=8", "--nfe_budget=" + str(int(2 * per_step) + (64 if method == "diffusion_dpo" else 0)))
+            assert f"compute: {per_step:.0f} UNet passes per step planned (grad x3) x 2 steps" in log, log
             nfe = [int(l.split("| nfe ")[1].split()[0]) for l in open(f"{d}/{method}/log.txt")]
             pool = 8 * 2 * 4 if method == "diffusion_dpo" else 0  # 8 prompts x 2 samples x 4 steps, once
             assert nfe[-1] == 2 * per_step + pool, (method, nfe)
@@ -823,6 +823,18 @@ def test_baseline_methods_train_count_nfe_and_resume():
     with tempfile.TemporaryDirectory() as d:  # killed between the two steps that share a sampled batch
         crash_and_resume(["train.py", "--method=ddpo", "--steps=4", "--ckpt_interval=1", "--ppo_epochs=4",
                           *SHARPEN_TINY], d)
+
+
+def test_reproduce_quick_end_to_end_and_resumable():
+    with tempfile.TemporaryDirectory() as d:
+        _, log = run("reproduce.py", "--quick", f"--out={d}")
+        md = open(f"{d}/results.md").read()
+        for needle in ("| sharpen_rlhf |", "| ddpo |", "bon2", "greedy2", "Amortisation", "| n=2 |", "| official target |",
+                       "Reward hacking", "Selected by gold"):
+            assert needle in md, needle
+        assert os.path.getsize(f"{d}/convergence.png") > 0 and os.path.getsize(f"{d}/eval/reward_vs_nfe.png") > 0
+        _, log2 = run("reproduce.py", "--quick", f"--out={d}")  # everything done: nothing runs again
+        assert "train.py" not in log2 and "eval.py" not in log2, log2
 
 
 # -----------------------------------------------------------------------------

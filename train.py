@@ -76,6 +76,7 @@ grad_clip = 1.0
 ema = 0.0                # EMA of the weights, exported instead of them (0 = off)
 # eval and logging
 eval_interval = 0        # steps between held-out gold evaluations (0 = at start and end only)
+eval_count = 0           # or this many evenly spaced ones during the run (convergence curves)
 eval_seeds = 8           # seeds per held-out eval prompt (41 prompts x 8 = 328 images; 0 = no eval)
 log_interval = 1
 ckpt_interval = 20
@@ -88,14 +89,14 @@ METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain", "sft", "diffusion_dpo", "d
 
 
 def nfe_per_step():
-    """Planned UNet image-passes (forward, with or without grad; CFG counts 2) per optimizer step, all
-    ranks. The run also counts the passes it makes (the `nfe` log column) with a forward hook."""
+    """Planned UNet cost per optimizer step, all ranks, in image forward passes: CFG counts 2, a pass
+    with grad counts 3 (forward + backward). The run also counts what it does (the `nfe` log column)."""
     c, P, n, m = 1 + (guidance != 1.0), prompts_per_step, n_traj, m_steps
-    return {"pretrain": batch_size, "sft": P,
-            "sharpen_sft": P * (n * m * c + (1 if lam == 0 else n) * m),  # rollouts + selected, with grad
-            "sharpen_rlhf": P * (num_steps * c + n * m * c + 4 * m),  # own sample, rollouts, w/l x policy/ref
-            "diffusion_dpo": P * 4,  # winner and loser through policy and reference (+ the pool, once)
-            "ddpo": P * n * (num_steps * c / ppo_epochs + m)}[method]  # a sampled batch serves ppo_epochs
+    return {"pretrain": 3 * batch_size, "sft": 3 * P,
+            "sharpen_sft": P * (n * m * c + 3 * (1 if lam == 0 else n) * m),  # rollouts + selected, with grad
+            "sharpen_rlhf": P * (num_steps * c + n * m * c + 3 * 2 * m + 2 * m),  # sample, rollouts, w/l x policy/ref
+            "diffusion_dpo": P * (3 * 2 + 2),  # winner and loser through policy and reference (+ the pool, once)
+            "ddpo": P * n * (num_steps * c / ppo_epochs + 3 * m * c)}[method]  # a batch serves ppo_epochs steps  # a sampled batch serves ppo_epochs
 
 
 def fail(msg):
@@ -120,8 +121,9 @@ def main():
         fail(f"m_steps={m_steps} must be in 1..num_steps={num_steps}")
     pretrain, reward_fn = method == "pretrain", None
     global steps
-    if nfe_budget > 0:
-        steps = max(1, int(nfe_budget // nfe_per_step()))
+    if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
+        pool_cost = dpo_pool * dpo_k * num_steps * (1 + (guidance != 1.0)) if method == "diffusion_dpo" else 0
+        steps = max(1, int((nfe_budget - pool_cost) // nfe_per_step()))
         config["steps"] = steps
     if method not in ("pretrain", "sft"):
         S.check_model_folder(model)
@@ -165,7 +167,7 @@ def main():
             print(f"batch: {P} prompts x {n_traj} trajectories x {m_steps} steps per micro-step per rank; "
                   f"{grad_accum} micro-steps x {world} ranks = {per_step} prompts = "
                   f"{per_step * n_traj} trajectories = {per_step * n_traj * m_steps} scored x0 per step")
-        print(f"compute: {nfe_per_step():.0f} UNet image-passes per step planned x {steps} steps = "
+        print(f"compute: {nfe_per_step():.0f} UNet passes per step planned (grad x3) x {steps} steps = "
               f"{nfe_per_step() * steps:.0f}" + (f" (nfe_budget {nfe_budget})" if nfe_budget else ""))
 
     # model: pretraining trains UNet + text encoder from scratch; sharpening trains the UNet
@@ -178,11 +180,13 @@ def main():
     params = [p for m in trained for p in m.parameters()]
     ref_unet = copy.deepcopy(pipe.unet).eval().requires_grad_(False) \
         if method in ("sharpen_rlhf", "diffusion_dpo") else None
-    nfe = [0]  # UNet image-passes this rank made, counted where they happen (CFG doubles the batch)
+    nfe = [0]  # UNet cost this rank spent, counted where it happens (see nfe_per_step)
+
+    def count(mod, args, kw):
+        nfe[0] += len(args[0] if args else kw["sample"]) * (3 if torch.is_grad_enabled() else 1)
     for net in (pipe.unet, ref_unet):
         if net is not None:
-            net.register_forward_pre_hook(lambda mod, args, kw: nfe.__setitem__(0, nfe[0] + len(kw.get(
-                "sample", args[0] if args else None))), with_kwargs=True)
+            net.register_forward_pre_hook(count, with_kwargs=True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     ema_params = [p.detach().clone() for p in params] if ema else None
     step, pool, ddpo_batch = 0, [], {}  # diffusion_dpo's offline pairs; ddpo's batch of the old policy
@@ -390,6 +394,7 @@ def main():
     def export(folder):
         """The trained (or EMA) weights as a diffusers folder (save_model writes it atomically)."""
         out = copy.deepcopy(pipe)
+        out.unet._forward_pre_hooks.clear()  # the copy's passes (evaluation) are not training compute
         if ema_params is not None:
             for p, e in zip([p for m in (out.unet, out.text_encoder)[:len(trained)] for p in m.parameters()],
                             ema_params):
@@ -402,8 +407,10 @@ def main():
         import eval as E
         res = E.gold_eval(export(os.path.join(out_dir, "model")), seeds=eval_seeds, num_steps=num_steps,
                           guidance=guidance)
-        log(f"eval {tag} | step {step} | heldout gold {res['overall']:.4f} | n {res['n']} | " +
-            " | ".join(f"{k} {v:.4f}" for k, v in res["per_skill"].items()))
+        proxy = "" if reward == "compositional" or reward_fn is None else \
+            f" | heldout {reward} {reward_fn(res['images'], res['prompts'])[0].nanmean().item():.4f}"
+        log(f"eval {tag} | step {step} | nfe {nfe[0] * world} | heldout gold {res['overall']:.4f} | n {res['n']} | " +
+            " | ".join(f"{k} {v:.4f}" for k, v in res["per_skill"].items()) + proxy)
 
     def log(line):
         tqdm.write(line)
@@ -460,7 +467,8 @@ def main():
             checkpoint()
             if os.environ.get("TRAIN_CRASH_AFTER_STEP") == str(step):  # fault injection for the tests
                 os._exit(3)
-        if master and eval_seeds and ((eval_interval and step % eval_interval == 0) or step == steps):
+        every = eval_interval or (max(1, steps // (eval_count + 1)) if eval_count else 0)
+        if master and eval_seeds and ((every and step % every == 0) or step == steps):
             evaluate("end" if step == steps else "mid")
     bar.close()
     if master:
