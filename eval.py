@@ -128,6 +128,14 @@ def amortised_n(bon, target):
     return bon[0][0] if bon and bon[0][1] >= target else None
 
 
+def train_nfe(folder):
+    """The UNet cost train.py spent on a model (the last `nfe` of out_dir/log.txt beside out_dir/model)."""
+    log = os.path.join(os.path.dirname(os.path.normpath(folder)), "log.txt")
+    nfe = [l.split("| nfe ")[1].split()[0] for l in open(log) if l.startswith("step ") and "| nfe " in l] \
+        if os.path.exists(log) else []
+    return int(nfe[-1]) if nfe else None
+
+
 def label(folder):
     """A short name for a model folder: out/sharpen_rlhf/model -> sharpen_rlhf."""
     parts = os.path.normpath(folder).split(os.sep)
@@ -161,17 +169,18 @@ def main():
         scores = {spec: fn(images, prompts)[0].nanmean().item() for spec, fn in extra.items()}  # NaN: failed
         rows.append(dict(name=f"{label(folder)} {how}" if how else label(folder), search=how, overall=g["overall"],
                          per_skill=g["per_skill"], rewards=scores, diversity=diversity(images, seeds),
-                         nfe_per_image=nfe, ms_per_image=dt / len(prompts) * 1000, n=len(prompts)))
+                         nfe_per_image=nfe, ms_per_image=dt / len(prompts) * 1000, n=len(prompts),
+                         train_nfe=None if how else train_nfe(folder)))
         grids.append(images[::seeds][:16])  # the first seed of up to 16 prompts
         r = rows[-1]
         print(f"{r['name']}: gold {r['overall']:.3f} | NFE/image {nfe} | {r['ms_per_image']:.0f} ms/image")
     skills = list(rows[0]["per_skill"])
-    head = ["model", "gold"] + skills + list(extra) + ["diversity", "NFE/image", "ms/image"]
+    head = ["model", "gold"] + skills + list(extra) + ["diversity", "NFE/image", "ms/image", "training UNet passes"]
     table = "| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|\n"
     for r in rows:
         vals = [r["overall"]] + [r["per_skill"][k] for k in skills] + list(r["rewards"].values()) + [r["diversity"]]
         table += f"| {r['name']} | " + " | ".join(f"{v:.3f}" for v in vals) + \
-            f" | {r['nfe_per_image']} | {r['ms_per_image']:.0f} |\n"
+            f" | {r['nfe_per_image']} | {r['ms_per_image']:.0f} | {r['train_nfe'] or '—'} |\n"
     table += f"\n{len(prompts)} images per row ({split} prompts x {seeds} seeds), {num_steps} DDIM steps, " \
              f"guidance {guidance}; search verifier: {search_reward}; on {device}."
     print(table)
