@@ -3,7 +3,7 @@ Reproduce the README's results section on the toy world, end to end and resumabl
 method at equal UNet compute, inference-time search against them, the paper's n/m ablations, our
 extensions (soft weights, exact vs official target, backprop through the chain) and reward hacking.
 
-    python reproduce.py              # ~90 min on 2 CPU cores -> out/reproduce/results.md + PNG figures
+    python reproduce.py              # ~60 min on 2 CPU cores -> out/reproduce/results.md + PNG figures
     python reproduce.py --quick      # tiny settings, about a minute (test_all.py runs it)
 
 Each stage is a train.py / eval.py subprocess that writes its own folder; a stage whose output exists
@@ -22,9 +22,9 @@ import sample as S
 # -----------------------------------------------------------------------------
 out = "out/reproduce"    # everything goes here
 quick = False            # tiny settings: checks the pipeline, numbers mean nothing
-budget = 40000           # UNet cost per main training run (train.py nfe_budget: forward passes, grad x3)
+budget = 25000           # UNet cost per main training run (train.py nfe_budget: forward passes, grad x3)
 methods = "sharpen_rlhf+sharpen_sft+sft+diffusion_dpo+ddpo"
-ablation_steps = 60      # sharpen_sft steps per ablation run (fixed steps, as the paper's tables)
+ablation_steps = 40      # sharpen_sft steps per ablation run (fixed steps, as the paper's tables)
 eval_seeds = 4           # seeds per held-out prompt in the final tables (41 prompts x 4 = 164 images)
 curve_evals = 3          # held-out evaluations during each main run (2 seeds each): the convergence figure
 search = "bon1+bon2+bon4+bon8+noise1x3+greedy2"
