@@ -77,10 +77,17 @@ class Pipe:
     tokenizer: object
     scheduler: object          # DDIMScheduler: alphas_cumprod, prediction_type, timestep spacing
     vae: object = None         # None: the UNet works in image space, [-1, 1]
+    text_encoder_2: object = None  # SDXL: CLIPTextModelWithProjection (penultimate states + pooled)
+    tokenizer_2: object = None
 
     @property
     def device(self):
         return next(self.unet.parameters()).device
+
+    @property
+    def image_size(self):
+        """Pixels per side of the images the model makes (latent size x the VAE's downsampling)."""
+        return self.unet.config.sample_size * (2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1)
 
 
 def check_model_folder(folder):
@@ -93,18 +100,28 @@ def check_model_folder(folder):
 
 
 def load_model(folder, device="cpu", dtype=torch.float32):
-    """Load unet/, text_encoder/, tokenizer/, scheduler/ (and vae/ if present) from a local folder."""
+    """Load unet/, text_encoder/, tokenizer/, scheduler/ and, if present, vae/ (latent space) and
+    text_encoder_2/ + tokenizer_2/ (SDXL) from a local folder, all in `dtype`, frozen. Any scheduler
+    config (PNDM, Euler, DDIM) gives its noise schedule and prediction type to our DDIM sampler."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
     _quiet()
     check_model_folder(folder)
     sub = lambda d: os.path.join(folder, d)
-    vae = AutoencoderKL.from_pretrained(sub("vae"), torch_dtype=dtype) if os.path.isdir(sub("vae")) else None
-    pipe = Pipe(unet=UNet2DConditionModel.from_pretrained(sub("unet"), torch_dtype=dtype),
-                text_encoder=CLIPTextModel.from_pretrained(sub("text_encoder"), dtype=dtype),
-                tokenizer=AutoTokenizer.from_pretrained(sub("tokenizer")),
-                scheduler=DDIMScheduler.from_pretrained(sub("scheduler")), vae=vae)
-    for m in (pipe.unet, pipe.text_encoder, pipe.vae):
+    has = lambda d: os.path.isdir(sub(d))
+    unet = UNet2DConditionModel.from_pretrained(sub("unet"), torch_dtype=dtype)
+    if unet.config.addition_embed_type == "text_time" and not (has("text_encoder_2") and has("tokenizer_2")):
+        raise SystemExit(f"error: {sub('unet')} is an SDXL UNet (addition_embed_type text_time) but "
+                         f"{folder!r} lacks text_encoder_2/ or tokenizer_2/")
+    sched = DDIMScheduler.load_config(sub("scheduler"))  # SD/SDXL ship PNDM/Euler configs: no clip_sample there
+    sched = DDIMScheduler.from_config(sched, **({} if "clip_sample" in sched else {"clip_sample": False}))
+    pipe = Pipe(unet=unet, text_encoder=CLIPTextModel.from_pretrained(sub("text_encoder"), dtype=dtype),
+                tokenizer=AutoTokenizer.from_pretrained(sub("tokenizer")), scheduler=sched,
+                vae=AutoencoderKL.from_pretrained(sub("vae"), torch_dtype=dtype) if has("vae") else None)
+    if has("text_encoder_2"):
+        pipe.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(sub("text_encoder_2"), dtype=dtype)
+        pipe.tokenizer_2 = AutoTokenizer.from_pretrained(sub("tokenizer_2"))
+    for m in (pipe.unet, pipe.text_encoder, pipe.vae, pipe.text_encoder_2):
         if m is not None:
             m.to(device).eval().requires_grad_(False)
     return pipe
@@ -126,7 +143,7 @@ def save_model(pipe, folder):
     folder = os.path.abspath(folder)
     tmp, old = f"{folder}.tmp{os.getpid()}", f"{folder}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    for name in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler", "vae", "text_encoder_2", "tokenizer_2"):
         if getattr(pipe, name) is not None:
             getattr(pipe, name).save_pretrained(os.path.join(tmp, name))
     if os.path.exists(folder):
@@ -135,8 +152,8 @@ def save_model(pipe, folder):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def new_toy_tokenizer():
-    """Word-level tokenizer over every toy-world caption word: <bos> words <eos>, padded to 12."""
+def new_toy_tokenizer(max_length=12):
+    """Word-level tokenizer over every toy-world caption word: <bos> words <eos>, padded to max_length."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     import toyworld
@@ -147,7 +164,7 @@ def new_toy_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
                                                        special_tokens=[("<bos>", 2), ("<eos>", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="<bos>", eos_token="<eos>", model_max_length=12)
+                                   bos_token="<bos>", eos_token="<eos>", model_max_length=max_length)
 
 
 def new_toy_model(seed=0):
@@ -172,23 +189,64 @@ def new_toy_model(seed=0):
     return Pipe(unet, text_encoder.eval().requires_grad_(False), tokenizer, scheduler)
 
 
-def tokenize(pipe, prompts):
+def tokenize(pipe, prompts, tokenizer=None):
     """prompts (list of B str) -> token ids (B, L), padded to the tokenizer's max length."""
-    return pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
-                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    tok = tokenizer or pipe.tokenizer
+    return tok(list(prompts), padding="max_length", truncation=True, max_length=tok.model_max_length,
+               return_tensors="pt").input_ids
 
 
 @torch.no_grad()
 def encode(pipe, prompts):
-    """prompts (list of B str) -> cond (B, L, E): the text encoder's last hidden state."""
-    return pipe.text_encoder(tokenize(pipe, prompts).to(pipe.device))[0]
+    """prompts (list of B str) -> cond (B, L, E), one tensor whatever the model, so that a prompt's
+    trajectories share it by repeat. SD: the text encoder's last hidden state. SDXL (as diffusers'
+    pipeline): both encoders' penultimate states side by side (B, L, E1+E2), plus one extra row
+    holding encoder 2's pooled projection, zero-padded to E: (B, L+1, E). unet_call unpacks it."""
+    ids = tokenize(pipe, prompts).to(pipe.device)
+    if pipe.text_encoder_2 is None:
+        return pipe.text_encoder(ids)[0]
+    h1 = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+    out = pipe.text_encoder_2(tokenize(pipe, prompts, pipe.tokenizer_2).to(pipe.device), output_hidden_states=True)
+    h = torch.cat([h1, out.hidden_states[-2].to(h1.dtype)], -1)
+    pooled = torch.nn.functional.pad(out.text_embeds.to(h.dtype), (0, h.shape[-1] - out.text_embeds.shape[-1]))
+    return torch.cat([h, pooled[:, None]], 1)
 
 
-def to_images(pipe, x0):
-    """The model's clean space -> images (B,3,H,W) in [0,1]."""
-    if pipe.vae is not None:
-        x0 = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
-    return ((x0.float() + 1) / 2).clamp(0, 1)
+def unet_call(pipe, unet, x, t, cond):
+    """unet(x, t, cond) -> model output; for SDXL, splits the pooled row off `cond` (encode) and adds
+    the micro-conditioning time ids (original size, crop (0, 0), target size: the model's image size)."""
+    dt = pipe.unet.dtype  # outside autocast, inputs follow the weights (a bf16 base, fp32 training)
+    x, cond = x.to(dt), cond.to(dt)
+    if pipe.text_encoder_2 is None:
+        return unet(x, t, cond).sample
+    pooled = cond[:, -1, :pipe.text_encoder_2.config.projection_dim]
+    size = pipe.image_size
+    time_ids = torch.tensor([size, size, 0, 0, size, size], device=x.device, dtype=cond.dtype).expand(len(x), 6)
+    return unet(x, t, cond[:, :-1], added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+
+@torch.no_grad()
+def to_images(pipe, x0, batch_size=16):
+    """The model's clean space -> images (B,3,H,W) in [0,1], float32. Latents are decoded by the VAE
+    in its own dtype, `batch_size` at a time, without a graph (rewards score images, not latents)."""
+    if pipe.vae is None:
+        return ((x0.float() + 1) / 2).clamp(0, 1)
+    v = pipe.vae
+    return torch.cat([((v.decode((z / v.config.scaling_factor).to(v.dtype)).sample.float() + 1) / 2).clamp(0, 1)
+                      for z in x0.split(batch_size)])
+
+
+@torch.no_grad()
+def from_images(pipe, images):
+    """Images (B,3,H,W) in [0,1] -> the model's clean space: resized to the model's image size and, for a
+    latent model, encoded by the VAE (posterior mean x scaling factor). Dataset images enter this way."""
+    x = images.float().to(pipe.device) * 2 - 1
+    if x.shape[-1] != pipe.image_size:
+        x = torch.nn.functional.interpolate(x, size=(pipe.image_size,) * 2, mode="bilinear", antialias=True)
+    if pipe.vae is None:
+        return x
+    v = pipe.vae
+    return v.encode(x.to(v.dtype)).latent_dist.mean.float() * v.config.scaling_factor
 
 
 def randn(shape, generators, device="cpu"):
@@ -276,9 +334,8 @@ def predict(pipe, x_t, t, cond, uncond=None, guidance=1.0, unet=None):
     B, unet = x_t.shape[0], unet or pipe.unet
     tt = torch.full((B,), int(t), device=x_t.device)
     if guidance == 1.0:
-        return unet(x_t, tt, cond).sample
-    out = unet(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                    torch.cat([uncond.expand(B, -1, -1), cond])).sample
+        return unet_call(pipe, unet, x_t, tt, cond)
+    out = unet_call(pipe, unet, torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([uncond.expand(B, -1, -1), cond]))
     out_u, out_c = out.chunk(2)
     return out_u + guidance * (out_c - out_u)
 

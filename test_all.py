@@ -1045,6 +1045,128 @@ def test_train_with_every_reward():
 
 
 # -----------------------------------------------------------------------------
+# real models: SD1.x- and SDXL-shaped tiny folders (sdconfigs.py), full and LoRA training
+
+def test_lora_identity_disable_and_merge():
+    """A fresh adapter is the identity; a trained one changes the output; disabled() is the base model
+    exactly; merge() folds it into plain nn.Linear layers with the same output; only adapters train."""
+    import copy
+    import lora as L
+    import sdconfigs
+    pipe = sdconfigs.build("sd15", tiny=True)
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 12, 32)
+    with torch.no_grad():
+        base = pipe.unet(x, t, cond).sample
+        params = L.add_lora(pipe.unet, rank=4, alpha=8)
+        assert len(params) == 2 * 4 * sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(".to_q"))  # A, B x q k v out
+        assert torch.equal(pipe.unet(x, t, cond).sample, base)  # B = 0
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+        adapted = pipe.unet(x, t, cond).sample
+        assert (adapted - base).abs().max() > 1e-3
+        assert torch.equal(L.Disabled(pipe.unet)(x, t, cond).sample, base)
+        assert torch.equal(pipe.unet(x, t, cond).sample, adapted)  # re-enabled after the block
+        merged = L.merge(copy.deepcopy(pipe.unet))
+        assert not L.lora_parameters(merged)
+        torch.testing.assert_close(merged(x, t, cond).sample, adapted, rtol=1e-4, atol=1e-5)
+    assert {n for n, p in pipe.unet.named_parameters() if p.requires_grad} == \
+        {n for n, _ in pipe.unet.named_parameters() if ".lora_" in n}
+    raises(lambda: L.add_lora(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)), 2), "nothing to adapt")
+
+
+def test_sd_and_sdxl_folders_load_encode_and_sample():
+    """The loader on SD1.5-like (PNDM config, epsilon) and SDXL-like (two encoders, text_time UNet, Euler
+    config, v-prediction) folders: DDIM without clipping, latent shapes, pooled row, VAE round trip."""
+    import sdconfigs
+    with tempfile.TemporaryDirectory() as d:
+        for kind, pred in (("sd15", ""), ("sdxl", "v_prediction")):
+            pipe = S.load_model(sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction=pred))
+            cfg = pipe.scheduler.config
+            assert type(pipe.scheduler).__name__ == "DDIMScheduler" and not cfg.clip_sample
+            assert cfg.prediction_type == (pred or "epsilon") and pipe.image_size == 32
+            cond = S.encode(pipe, ["a red circle", "two blue squares"])
+            if kind == "sdxl":  # (B, L + pooled row, E1 + E2); the pooled row is encoder 2's projection
+                assert cond.shape == (2, 13, 64)
+                ids = S.tokenize(pipe, ["a red circle"], pipe.tokenizer_2)
+                torch.testing.assert_close(cond[0, -1, :32], pipe.text_encoder_2(ids).text_embeds[0])
+                assert not cond[:, -1, 32:].any()
+            else:
+                assert cond.shape == (2, 12, 32)
+            images = S.sample(pipe, ["a red circle", "two blue squares"], [0, 1], num_steps=3)
+            assert images.shape == (2, 3, 32, 32) and images.isfinite().all()
+            torch.testing.assert_close(images[1:], S.sample(pipe, ["two blue squares"], [1], num_steps=3),
+                                       rtol=0, atol=1e-5)  # batch-size independent up to float order
+            z = S.from_images(pipe, images)
+            assert z.shape == (2, 4, 8, 8) and S.to_images(pipe, z).shape == images.shape
+        os.makedirs(f"{d}/broken")
+        for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
+            os.symlink(f"{d}/sdxl/{sub}", f"{d}/broken/{sub}")
+        raises(lambda: S.load_model(f"{d}/broken"), "lacks text_encoder_2/")
+
+
+REAL_TINY = ["--prompts_per_step=2", "--n_traj=2", "--m_steps=2", "--num_steps=4", "--eval_seeds=0",
+             "--threads=1", "--lr=1e-3", "--reward=toyclip"]
+
+
+def test_sd_and_sdxl_sharpen_full_and_lora_export_reload():
+    """sharpen_sft and sharpen_rlhf steps on both tiny folders, full fine-tuning and LoRA: the exported
+    folder is a plain diffusers folder that reloads, differs from the base, and samples."""
+    import sdconfigs
+    with tempfile.TemporaryDirectory() as d:
+        for kind in ("sd15", "sdxl"):
+            base = sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction="v_prediction" if kind == "sdxl" else "")
+            for method in ("sharpen_sft", "sharpen_rlhf"):
+                for lora in (0, 4):
+                    out = f"{d}/{kind}-{method}-{lora}"
+                    _, log = run("train.py", f"--model={base}", f"--method={method}", "--steps=2",
+                                 f"--lora_rank={lora}", f"--out_dir={out}", *REAL_TINY)
+                    losses = [float(l.split("loss ")[1].split()[0]) for l in open(f"{out}/log.txt")]
+                    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
+                    try:
+                        weights_equal(base, f"{out}/model")
+                        raise RuntimeError(f"{kind} {method} lora={lora}: weights did not move")
+                    except AssertionError:
+                        pass
+                    pipe = S.load_model(f"{out}/model")
+                    assert not any(".lora_" in k for k in pipe.unet.state_dict())
+                    assert S.sample(pipe, ["a red circle"], [0], num_steps=2).isfinite().all()
+                    if lora:  # the checkpoint holds the adapters, not a second UNet
+                        ck = torch.load(f"{out}/ckpt.pt", weights_only=False)
+                        assert ck["models"][0] and all(".lora_" in k for k in ck["models"][0])
+
+
+def test_lora_bf16_resume_exact_and_prompt_file():
+    """SDXL LoRA sharpen_rlhf: killed after step 2 and resumed equals the uninterrupted run; bf16
+    autocast with prompts from a file runs with finite losses and scores last steps only."""
+    import sdconfigs
+    with tempfile.TemporaryDirectory() as d:
+        base = sdconfigs.make(f"{d}/xl", "sdxl", tiny=True)
+        crash_and_resume(["train.py", f"--model={base}", "--method=sharpen_rlhf", "--lora_rank=4", "--steps=4",
+                          "--ckpt_interval=2", "--ema=0.5", *REAL_TINY], d)
+        with open(f"{d}/prompts.txt", "w") as f:
+            f.write("a red circle\n\nthree green triangles\n")
+        _, log = run("train.py", f"--model={base}", "--method=sharpen_rlhf", "--lora_rank=4", "--steps=2", "--dtype=bf16",
+                     "--score_steps=last", f"--prompt_file={d}/prompts.txt", f"--out_dir={d}/bf16", *REAL_TINY)
+        losses = [float(l.split("loss ")[1].split()[0]) for l in open(f"{d}/bf16/log.txt")]
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
+
+
+def test_real_model_bad_input_one_line():
+    with tempfile.TemporaryDirectory() as d:
+        open(f"{d}/empty.txt", "w").close()
+        for args, needle in [(["--dtype=fp8"], "dtype must be one of"),
+                             (["--dtype=fp16"], "needs --device=cuda"),
+                             (["--score_steps=first"], "score_steps"),
+                             (["--method=pretrain", "--lora_rank=4"], "lora_rank=4"),
+                             ([f"--prompt_file={d}/none.txt"], "cannot read prompt_file"),
+                             ([f"--prompt_file={d}/empty.txt"], "has no prompts"),
+                             (["--method=sharpen_sft", f"--prompt_file={d}/empty.txt"], "dataset images")]:
+            code, out = run("train.py", *args, f"--out_dir={d}/o", ok=False)
+            lines = [l for l in out.strip().splitlines() if l and not l.startswith("override:")]
+            assert code != 0 and len(lines) == 1 and needle in lines[0], (args, out[-1500:])
+
+
+# -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     tests = [(k, v) for k, v in list(globals().items()) if k.startswith("test_") and callable(v)]

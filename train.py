@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import sample as S
 import sharpen
+import lora as L
 import toyworld
 from reward import make_reward
 
@@ -42,6 +43,8 @@ init_from = "scratch"    # scratch | resume (out_dir/ckpt.pt)
 seed = 1337
 # sharpening (the paper's n = 3 trajectories, m = 3 steps)
 reward = "compositional" # reward name for make_reward
+prompt_file = ""         # one train prompt per line ("" = toy-world captions); sharpen_rlhf / ddpo / diffusion_dpo
+score_steps = "all"      # all: reward on the x0 prediction of every rolled step (Eq. 8) | last: the last one only
 prompts_per_step = 8     # prompts per optimizer step, over all ranks and micro-steps
 grad_accum = 1           # micro-steps per optimizer step (no_sync on all but the last)
 n_traj = 3               # trajectories per prompt (they differ in the noise that reaches x_t)
@@ -80,12 +83,19 @@ eval_count = 0           # or this many evenly spaced ones during the run (conve
 eval_seeds = 8           # seeds per held-out eval prompt (41 prompts x 8 = 328 images; 0 = no eval)
 log_interval = 1
 ckpt_interval = 20
+# real models (README: Real models)
+lora_rank = 0            # > 0: train LoRA adapters on the UNet's attention instead of all its weights
+lora_alpha = 0.0         # LoRA scale alpha / rank (0 = rank)
+dtype = "fp32"           # fp32 | bf16 | fp16: autocast dtype, and the dtype of every frozen module (fp16: CUDA + GradScaler)
+grad_ckpt = False        # gradient checkpointing in the UNet (memory for compute)
+compile = False          # torch.compile the trained UNet
 # system
 device = "cpu"           # cpu | cuda
 threads = 0              # torch threads per process (0 = cores / processes)
 # -----------------------------------------------------------------------------
 
 METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain", "sft", "diffusion_dpo", "ddpo")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def nfe_per_step():
@@ -119,6 +129,25 @@ def main():
         fail(f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}")
     if not 1 <= m_steps <= num_steps:
         fail(f"m_steps={m_steps} must be in 1..num_steps={num_steps}")
+    if dtype not in DTYPES:
+        fail(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "fp16" and device != "cuda":
+        fail("--dtype=fp16 needs --device=cuda (fp16 autocast + GradScaler); use bf16 on CPU")
+    if score_steps not in ("all", "last"):
+        fail(f"score_steps must be 'all' or 'last', got {score_steps!r}")
+    if lora_rank < 0 or (lora_rank and method == "pretrain"):
+        fail(f"lora_rank={lora_rank}: must be >= 0, and 0 for pretrain (LoRA adapts a trained UNet)")
+    file_prompts = []
+    if prompt_file:
+        if method in ("pretrain", "sft", "sharpen_sft"):
+            fail(f"--prompt_file with method {method}: it trains on dataset images, which only the toy world "
+                 "provides here; use sharpen_rlhf, ddpo or diffusion_dpo (they need prompts only)")
+        try:
+            file_prompts = [l.strip() for l in open(prompt_file, encoding="utf-8") if l.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read prompt_file {prompt_file!r}: {getattr(e, 'strerror', None) or e}")
+        if not file_prompts:
+            fail(f"prompt_file {prompt_file!r} has no prompts (one per line)")
     pretrain, reward_fn = method == "pretrain", None
     global steps
     if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
@@ -170,21 +199,30 @@ def main():
         print(f"compute: {nfe_per_step():.0f} UNet passes per step planned (grad x3) x {steps} steps = "
               f"{nfe_per_step() * steps:.0f}" + (f" (nfe_budget {nfe_budget})" if nfe_budget else ""))
 
-    # model: pretraining trains UNet + text encoder from scratch; sharpening trains the UNet
-    pipe = S.new_toy_model(seed) if pretrain else S.load_model(model, dev)
-    pipe.unet.to(dev).train().requires_grad_(True)
+    # model: pretraining trains UNet + text encoder from scratch; sharpening trains the UNet (all of it,
+    # in fp32, or LoRA adapters in fp32 on a base in `dtype`); frozen modules stay in `dtype`
+    amp_dtype = DTYPES[dtype]
+    pipe = S.new_toy_model(seed) if pretrain else S.load_model(model, dev, amp_dtype)
+    pipe.unet.to(dev).train()
+    if lora_rank:
+        params = L.add_lora(pipe.unet, lora_rank, lora_alpha, seed)
+    else:
+        params = list(pipe.unet.float().requires_grad_(True).parameters())
     trained = [pipe.unet]
     if pretrain:
         pipe.text_encoder.to(dev).train().requires_grad_(True)
         trained.append(pipe.text_encoder)
-    params = [p for m in trained for p in m.parameters()]
-    ref_unet = copy.deepcopy(pipe.unet).eval().requires_grad_(False) \
-        if method in ("sharpen_rlhf", "diffusion_dpo") else None
+        params += list(pipe.text_encoder.parameters())
+    if grad_ckpt:
+        pipe.unet.enable_gradient_checkpointing()
+    ref_unet = None  # the frozen reference of the DPO losses: the base model (LoRA: adapters off)
+    if method in ("sharpen_rlhf", "diffusion_dpo"):
+        ref_unet = L.Disabled(pipe.unet) if lora_rank else copy.deepcopy(pipe.unet).to(amp_dtype).eval().requires_grad_(False)
     nfe = [0]  # UNet cost this rank spent, counted where it happens (see nfe_per_step)
 
     def count(mod, args, kw):
         nfe[0] += len(args[0] if args else kw["sample"]) * (3 if torch.is_grad_enabled() else 1)
-    for net in (pipe.unet, ref_unet):
+    for net in (pipe.unet, None if lora_rank else ref_unet):  # LoRA's reference passes run through pipe.unet
         if net is not None:
             net.register_forward_pre_hook(count, with_kwargs=True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -192,13 +230,13 @@ def main():
     step, pool, ddpo_batch = 0, [], {}  # diffusion_dpo's offline pairs; ddpo's batch of the old policy
     if init_from == "resume":
         ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size")
+        changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size", "lora_rank")
                    if ck["config"].get(k) != config.get(k)]
         if changed:
             fail(f"{ckpt_path} is from another config: " + ", ".join(
                 f"{k}={ck['config'].get(k)!r} there, {config.get(k)!r} here" for k in changed))
         for m, sd in zip(trained, ck["models"]):
-            m.load_state_dict(sd)
+            m.load_state_dict(sd, strict=not lora_rank)  # a LoRA checkpoint holds the adapters only
         opt.load_state_dict(ck["optimizer"])
         ema_params, step, nfe[0] = ck["ema"], ck["step"], ck["nfe"]
         ddpo_batch.update(ck["ddpo_batch"])
@@ -208,7 +246,9 @@ def main():
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         nets = [DDP(m) for m in trained]
-    unet = nets[0]
+    unet = torch.compile(nets[0]) if compile else nets[0]
+    amp = (lambda: torch.autocast(dev.split(":")[0], amp_dtype)) if dtype != "fp32" else contextlib.nullcontext
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
     uncond = S.encode(pipe, [""])
     ts = S.timesteps(pipe, num_steps)  # the sampler schedule every trajectory follows (num_steps + 1,)
 
@@ -239,7 +279,7 @@ def main():
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         target, _ = S.training_target(pipe, x_t, x0, t)
         cond = nets[1](S.tokenize(pipe, prompts).to(dev))[0] if pretrain else S.encode(pipe, prompts)
-        return F.mse_loss(unet(x_t, t, cond).sample.float(), target.float()), {}
+        return F.mse_loss(S.unet_call(pipe, unet, x_t, t, cond).float(), target.float()), {}
 
     def scored_samples(prompts, seeds, eta_=0.0, net=None):
         """The current model's (or net's) samples of prompts from seeds, recorded, and their rewards."""
@@ -254,7 +294,8 @@ def main():
         (the frozen reference is the base model, also after a resume), the best and worst of each prompt
         (prompts whose samples tie are dropped): (x_w, x_l, prompts). Every rank makes the whole pool."""
         rng = random.Random(seed * 99991)
-        prompts = [toyworld.caption(toyworld.random_spec(rng)) for _ in range(dpo_pool)]
+        prompts = [file_prompts[rng.randrange(len(file_prompts))] if prompt_file else
+                   toyworld.caption(toyworld.random_spec(rng)) for _ in range(dpo_pool)]
         xw, xl, kept = [], [], []
         for i in tqdm(range(0, dpo_pool, 32), desc="diffusion_dpo pool", disable=not master):
             ps = prompts[i:i + 32]
@@ -283,9 +324,9 @@ def main():
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         target, _ = S.training_target(pipe, x_t, x0, t)
         cond = S.encode(pipe, [prompts[i] for i in idx.tolist()]).repeat(2, 1, 1)
-        mse = sharpen.row_mse(unet(x_t, t, cond).sample, target)
+        mse = sharpen.row_mse(S.unet_call(pipe, unet, x_t, t, cond).float(), target)
         with torch.no_grad():
-            ref = sharpen.row_mse(ref_unet(x_t, t, cond).sample, target)
+            ref = sharpen.row_mse(S.unet_call(pipe, ref_unet, x_t, t, cond).float(), target)
         zero = torch.zeros(P, device=dev)  # no reward gap: plain Diffusion-DPO
         loss, d = sharpen.rlhf_loss(mse[:P], mse[P:], ref[:P], ref[P:], zero, zero, beta, False)
         return loss, dict(acc=d["implicit_acc"].item())
@@ -299,8 +340,7 @@ def main():
             for old in [k for k in ddpo_batch if k[0] != key[0]]:
                 del ddpo_batch[old]
             first = (it // ppo_epochs * grad_accum + micro) * per_step + rank * P
-            prompts = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g)))
-                       for g in range(first, first + P) for _ in range(n)]
+            prompts = [train_prompt(g) for g in range(first, first + P) for _ in range(n)]
             traj, r = scored_samples(prompts, [(seed * 1_000_003 + first) * 64 + j for j in range(P * n)], ddpo_eta)
             x_next = torch.cat([traj.x[:, 1:], traj.x_final[:, None]], 1)  # (B, steps, C, H, W)
             with torch.no_grad():  # the last step lands on x0 with sigma = 0: no density, left out
@@ -321,18 +361,23 @@ def main():
             loss, clipped = loss + l_k / len(ks), clipped + c_k.item() / len(ks)
         return loss, dict(reward=b["reward"].nanmean().item(), clipfrac=clipped)
 
+    def train_prompt(g):
+        """Train prompt number g (global index): a skill-balanced toy-world caption (uniform would be
+        80 % spatial), or a line of prompt_file."""
+        rng = random.Random(seed * 1_000_003 + g)
+        return file_prompts[rng.randrange(len(file_prompts))] if prompt_file else toyworld.caption(toyworld.random_spec(rng))
+
     def sharpen_loss(it, micro):
         """One micro-step of Algorithm 1 (SFT) or 2 (RLHF) on this rank's P prompts."""
         n, m = n_traj, m_steps
         first = (it * grad_accum + micro) * per_step + rank * P  # global index of this rank's first prompt
         gidx = range(first, first + P)
-        # train prompts drawn skill-balanced, as in pretraining (uniform would be 80 % spatial)
-        prompts = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g))) for g in gidx]
+        prompts = [train_prompt(g) for g in gidx]
         cond = S.encode(pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
         C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
         if method == "sharpen_sft":  # Alg. 1: dataset images (toy-world renders of the prompts)
-            x0 = torch.stack([torch.from_numpy(toyworld.render(toyworld.parse(p), np.random.default_rng(
-                seed + g))[0]) for p, g in zip(prompts, gidx)]).to(dev) * 2 - 1
+            x0 = S.from_images(pipe, torch.stack([torch.from_numpy(toyworld.render(toyworld.parse(p), np.random.default_rng(
+                seed + g))[0]) for p, g in zip(prompts, gidx)]))
         else:  # Alg. 2: the current model's own samples (no dataset)
             gens = [torch.Generator().manual_seed(seed * 31 + g) for g in gidx]
             x0 = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, cond, uncond, guidance, eta, gens,
@@ -345,9 +390,10 @@ def main():
         x_t = ab.sqrt() * x0n + (1 - ab).sqrt() * eps0
         condn = cond.repeat_interleave(n, 0)
         traj = S.rollout(pipe, x_t, ts[k:k + m + 1], condn, uncond, guidance, eta, gens, x0=x0n)
-        images = S.to_images(pipe, traj.x0_pred.flatten(0, 1))  # (P*n*m, 3, H, W)
-        r, _ = reward_fn(images, [p for p in prompts for _ in range(n * m)])
-        per_step_r = r.to(dev).view(P, n, m)
+        scored = traj.x0_pred if score_steps == "all" else traj.x0_pred[:, -1:]  # (P*n, m or 1, C, H, W)
+        images = S.to_images(pipe, scored.flatten(0, 1))  # decoded without a graph (latent models: the VAE)
+        r, _ = reward_fn(images, [p for p in prompts for _ in range(n * scored.shape[1])])
+        per_step_r = r.to(dev).view(P, n, scored.shape[1])
         R = sharpen.trajectory_rewards(per_step_r, agg)  # (P, n)
         target = traj.target  # (P*n, m, C, H, W), exact
         if sft_target == "official":
@@ -360,9 +406,9 @@ def main():
             if chain_grad:  # re-roll the chain with grad from x_t, through the same guided DDIM steps
                 tr = S.rollout(pipe, x_t[rows], ts[k:k + m + 1], condn[rows], uncond, guidance, eta,
                                [gens[i] for i in rows.tolist()], grad=True, unet=net)  # grad if enabled
-                return tr.model_out
+                return tr.model_out.float()  # losses in fp32 whatever the autocast dtype
             x = traj.x[rows].flatten(0, 1)
-            out = net(x, traj.t.repeat(len(rows)), condn[rows].repeat_interleave(m, 0)).sample
+            out = S.unet_call(pipe, net, x, traj.t.repeat(len(rows)), condn[rows].repeat_interleave(m, 0)).float()
             return out.view(len(rows), m, *out.shape[1:])
 
         last = per_step_r[:, :, -1]  # a failed score is NaN: its trajectory drops out of selection
@@ -395,10 +441,13 @@ def main():
         """The trained (or EMA) weights as a diffusers folder (save_model writes it atomically)."""
         out = copy.deepcopy(pipe)
         out.unet._forward_pre_hooks.clear()  # the copy's passes (evaluation) are not training compute
-        if ema_params is not None:
-            for p, e in zip([p for m in (out.unet, out.text_encoder)[:len(trained)] for p in m.parameters()],
-                            ema_params):
+        if ema_params is not None:  # the copy's parameters in the order of `params`
+            copies = L.lora_parameters(out.unet) if lora_rank else \
+                [p for m in (out.unet, out.text_encoder)[:len(trained)] for p in m.parameters()]
+            for p, e in zip(copies, ema_params):
                 p.data.copy_(e)
+        if lora_rank:  # a plain diffusers UNet with the adapters folded in
+            L.merge(out.unet)
         out.unet.eval(), out.text_encoder.eval()
         S.save_model(out, folder)
         return out
@@ -418,7 +467,8 @@ def main():
             f.write(line + "\n")
 
     def checkpoint():
-        ck = dict(models=[m.state_dict() for m in trained], optimizer=opt.state_dict(), ema=ema_params,
+        ck = dict(models=[{k: v for k, v in m.state_dict().items() if not lora_rank or ".lora_" in k} for m in trained],
+                  optimizer=opt.state_dict(), ema=ema_params,
                   step=step, config=config, nfe=nfe[0], ddpo_batch=ddpo_batch)
         torch.save(ck, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash leaves the old or the new one
@@ -439,12 +489,15 @@ def main():
                 if ddp and micro < grad_accum - 1:
                     for net in nets:
                         no_sync.enter_context(net.no_sync())
-                loss, info = step_loss(step, micro)
-                (loss / grad_accum).backward()
+                with amp():
+                    loss, info = step_loss(step, micro)
+                scaler.scale(loss.float() / grad_accum).backward()
             total += loss.item() / grad_accum
             infos.append(info)
+        scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         if ema_params is not None:
             with torch.no_grad():
                 for e, p in zip(ema_params, params):
@@ -462,7 +515,8 @@ def main():
             if master:
                 extra = "".join(f" | {k} {v:.4f}" for k, v in zip(sorted(infos[0]), stats[1:].tolist()))
                 log(f"step {step} | loss {stats[0]:.6f}{extra} | gnorm {gnorm.item():.3f} | nfe {total_nfe.item()} | "
-                    f"lr {lr_at(step - 1):.2e} | dt {(time.time() - t0) * 1000:.0f}ms")
+                    f"lr {lr_at(step - 1):.2e} | dt {(time.time() - t0) * 1000:.0f}ms" +
+                    (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device == "cuda" else ""))
         if master and (step % ckpt_interval == 0 or step == steps):
             checkpoint()
             if os.environ.get("TRAIN_CRASH_AFTER_STEP") == str(step):  # fault injection for the tests

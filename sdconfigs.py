@@ -1,0 +1,94 @@
+"""
+SD1.5- and SDXL-shaped model folders with random weights, built from config dicts (no download):
+full size for a GPU smoke run of the real-model path, tiny for the CPU tests. The folders have the
+layout of the real ones (unet/ vae/ text_encoder/ tokenizer/ scheduler/ [text_encoder_2/ tokenizer_2/]),
+with the real schedulers' configs (PNDM for SD1.5, Euler for SDXL), so load_model treats them as it
+treats real local weights. The tokenizers are the toy world's word-level one (CLIP's BPE vocabulary
+cannot be fetched here); the models only see token ids, so the compute is the real model's.
+
+    python sdconfigs.py --kind=sdxl --out=out/sdxl-random            # full size (SDXL: ~7 GB fp32)
+    python sdconfigs.py --kind=sd15 --tiny=True --out=out/sd15-tiny
+"""
+import sys
+
+import torch
+
+import sample as S
+
+# -----------------------------------------------------------------------------
+kind = "sd15"            # sd15 | sdxl
+tiny = False             # tiny widths and depths (tests) instead of the real architecture
+prediction = ""          # "" = the real model's (epsilon) | epsilon | v_prediction
+out = ""
+seed = 0
+# -----------------------------------------------------------------------------
+
+SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+             steps_offset=1)
+
+
+def text_config(hidden, layers, heads, max_len, projection, act="quick_gelu"):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_len,
+                          projection_dim=projection, hidden_act=act, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+
+
+def build(kind="sd15", tiny=True, prediction="", seed=0):
+    """A random-init S.Pipe with the SD1.5 or SDXL architecture (tiny: same block types, small widths)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    if kind not in ("sd15", "sdxl"):
+        raise SystemExit(f"error: kind must be sd15 or sdxl, got {kind!r}")
+    torch.manual_seed(seed)
+    L = 12 if tiny else 77
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny else 2,
+                        down_block_types=("DownEncoderBlock2D",) * (3 if tiny else 4),
+                        up_block_types=("UpDecoderBlock2D",) * (3 if tiny else 4), latent_channels=4,
+                        sample_size=32 if tiny else (512 if kind == "sd15" else 1024),
+                        scaling_factor=0.18215 if kind == "sd15" else 0.13025)
+    if kind == "sd15":
+        unet = UNet2DConditionModel(
+            sample_size=8 if tiny else 64, block_out_channels=(32, 64) if tiny else (320, 640, 1280, 1280),
+            layers_per_block=1 if tiny else 2, cross_attention_dim=32 if tiny else 768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D") if tiny else ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D") if tiny else ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        te = CLIPTextModel(text_config(*((32, 2, 2) if tiny else (768, 12, 12)), L, 32 if tiny else 768))
+        sched = PNDMScheduler(**SCHED, skip_prk_steps=True, set_alpha_to_one=False,
+                              prediction_type=prediction or "epsilon")
+        te2 = None
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=8 if tiny else 128, block_out_channels=(32, 64) if tiny else (320, 640, 1280),
+            layers_per_block=1 if tiny else 2, cross_attention_dim=64 if tiny else 2048,
+            transformer_layers_per_block=(1, 1) if tiny else (1, 2, 10), attention_head_dim=(2, 4) if tiny else (5, 10, 20),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D") + (() if tiny else ("CrossAttnDownBlock2D",)),
+            up_block_types=(() if tiny else ("CrossAttnUpBlock2D",)) + ("CrossAttnUpBlock2D", "UpBlock2D"),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8 if tiny else 256,
+            projection_class_embeddings_input_dim=6 * 8 + 32 if tiny else 6 * 256 + 1280)
+        te = CLIPTextModel(text_config(*((32, 2, 2) if tiny else (768, 12, 12)), L, 32 if tiny else 768))
+        te2 = CLIPTextModelWithProjection(text_config(*((32, 2, 2) if tiny else (1280, 32, 20)), L,
+                                                      32 if tiny else 1280, "gelu"))
+        sched = EulerDiscreteScheduler(**SCHED, timestep_spacing="leading", prediction_type=prediction or "epsilon")
+    tok = S.new_toy_tokenizer(L)
+    pipe = S.Pipe(unet, te.eval(), tok, DDIMScheduler.from_config(sched.config, clip_sample=False), vae.eval(),
+                  te2.eval() if te2 else None, tok if te2 else None)
+    pipe.scheduler = sched  # saved as the real model ships it; load_model turns it into DDIM
+    return pipe
+
+
+def make(folder, kind="sd15", tiny=True, prediction="", seed=0):
+    """build(...) written to `folder` as a diffusers-style folder; returns the folder."""
+    S.save_model(build(kind, tiny, prediction, seed), folder)
+    return folder
+
+
+if __name__ == "__main__":
+    S.configure(globals(), sys.argv[1:])
+    out = out or f"out/{kind}-random{'-tiny' if tiny else ''}"
+    pipe = build(kind, tiny, prediction, seed)
+    n = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) / 1e6
+         for k in ("unet", "vae", "text_encoder", "text_encoder_2") if getattr(pipe, k) is not None}
+    S.save_model(pipe, out)
+    print(f"wrote a random-init {kind}{' (tiny)' if tiny else ''} folder to {out}: "
+          + ", ".join(f"{k} {v:.1f}M" for k, v in n.items()))
