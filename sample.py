@@ -109,22 +109,31 @@ def load_model(folder, device="cpu", dtype=torch.float32):
     check_model_folder(folder)
     sub = lambda d: os.path.join(folder, d)
     has = lambda d: os.path.isdir(sub(d))
-    unet = UNet2DConditionModel.from_pretrained(sub("unet"), torch_dtype=dtype)
+    unet = _load(UNet2DConditionModel, sub("unet"), torch_dtype=dtype)
     if unet.config.addition_embed_type == "text_time" and not (has("text_encoder_2") and has("tokenizer_2")):
         raise SystemExit(f"error: {sub('unet')} is an SDXL UNet (addition_embed_type text_time) but "
                          f"{folder!r} lacks text_encoder_2/ or tokenizer_2/")
-    sched = DDIMScheduler.load_config(sub("scheduler"))  # SD/SDXL ship PNDM/Euler configs: no clip_sample there
+    sched = _load(DDIMScheduler, sub("scheduler"), config=True)  # SD/SDXL ship PNDM/Euler configs: no clip_sample there
     sched = DDIMScheduler.from_config(sched, **({} if "clip_sample" in sched else {"clip_sample": False}))
-    pipe = Pipe(unet=unet, text_encoder=CLIPTextModel.from_pretrained(sub("text_encoder"), dtype=dtype),
-                tokenizer=AutoTokenizer.from_pretrained(sub("tokenizer")), scheduler=sched,
-                vae=AutoencoderKL.from_pretrained(sub("vae"), torch_dtype=dtype) if has("vae") else None)
+    pipe = Pipe(unet=unet, text_encoder=_load(CLIPTextModel, sub("text_encoder"), dtype=dtype),
+                tokenizer=_load(AutoTokenizer, sub("tokenizer")), scheduler=sched,
+                vae=_load(AutoencoderKL, sub("vae"), torch_dtype=dtype) if has("vae") else None)
     if has("text_encoder_2"):
-        pipe.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(sub("text_encoder_2"), dtype=dtype)
-        pipe.tokenizer_2 = AutoTokenizer.from_pretrained(sub("tokenizer_2"))
+        pipe.text_encoder_2 = _load(CLIPTextModelWithProjection, sub("text_encoder_2"), dtype=dtype)
+        pipe.tokenizer_2 = _load(AutoTokenizer, sub("tokenizer_2"))
     for m in (pipe.unet, pipe.text_encoder, pipe.vae, pipe.text_encoder_2):
         if m is not None:
             m.to(device).eval().requires_grad_(False)
     return pipe
+
+
+def _load(cls, path, config=False, **kw):
+    """cls.from_pretrained(path) (or load_config), with a broken folder as one line naming it."""
+    try:
+        return cls.load_config(path) if config else cls.from_pretrained(path, **kw)
+    except Exception as e:  # json, safetensors, shape and missing-file errors from deep in the libraries
+        msg = str(e).strip().splitlines()
+        raise SystemExit(f"error: cannot load {path} ({type(e).__name__}: {msg[0][:200] if msg else ''})") from None
 
 
 def _quiet():

@@ -962,8 +962,8 @@ class StubGrader:
                     n = stub.calls[prompt]
                 try:
                     kind = prompt.split()[0]
-                    if kind == "slow" or kind == "conc":
-                        time.sleep(1.0 if kind == "slow" else 0.2)
+                    if kind in ("slow", "conc", "lat50"):  # lat50: bench.py's throughput stub
+                        time.sleep({"slow": 1.0, "conc": 0.2, "lat50": 0.05}[kind])
                     if kind == "flaky" and n <= 2:
                         return self.send_error(500)
                     answer = {"good": '```json\n{"prompt_fidelity": 9, "creativity": 7, "visual_quality": 8, '
@@ -1164,6 +1164,110 @@ def test_real_model_bad_input_one_line():
             code, out = run("train.py", *args, f"--out_dir={d}/o", ok=False)
             lines = [l for l in out.strip().splitlines() if l and not l.startswith("override:")]
             assert code != 0 and len(lines) == 1 and needle in lines[0], (args, out[-1500:])
+
+
+# -----------------------------------------------------------------------------
+# reliability: faults, bad input, long runs
+
+def run_env(env, *args):
+    p = subprocess.run([sys.executable, *args], cwd=HERE, env=dict(os.environ, **env), capture_output=True,
+                       text=True, timeout=600)
+    return p.returncode, p.stdout + p.stderr
+
+
+def error_lines(out):
+    return [l for l in out.splitlines() if l.startswith("error:")]
+
+
+def test_nonfinite_steps_skipped_counted_and_stop():
+    with tempfile.TemporaryDirectory() as d:
+        args = ["train.py", "--method=sharpen_sft", "--steps=4", *SHARPEN_TINY]
+        code, out = run_env({"TRAIN_NAN_STEPS": "2"}, *args, f"--out_dir={d}/one")
+        log = open(f"{d}/one/log.txt").read()
+        assert code == 0 and "step 2 skipped: non-finite loss or gradient (1 in a row, 1 in all)" in log, out[-1500:]
+        assert "step 4 | loss" in log and all(p.isfinite().all() for p in S.load_model(f"{d}/one/model").unet.parameters())
+        code, out = run_env({"TRAIN_NAN_STEPS": "2,3,4"}, *args, "--max_bad_steps=3", "--ckpt_interval=1", f"--out_dir={d}/stop")
+        err = error_lines(out)
+        assert code != 0 and len(err) == 1 and "3 steps in a row" in err[0], out[-1500:]
+        assert not os.path.exists(f"{d}/stop/model")  # nothing exported
+        ck = torch.load(f"{d}/stop/ckpt.pt", weights_only=False)
+        assert ck["step"] == 3 and all(v.isfinite().all() for v in ck["models"][0].values())
+
+
+def test_checkpoint_write_failure_keeps_previous():
+    with tempfile.TemporaryDirectory() as d:
+        args = ["train.py", "--method=sharpen_sft", "--steps=4", "--ckpt_interval=2", *SHARPEN_TINY, f"--out_dir={d}"]
+        code, out = run_env({"TRAIN_FAIL_CKPT_AT_STEP": "4"}, *args)
+        err = error_lines(out)
+        assert code != 0 and len(err) == 1 and "No space left" in err[0] and "(step 2) is intact" in err[0], out[-1500:]
+        assert torch.load(f"{d}/ckpt.pt", weights_only=False)["step"] == 2 and not os.path.exists(f"{d}/ckpt.pt.tmp")
+        _, log = run(*args, "--init_from=resume")
+        assert "at step 2" in log and os.path.exists(f"{d}/model")
+
+
+def test_kill9_at_random_points_resume_exact():
+    """SIGKILL at random moments (mid-step, mid-checkpoint): every checkpoint left on disk loads, and
+    resuming after the kills ends with the weights of an uninterrupted run."""
+    import signal
+    rng = random.Random(int(time.time()))
+    with tempfile.TemporaryDirectory() as d:
+        args = [sys.executable, "train.py", "--method=pretrain", "--batch_size=8", "--steps=10", "--ckpt_interval=1",
+                "--eval_seeds=0", "--threads=1"]
+        run(*args[1:], f"--out_dir={d}/full")
+        for kill in range(3):
+            resume = ["--init_from=resume"] if os.path.exists(f"{d}/part/ckpt.pt") else []
+            p = subprocess.Popen([*args, f"--out_dir={d}/part", *resume], cwd=HERE, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(5, 8))  # imports take ~4 s; then ~0.3 s per step and checkpoint
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            if os.path.exists(f"{d}/part/ckpt.pt"):
+                torch.load(f"{d}/part/ckpt.pt", weights_only=False)  # never unreadable
+        resume = ["--init_from=resume"] if os.path.exists(f"{d}/part/ckpt.pt") else []
+        run(*args[1:], f"--out_dir={d}/part", *resume)
+        weights_equal(f"{d}/full/model", f"{d}/part/model")
+
+
+def test_ddp_dead_rank_stops_the_run():
+    """A rank that dies makes the job exit non-zero, fast, instead of hanging in a collective."""
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.time()
+        code, out = run_env({"TRAIN_KILL_RANK": "1:1"}, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "train.py", "--method=sharpen_sft", "--steps=3", "--ddp_timeout=60", *SHARPEN_TINY, f"--out_dir={d}")
+        assert code != 0 and time.time() - t0 < 120 and not os.path.exists(f"{d}/model"), out[-1500:]
+
+
+def test_malformed_model_folder_one_line():
+    import shutil
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copytree(S.TOY_MODEL, f"{d}/m")
+        with open(f"{d}/m/unet/config.json", "w") as f:
+            f.write("{ not json")
+        code, out = run("train.py", f"--model={d}/m", f"--out_dir={d}/o", ok=False)
+        err = error_lines(out)
+        assert code != 0 and len(err) == 1 and f"cannot load {d}/m/unet" in err[0] and "Traceback" not in out, out[-1500:]
+
+
+def test_public_library_apis_we_rely_on():
+    """Every diffusers / transformers name and argument this project uses, in one place: an upgrade
+    that moves one fails here, by name, rather than deep inside a run."""
+    import inspect
+    import diffusers
+    import transformers
+    for name in ("UNet2DConditionModel", "AutoencoderKL", "DDIMScheduler", "EulerDiscreteScheduler", "PNDMScheduler"):
+        assert hasattr(diffusers, name), f"diffusers.{name}"
+    for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPModel", "CLIPTextConfig", "CLIPVisionConfig",
+                 "CLIPConfig", "AutoTokenizer", "PreTrainedTokenizerFast"):
+        assert hasattr(transformers, name), f"transformers.{name}"
+    fwd = inspect.signature(diffusers.UNet2DConditionModel.forward).parameters
+    assert {"sample", "timestep", "encoder_hidden_states", "added_cond_kwargs"} <= set(fwd), set(fwd)
+    for cls, attr in [(diffusers.UNet2DConditionModel, "enable_gradient_checkpointing"),
+                      (diffusers.DDIMScheduler, "load_config"), (diffusers.DDIMScheduler, "from_config"),
+                      (diffusers.DDIMScheduler, "set_timesteps"), (diffusers.AutoencoderKL, "encode"),
+                      (diffusers.AutoencoderKL, "decode"), (transformers.CLIPModel, "get_image_features"),
+                      (transformers.CLIPModel, "get_text_features")]:
+        assert hasattr(cls, attr), f"{cls.__name__}.{attr}"
+    assert "timestep_spacing" in diffusers.DDIMScheduler().config and "scaling_factor" in diffusers.AutoencoderKL().config
 
 
 # -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ The built-in model (assets/toy-model) is exactly (28 min on 2 CPU cores):
         --lr=1e-3 --warmup=100 --ema=0.995 --eval_seeds=0 --log_interval=10 --ckpt_interval=250 \
         --out_dir=out/pretrain2 --save_to=assets/toy-model
 """
+import collections
 import contextlib
 import copy
 import gc
@@ -76,12 +77,14 @@ lr = 1e-5                # AdamW peak learning rate (1e-4 collapsed sharpen_rlhf
 warmup = 10              # linear warmup steps, then cosine decay to lr/10
 weight_decay = 0.0
 grad_clip = 1.0
+max_bad_steps = 5        # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
 ema = 0.0                # EMA of the weights, exported instead of them (0 = off)
 # eval and logging
 eval_interval = 0        # steps between held-out gold evaluations (0 = at start and end only)
 eval_count = 0           # or this many evenly spaced ones during the run (convergence curves)
 eval_seeds = 8           # seeds per held-out eval prompt (41 prompts x 8 = 328 images; 0 = no eval)
 log_interval = 1
+profile = False          # add each phase's share of the step time to the log lines (bench.py reads them)
 ckpt_interval = 20
 # real models (README: Real models)
 lora_rank = 0            # > 0: train LoRA adapters on the UNet's attention instead of all its weights
@@ -92,6 +95,7 @@ compile = False          # torch.compile the trained UNet
 # system
 device = "cpu"           # cpu | cuda
 threads = 0              # torch threads per process (0 = cores / processes)
+ddp_timeout = 300        # seconds a rank waits for the others in a collective before it fails (a dead rank)
 # -----------------------------------------------------------------------------
 
 METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain", "sft", "diffusion_dpo", "ddpo")
@@ -109,7 +113,12 @@ def nfe_per_step():
             "ddpo": P * n * (num_steps * c / ppo_epochs + 3 * m * c)}[method]  # a batch serves ppo_epochs steps  # a sampled batch serves ppo_epochs
 
 
+_bar = []  # the progress bar, closed before an error so that the error gets a line of its own
+
+
 def fail(msg):
+    for b in _bar:
+        b.close()
     raise SystemExit(f"error: {msg}")
 
 
@@ -185,7 +194,9 @@ def main():
 
     dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device == "cuda" else "cpu"
     if ddp:
-        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+        import datetime
+        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(seconds=ddp_timeout))
         if device == "cuda":
             torch.cuda.set_device(dev)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
@@ -220,11 +231,32 @@ def main():
         ref_unet = L.Disabled(pipe.unet) if lora_rank else copy.deepcopy(pipe.unet).to(amp_dtype).eval().requires_grad_(False)
     nfe = [0]  # UNet cost this rank spent, counted where it happens (see nfe_per_step)
 
+    timing, t_fwd = collections.defaultdict(float), []  # seconds per phase since the last log line
+
+    @contextlib.contextmanager
+    def timed(key):
+        sync = profile and device == "cuda"  # GPU phases end where their kernels end
+        if sync:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        yield
+        if sync:
+            torch.cuda.synchronize()
+        timing[key] += time.perf_counter() - t
+
     def count(mod, args, kw):
         nfe[0] += len(args[0] if args else kw["sample"]) * (3 if torch.is_grad_enabled() else 1)
+        if profile:
+            t_fwd.append(timed("unet fwd"))
+            t_fwd[-1].__enter__()
+
+    def counted(mod, args, kw, out):
+        if profile:
+            t_fwd.pop().__exit__(None, None, None)
     for net in (pipe.unet, None if lora_rank else ref_unet):  # LoRA's reference passes run through pipe.unet
         if net is not None:
             net.register_forward_pre_hook(count, with_kwargs=True)
+            net.register_forward_hook(counted, with_kwargs=True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     ema_params = [p.detach().clone() for p in params] if ema else None
     step, pool, ddpo_batch = 0, [], {}  # diffusion_dpo's offline pairs; ddpo's batch of the old policy
@@ -287,7 +319,10 @@ def main():
         C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
         traj = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, S.encode(pipe, prompts), uncond, guidance,
                          eta_, gens, unet=net)
-        return traj, reward_fn(S.to_images(pipe, traj.x_final), prompts)[0].float()
+        with timed("decode"):
+            images = S.to_images(pipe, traj.x_final)
+        with timed("reward"):
+            return traj, reward_fn(images, prompts)[0].float()
 
     def dpo_pool_pairs():
         """Offline preference pairs for diffusion_dpo: dpo_pool train prompts x dpo_k base-model samples
@@ -391,8 +426,10 @@ def main():
         condn = cond.repeat_interleave(n, 0)
         traj = S.rollout(pipe, x_t, ts[k:k + m + 1], condn, uncond, guidance, eta, gens, x0=x0n)
         scored = traj.x0_pred if score_steps == "all" else traj.x0_pred[:, -1:]  # (P*n, m or 1, C, H, W)
-        images = S.to_images(pipe, scored.flatten(0, 1))  # decoded without a graph (latent models: the VAE)
-        r, _ = reward_fn(images, [p for p in prompts for _ in range(n * scored.shape[1])])
+        with timed("decode"):  # without a graph (latent models: the VAE)
+            images = S.to_images(pipe, scored.flatten(0, 1))
+        with timed("reward"):
+            r, _ = reward_fn(images, [p for p in prompts for _ in range(n * scored.shape[1])])
         per_step_r = r.to(dev).view(P, n, scored.shape[1])
         R = sharpen.trajectory_rewards(per_step_r, agg)  # (P, n)
         target = traj.target  # (P*n, m, C, H, W), exact
@@ -467,18 +504,38 @@ def main():
             f.write(line + "\n")
 
     def checkpoint():
+        if not all(p.isfinite().all() for p in params):  # never write a poisoned state
+            fail(f"non-finite weights at step {step}; not writing {ckpt_path} (it holds the last good state)")
         ck = dict(models=[{k: v for k, v in m.state_dict().items() if not lora_rank or ".lora_" in k} for m in trained],
                   optimizer=opt.state_dict(), ema=ema_params,
                   step=step, config=config, nfe=nfe[0], ddpo_batch=ddpo_batch)
-        torch.save(ck, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash leaves the old or the new one
+        try:
+            with open(ckpt_path + ".tmp", "wb") as f:
+                torch.save(ck, f)
+                if os.environ.get("TRAIN_FAIL_CKPT_AT_STEP") == str(step):  # fault injection: a full disk
+                    raise OSError(28, "No space left on device")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash leaves the old or the new one
+            saved[0] = step
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(ckpt_path + ".tmp")
+            old = f"the previous checkpoint (step {saved[0]}) is intact" if os.path.exists(ckpt_path) \
+                else "there is no earlier checkpoint"
+            fail(f"writing {ckpt_path} at step {step} failed ({e.strerror or e}); {old}")
 
     if master and eval_seeds and step == 0 and not pretrain:
         evaluate("start")
     bar = tqdm(total=steps, initial=step, disable=not master, desc=method, mininterval=5)
+    _bar.append(bar)
     step_loss = {"pretrain": pretrain_loss, "sft": pretrain_loss, "diffusion_dpo": dpo_loss,
                  "ddpo": ddpo_loss}.get(method, sharpen_loss)
+    bad_in_row = skipped = 0
+    saved = [step]  # the step of the checkpoint on disk (resume: the one loaded)
     while step < steps:
+        if os.environ.get("TRAIN_KILL_RANK") == f"{rank}:{step}":  # fault injection (tests): a rank dies
+            os._exit(9)
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -491,17 +548,37 @@ def main():
                         no_sync.enter_context(net.no_sync())
                 with amp():
                     loss, info = step_loss(step, micro)
-                scaler.scale(loss.float() / grad_accum).backward()
+                if str(step + 1) in os.environ.get("TRAIN_NAN_STEPS", "").split(","):  # fault injection (tests)
+                    loss = loss * float("nan")
+                with timed("unet bwd"):
+                    scaler.scale(loss.float() / grad_accum).backward()
             total += loss.item() / grad_accum
             infos.append(info)
-        scaler.unscale_(opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        if ema_params is not None:
-            with torch.no_grad():
-                for e, p in zip(ema_params, params):
-                    e.lerp_(p.detach(), 1 - ema)
+        with timed("optim"):
+            scaler.unscale_(opt)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            # a non-finite loss or gradient (on any rank: grads are all-reduced, the flag is too) skips the
+            # update; fp16's inf gradients are the GradScaler's business (it skips and lowers the scale)
+            bad = torch.tensor(float(not math.isfinite(total) or (dtype != "fp16" and not gnorm.isfinite())))
+            if ddp:
+                torch.distributed.all_reduce(bad)
+            bad_in_row = bad_in_row + 1 if bad.item() else 0
+            skipped += bool(bad.item())
+            if bad.item():
+                opt.zero_grad(set_to_none=True)
+                scaler.update()
+                if master:
+                    log(f"step {step + 1} skipped: non-finite loss or gradient ({bad_in_row} in a row, {skipped} in all)")
+                if bad_in_row >= max_bad_steps:
+                    fail(f"{bad_in_row} steps in a row had a non-finite loss or gradient (max_bad_steps={max_bad_steps}); "
+                         f"stopping without saving: {ckpt_path} holds the last good state")
+            else:
+                scaler.step(opt)
+                scaler.update()
+            if ema_params is not None and not bad.item():
+                with torch.no_grad():
+                    for e, p in zip(ema_params, params):
+                        e.lerp_(p.detach(), 1 - ema)
         step += 1
         bar.update(1)
         if step % log_interval == 0 or step == steps:
@@ -521,6 +598,12 @@ def main():
             checkpoint()
             if os.environ.get("TRAIN_CRASH_AFTER_STEP") == str(step):  # fault injection for the tests
                 os._exit(3)
+        if master and profile:  # where this step's time went (the unet phases include autocast's casts)
+            total = time.time() - t0
+            timing["other"] = total - sum(timing.values())  # sampler bookkeeping, encodes, data, logging, ckpt
+            log(f"profile {step} | total {total * 1000:.0f}ms | " + " | ".join(
+                f"{k} {100 * v / total:.1f}%" for k, v in timing.items()))
+        timing.clear()
         every = eval_interval or (max(1, steps // (eval_count + 1)) if eval_count else 0)
         if master and eval_seeds and ((every and step % every == 0) or step == steps):
             evaluate("end" if step == steps else "mid")
