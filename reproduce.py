@@ -3,7 +3,7 @@ Reproduce the README's results section on the toy world, end to end and resumabl
 method at equal UNet compute, inference-time search against them, the paper's n/m ablations, our
 extensions (soft weights, exact vs official target, backprop through the chain) and reward hacking.
 
-    python reproduce.py              # ~60 min on 2 CPU cores -> out/reproduce/results.md + PNG figures
+    python reproduce.py              # ~40 min on 2 CPU cores -> out/reproduce/results.md + PNG figures
     python reproduce.py --quick      # tiny settings, about a minute (test_all.py runs it)
 
 Each stage is a train.py / eval.py subprocess that writes its own folder; a stage whose output exists
@@ -136,8 +136,8 @@ def write_results(runs, main_rows, abl, abl_rows, hack):
         md.append(f"| {step} | {nfe} | {kv.get('heldout ' + hack_reward, '')} | {g:.4f} |\n")
     best = max(evals(hack), key=lambda e: e[2])
     md.append(f"\nSelected by gold on held-out prompts: step {best[0]} (gold {best[2]:.4f}).\n")
-    curves = {m: [(max(1, nfe), g) for _, nfe, g, _ in evals(d)] for m, d in runs.items()}
-    E.plot(os.path.join(out, "convergence.png"), curves, "training UNet passes (log)", "held-out gold (2 seeds)")
+    curves = {m: [(nfe, g) for _, nfe, g, _ in evals(d)] for m, d in runs.items()}
+    E.plot(os.path.join(out, "convergence.png"), curves, "training UNet passes", "held-out gold (2 seeds)", logx=False)
     md.append("\nFigures: eval/reward_vs_nfe.png, convergence.png\n")
     open(os.path.join(out, "results.md"), "w").write("".join(md))
     print("".join(md))

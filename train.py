@@ -189,8 +189,18 @@ def main():
         if not os.access(out_dir, os.W_OK):
             fail(f"out_dir {out_dir!r} is not writable")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if init_from == "resume" and not os.path.exists(ckpt_path):
-        fail(f"--init_from=resume but {ckpt_path} does not exist")
+    if init_from == "resume":  # the checkpoint's config, memory-mapped (cheap): a mismatch fails here
+        if not os.path.exists(ckpt_path):
+            fail(f"--init_from=resume but {ckpt_path} does not exist")
+        try:
+            old = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["config"]
+        except Exception as e:
+            fail(f"cannot read {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})")
+        changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size", "lora_rank")
+                   if old.get(k) != config.get(k)]
+        if changed:
+            fail(f"{ckpt_path} is from another config: " + ", ".join(
+                f"{k}={old.get(k)!r} there, {config.get(k)!r} here" for k in changed))
 
     dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device == "cuda" else "cpu"
     if ddp:
@@ -229,7 +239,7 @@ def main():
     ref_unet = None  # the frozen reference of the DPO losses: the base model (LoRA: adapters off)
     if method in ("sharpen_rlhf", "diffusion_dpo"):
         ref_unet = L.Disabled(pipe.unet) if lora_rank else copy.deepcopy(pipe.unet).to(amp_dtype).eval().requires_grad_(False)
-    nfe = [0]  # UNet cost this rank spent, counted where it happens (see nfe_per_step)
+    nfe, nscored = [0], [0]  # UNet cost and reward calls (images scored) this rank spent, counted where they happen
 
     timing, t_fwd = collections.defaultdict(float), []  # seconds per phase since the last log line
 
@@ -262,15 +272,10 @@ def main():
     step, pool, ddpo_batch = 0, [], {}  # diffusion_dpo's offline pairs; ddpo's batch of the old policy
     if init_from == "resume":
         ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size", "lora_rank")
-                   if ck["config"].get(k) != config.get(k)]
-        if changed:
-            fail(f"{ckpt_path} is from another config: " + ", ".join(
-                f"{k}={ck['config'].get(k)!r} there, {config.get(k)!r} here" for k in changed))
         for m, sd in zip(trained, ck["models"]):
             m.load_state_dict(sd, strict=not lora_rank)  # a LoRA checkpoint holds the adapters only
         opt.load_state_dict(ck["optimizer"])
-        ema_params, step, nfe[0] = ck["ema"], ck["step"], ck["nfe"]
+        ema_params, step, nfe[0], nscored[0] = ck["ema"], ck["step"], ck["nfe"], ck.get("scored", 0)
         ddpo_batch.update(ck["ddpo_batch"])
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
@@ -322,6 +327,7 @@ def main():
         with timed("decode"):
             images = S.to_images(pipe, traj.x_final)
         with timed("reward"):
+            nscored[0] += len(images)
             return traj, reward_fn(images, prompts)[0].float()
 
     def dpo_pool_pairs():
@@ -429,6 +435,7 @@ def main():
         with timed("decode"):  # without a graph (latent models: the VAE)
             images = S.to_images(pipe, scored.flatten(0, 1))
         with timed("reward"):
+            nscored[0] += len(images)
             r, _ = reward_fn(images, [p for p in prompts for _ in range(n * scored.shape[1])])
         per_step_r = r.to(dev).view(P, n, scored.shape[1])
         R = sharpen.trajectory_rewards(per_step_r, agg)  # (P, n)
@@ -508,7 +515,7 @@ def main():
             fail(f"non-finite weights at step {step}; not writing {ckpt_path} (it holds the last good state)")
         ck = dict(models=[{k: v for k, v in m.state_dict().items() if not lora_rank or ".lora_" in k} for m in trained],
                   optimizer=opt.state_dict(), ema=ema_params,
-                  step=step, config=config, nfe=nfe[0], ddpo_batch=ddpo_batch)
+                  step=step, config=config, nfe=nfe[0], scored=nscored[0], ddpo_batch=ddpo_batch)
         try:
             with open(ckpt_path + ".tmp", "wb") as f:
                 torch.save(ck, f)
@@ -583,15 +590,16 @@ def main():
         bar.update(1)
         if step % log_interval == 0 or step == steps:
             stats = torch.tensor([total] + [sum(i[k] for i in infos) / len(infos) for k in sorted(infos[0])])
-            total_nfe = torch.tensor(nfe[0])
+            total_nfe = torch.tensor([nfe[0], nscored[0]])
             if ddp:
-                torch.distributed.all_reduce(total_nfe)  # UNet image-passes so far, all ranks
+                torch.distributed.all_reduce(total_nfe)  # UNet image-passes and reward calls so far, all ranks
             if ddp:  # only logging scalars cross ranks
                 torch.distributed.all_reduce(stats)
                 stats /= world
             if master:
                 extra = "".join(f" | {k} {v:.4f}" for k, v in zip(sorted(infos[0]), stats[1:].tolist()))
-                log(f"step {step} | loss {stats[0]:.6f}{extra} | gnorm {gnorm.item():.3f} | nfe {total_nfe.item()} | "
+                log(f"step {step} | loss {stats[0]:.6f}{extra} | gnorm {gnorm.item():.3f} | nfe {total_nfe[0].item()} | "
+                    f"scored {total_nfe[1].item()} | "
                     f"lr {lr_at(step - 1):.2e} | dt {(time.time() - t0) * 1000:.0f}ms" +
                     (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device == "cuda" else ""))
         if master and (step % ckpt_interval == 0 or step == steps):
