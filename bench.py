@@ -84,7 +84,9 @@ def main():
           f"speed-up {looped / batched:.2f}x (goal >= {0.8 * K:.1f}x: {'met' if looped / batched >= 0.8 * K else 'NOT met'})")
 
     P, n = 8, 3
-    ps = [f"{c} circle" for c in ("red", "green", "blue", "yellow", "purple", "orange", "red", "blue")]
+    import random
+    import toyworld
+    ps = [toyworld.caption(toyworld.random_spec(random.Random(i))) for i in range(P)]
     shared = median_time(lambda: S.encode(pipe, ps).repeat_interleave(n, 0))
     again = median_time(lambda: S.encode(pipe, [p for p in ps for _ in range(n)]))
     g8 = [torch.Generator().manual_seed(i) for i in range(P * n)]
