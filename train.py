@@ -521,6 +521,9 @@ def main():
                 torch.save(ck, f)
                 if os.environ.get("TRAIN_FAIL_CKPT_AT_STEP") == str(step):  # fault injection: a full disk
                     raise OSError(28, "No space left on device")
+                if os.environ.get("TRAIN_KILL_IN_CKPT_AT_STEP") == str(step):  # fault injection: killed mid-write
+                    f.truncate(f.tell() // 2)
+                    os._exit(9)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash leaves the old or the new one
