@@ -167,7 +167,10 @@ def main():
         dt = time.time() - t0
         g = gold(images, prompts)
         scores = {spec: fn(images, prompts)[0].nanmean().item() for spec, fn in extra.items()}  # NaN: failed
+        d = g["rewards"] - rows[0]["gold_per_image"] if rows else None  # paired: same (prompt, seed) pairs
         rows.append(dict(name=f"{label(folder)} {how}" if how else label(folder), search=how, overall=g["overall"],
+                         gold_per_image=g["rewards"], delta=None if d is None else d.mean().item(),
+                         delta_se=None if d is None else (d.std() / math.sqrt(len(d))).item(),
                          per_skill=g["per_skill"], rewards=scores, diversity=diversity(images, seeds),
                          nfe_per_image=nfe, ms_per_image=dt / len(prompts) * 1000, n=len(prompts),
                          train_nfe=None if how else train_nfe(folder)))
@@ -175,16 +178,20 @@ def main():
         r = rows[-1]
         print(f"{r['name']}: gold {r['overall']:.3f} | NFE/image {nfe} | {r['ms_per_image']:.0f} ms/image")
     skills = list(rows[0]["per_skill"])
-    head = ["model", "gold"] + skills + list(extra) + ["diversity", "NFE/image", "ms/image", "training UNet passes"]
+    head = ["model", "gold", "Δ vs first ± SE"] + skills + list(extra) + ["diversity", "NFE/image", "ms/image", "training UNet passes"]
     table = "| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|\n"
     for r in rows:
         vals = [r["overall"]] + [r["per_skill"][k] for k in skills] + list(r["rewards"].values()) + [r["diversity"]]
-        table += f"| {r['name']} | " + " | ".join(f"{v:.3f}" for v in vals) + \
+        delta = "—" if r["delta"] is None else f"{r['delta']:+.3f} ± {r['delta_se']:.3f}"
+        table += f"| {r['name']} | {vals[0]:.3f} | {delta} | " + " | ".join(f"{v:.3f}" for v in vals[1:]) + \
             f" | {r['nfe_per_image']} | {r['ms_per_image']:.0f} | {r['train_nfe'] or '—'} |\n"
     table += f"\n{len(prompts)} images per row ({split} prompts x {seeds} seeds), {num_steps} DDIM steps, " \
-             f"guidance {guidance}; search verifier: {search_reward}; on {device}."
+             f"guidance {guidance}; search verifier: {search_reward}; on {device}. Δ: mean paired difference in " \
+             f"gold from the first row over the same (prompt, seed) pairs, ± its standard error."
     print(table)
     os.makedirs(out_dir, exist_ok=True)
+    for r in rows:
+        r["gold_per_image"] = r["gold_per_image"].tolist()
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(config=config, rows=rows), f, indent=1)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
