@@ -1168,6 +1168,7 @@ def test_real_model_bad_input_one_line():
                              (["--init_from=resume"], "is from another config: method='sft' there, 'sharpen_rlhf' here"),
                              (["--dtype=fp16"], "needs --device=cuda"),
                              (["--score_steps=first"], "score_steps"),
+                             (["--reward=clip@/no/such/clip"], "/no/such/clip"),
                              (["--method=pretrain", "--lora_rank=4"], "lora_rank=4"),
                              ([f"--prompt_file={d}/none.txt"], "cannot read prompt_file"),
                              ([f"--prompt_file={d}/empty.txt"], "has no prompts"),
