@@ -101,12 +101,15 @@ def plot(path, series, xlabel, ylabel, logx=True, size=(560, 380)):
     X = lambda v: L + (fx(v) - x0) / (x1 - x0) * (W - L - 150)  # noqa: E731
     Y = lambda v: H - B - (v - y0) / (y1 - y0) * (H - B - 20)  # noqa: E731
     d.line([(L, 20), (L, H - B), (W - 140, H - B)], fill="black")
-    for i in range(5):  # axis ticks: 5 on each axis
-        yv, xv = y0 + (y1 - y0) * i / 4, x0 + (x1 - x0) * i / 4
+    for i in range(5):  # y: 5 ticks; x: 5 ticks, or the powers of two in range on a log axis
+        yv = y0 + (y1 - y0) * i / 4
         d.text((4, Y(yv) - 6), f"{yv:.3f}", fill="black")
+    step = max(1, math.ceil((x1 - x0) / 8))
+    xs = range(math.ceil(x0), math.floor(x1) + 1, step) if logx else [x0 + (x1 - x0) * i / 4 for i in range(5)]
+    for xv in xs:
         d.text((L + (xv - x0) / (x1 - x0) * (W - L - 150) - 10, H - B + 4), f"{2 ** xv if logx else xv:.0f}", fill="black")
     d.text((W // 2 - 60, H - 16), xlabel, fill="black"), d.text((4, 2), ylabel, fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
     for i, (label, s) in enumerate(series.items()):
         c, s = colours[i % len(colours)], sorted(s)
         if len(s) > 1:

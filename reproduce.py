@@ -113,6 +113,18 @@ def main():
     print(f"done in {(time.time() - t0) / 60:.1f} min: {out}/results.md")
 
 
+def amortisation_figure(rows, bon):
+    """amortisation.png: the base model's best-of-N curve and each trained model as a level line; where a
+    line crosses the curve is the N that model amortises."""
+    import eval as E
+    if not bon:
+        return
+    ns = [nfe // bon[0][0] for nfe, _ in bon]
+    series = {"best-of-N (base)": [(n, g) for n, (_, g) in zip(ns, bon)]}
+    series.update({r["name"]: [(ns[0], r["overall"]), (ns[-1], r["overall"])] for r in rows[1:]})
+    E.plot(os.path.join(out, "amortisation.png"), series, "N (best-of-N of the base model, log)", "held-out gold")
+
+
 def write_results(runs, main_rows, abl, abl_rows, hack):
     import eval as E
     md = [f"## Results (python reproduce.py{' --quick' if quick else ''})\n",
@@ -126,6 +138,7 @@ def write_results(runs, main_rows, abl, abl_rows, hack):
         n = E.amortised_n([(x // bon[0][0], y) for x, y in bon], r["overall"]) if bon else None
         md.append(f"- {r['name']}: gold {r['overall']:.3f} ({r['overall'] - base:+.3f} vs base) -> "
                   + (f"best-of-{n:.1f}" if n else "below best-of-1") + "\n")
+    amortisation_figure(main_rows[:len(runs) + 1], bon)
     md.append("\nAblations (sharpen_sft, same steps each):\n\n| run | gold | binding | counting | spatial | diversity |\n"
               "|---|---|---|---|---|---|\n")
     for tag, r in zip(abl, abl_rows):
@@ -138,7 +151,7 @@ def write_results(runs, main_rows, abl, abl_rows, hack):
     md.append(f"\nSelected by gold on held-out prompts: step {best[0]} (gold {best[2]:.4f}).\n")
     curves = {m: [(nfe, g) for _, nfe, g, _ in evals(d)] for m, d in runs.items()}
     E.plot(os.path.join(out, "convergence.png"), curves, "training UNet passes", "held-out gold (2 seeds)", logx=False)
-    md.append("\nFigures: eval/reward_vs_nfe.png, convergence.png\n")
+    md.append("\nFigures: eval/reward_vs_nfe.png, convergence.png, amortisation.png\n")
     open(os.path.join(out, "results.md"), "w").write("".join(md))
     print("".join(md))
 
