@@ -4,6 +4,8 @@ Training: Diffusion-Sharpening (arXiv 2502.12146, Algorithms 1 and 2) and the pr
     python train.py                                                    # sharpen_rlhf, built-in toy model, CPU
     python train.py --method=sharpen_sft --lam=0.1
     python train.py --device=cuda --model=/path/to/diffusers/folder    # one GPU
+    python train.py --device=cuda --model=/path/to/sdxl --lora_rank=16 --dtype=bf16 --prompt_file=prompts.txt \
+        --reward=clip@weights/clip-vit-large-patch14 --eval_seeds=0    # real models: README, Real models
     torchrun --standalone --nproc_per_node=8 train.py --device=cuda    # 8 GPUs
     torchrun --standalone --nproc_per_node=2 train.py                  # 2 CPU processes (gloo)
     python train.py --init_from=resume --out_dir=out/sharpen_rlhf      # continue out_dir/ckpt.pt
