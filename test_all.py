@@ -696,6 +696,18 @@ def test_ddp_two_ranks_equal_one_rank():
         weights_equal(f"{d}/one/model", f"{d}/two/model", exact=False, atol=1e-4)
 
 
+def test_ddp_grad_accum_equals_one_rank():
+    """2 ranks x 2 micro-steps (no_sync on the first) end where 1 rank x 2 micro-steps ends: the same
+    prompts and noises (global indices) and loss scaling. (An all-reduce on every micro-step would give the
+    same numbers, only slower: this guards the result, not the saved communication.)"""
+    with tempfile.TemporaryDirectory() as d:
+        args = ["train.py", "--method=sharpen_sft", "--steps=2", "--lam=0.5", *SHARPEN_TINY, "--grad_accum=2"]
+        run(*args, f"--out_dir={d}/one")
+        _, log = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, f"--out_dir={d}/two")
+        assert "1 prompts x 2 trajectories x 2 steps per micro-step per rank; 2 micro-steps x 2 ranks" in log, log
+        weights_equal(f"{d}/one/model", f"{d}/two/model", exact=False, atol=1e-4)
+
+
 def test_train_bad_input_one_line():
     with tempfile.TemporaryDirectory() as d:
         open(f"{d}/file", "w").close()
