@@ -79,7 +79,7 @@ def main():
     global TINY, EVAL_TINY, budget, ablation_steps, eval_seeds, search, methods, curve_evals
     S.configure(globals(), sys.argv[1:])
     TINY, EVAL_TINY = [], []
-    ns, ms = (2, 3, 4, 8), (1, 2, 3, 4, 8)
+    ns, ms = (1, 2, 3, 4, 8), (1, 2, 3, 4, 8)
     if quick:
         TINY = ["--prompts_per_step=2", "--num_steps=4", "--threads=1", "--dpo_pool=4", "--eval_seeds=1"]
         EVAL_TINY = ["--num_steps=4", "--per_skill=1"]
