@@ -28,7 +28,8 @@ ablation_steps = 40      # sharpen_sft steps per ablation run (fixed steps, as t
 eval_seeds = 4           # seeds per held-out prompt in the final tables (41 prompts x 4 = 164 images)
 curve_evals = 3          # held-out evaluations during each main run (2 seeds each): the convergence figure
 search = "bon1+bon2+bon4+bon8+noise1x3+greedy2"
-hack_reward = "toyclip"  # reward-hacking run: sharpen_rlhf on this learned reward, gold tracked
+hack_reward = "toyclip"  # reward-hacking runs: these methods on this learned reward, gold tracked
+hack_methods = "sharpen_rlhf+ddpo"
 # -----------------------------------------------------------------------------
 
 
@@ -106,9 +107,10 @@ def main():
         abl[tag] = train("abl_" + re.sub(r"\W+", "_", tag).strip("_"), "--method=sharpen_sft",
                          f"--steps={ablation_steps}", "--eval_seeds=0", *flags)
     abl_rows = evaluate("ablations", [os.path.join(d, "model") for d in abl.values()])
-    print(f"4/4 reward hacking: sharpen_rlhf on {hack_reward}, gold tracked")
-    hack = train("hack", "--method=sharpen_rlhf", f"--reward={hack_reward}", f"--nfe_budget={budget}",
-                 f"--eval_count={max(curve_evals, 4)}", f"--eval_seeds={curve_seeds}", "--ckpt_interval=10")
+    print(f"4/4 reward hacking: {hack_methods} on {hack_reward}, gold tracked")
+    hack = {m: train("hack" if m == "sharpen_rlhf" else f"hack_{m}", f"--method={m}", f"--reward={hack_reward}",
+                     f"--nfe_budget={budget}", f"--eval_count={max(curve_evals, 4)}", f"--eval_seeds={curve_seeds}",
+                     "--ckpt_interval=10") for m in hack_methods.split("+")}
     write_results(runs, main_rows, abl, abl_rows, hack)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {out}/results.md")
 
@@ -144,11 +146,12 @@ def write_results(runs, main_rows, abl, abl_rows, hack):
     for tag, r in zip(abl, abl_rows):
         md.append(f"| {tag} | {r['overall']:.3f} | " + " | ".join(f"{v:.3f}" for v in r["per_skill"].values())
                   + f" | {r['diversity']:.3f} |\n")
-    md.append(f"\nReward hacking (sharpen_rlhf on `{hack_reward}`; held-out, 2 seeds):\n\n| step | nfe | {hack_reward} | gold |\n|---|---|---|---|\n")
-    for step, nfe, g, kv in evals(hack):
-        md.append(f"| {step} | {nfe} | {kv.get('heldout ' + hack_reward, '')} | {g:.4f} |\n")
-    best = max(evals(hack), key=lambda e: e[2])
-    md.append(f"\nSelected by gold on held-out prompts: step {best[0]} (gold {best[2]:.4f}).\n")
+    for m, d in hack.items():
+        md.append(f"\nReward hacking ({m} on `{hack_reward}`; held-out, 2 seeds):\n\n| step | nfe | {hack_reward} | gold |\n|---|---|---|---|\n")
+        for step, nfe, g, kv in evals(d):
+            md.append(f"| {step} | {nfe} | {kv.get('heldout ' + hack_reward, '')} | {g:.4f} |\n")
+        best = max(evals(d), key=lambda e: e[2])
+        md.append(f"\nSelected by gold on held-out prompts: step {best[0]} (gold {best[2]:.4f}).\n")
     curves = {m: [(nfe, g) for _, nfe, g, _ in evals(d)] for m, d in runs.items()}
     E.plot(os.path.join(out, "convergence.png"), curves, "training UNet passes", "held-out gold (2 seeds)", logx=False)
     md.append("\nFigures: eval/reward_vs_nfe.png, convergence.png, amortisation.png\n")
