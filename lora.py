@@ -1,5 +1,5 @@
 """
-LoRA (Hu et al. 2021, arXiv 2106.09685) for the UNet's attention projections, in ~60 lines instead of
+LoRA (Hu et al. 2021, arXiv 2106.09685) for the UNet's attention projections, in under 100 lines instead of
 a peft dependency: W x + (alpha / r) * B A x with A (r, in) random, B (out, r) zero, so a fresh adapter
 is the identity; only A and B train. The frozen base keeps its (inference) dtype, A and B are fp32.
 
