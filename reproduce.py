@@ -108,7 +108,7 @@ def main():
                          f"--steps={ablation_steps}", "--eval_seeds=0", *flags)
     abl_rows = evaluate("ablations", [os.path.join(d, "model") for d in abl.values()])
     print(f"4/4 reward hacking: {hack_methods} on {hack_reward}, gold tracked")
-    hack = {m: train("hack" if m == "sharpen_rlhf" else f"hack_{m}", f"--method={m}", f"--reward={hack_reward}",
+    hack = {m: train(f"hack_{m}", f"--method={m}", f"--reward={hack_reward}",
                      f"--nfe_budget={budget}", f"--eval_count={max(curve_evals, 4)}", f"--eval_seeds={curve_seeds}",
                      "--ckpt_interval=10") for m in hack_methods.split("+")}
     write_results(runs, main_rows, abl, abl_rows, hack)

@@ -35,8 +35,9 @@ def text_config(hidden, layers, heads, max_len, projection, act="quick_gelu"):
 
 
 def build(kind="sd15", tiny=True, prediction="", seed=0):
-    """A random-init S.Pipe with the SD1.5 or SDXL architecture (tiny: same block types, small widths)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+    """A random-init S.Pipe with the SD1.5 or SDXL architecture (tiny: same block types, small widths).
+    Its scheduler is the shipped PNDM / Euler one: sample from make()'s folder through load_model."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
     if kind not in ("sd15", "sdxl"):
         raise SystemExit(f"error: kind must be sd15 or sdxl, got {kind!r}")
@@ -71,10 +72,8 @@ def build(kind="sd15", tiny=True, prediction="", seed=0):
                                                       32 if tiny else 1280, "gelu"))
         sched = EulerDiscreteScheduler(**SCHED, timestep_spacing="leading", prediction_type=prediction or "epsilon")
     tok = S.new_toy_tokenizer(L)
-    pipe = S.Pipe(unet, te.eval(), tok, DDIMScheduler.from_config(sched.config, clip_sample=False), vae.eval(),
-                  te2.eval() if te2 else None, tok if te2 else None)
-    pipe.scheduler = sched  # saved as the real model ships it; load_model turns it into DDIM
-    return pipe
+    # the scheduler as the real model ships it (PNDM / Euler); load_model turns it into DDIM
+    return S.Pipe(unet, te.eval(), tok, sched, vae.eval(), te2.eval() if te2 else None, tok if te2 else None)
 
 
 def make(folder, kind="sd15", tiny=True, prediction="", seed=0):

@@ -708,6 +708,13 @@ def test_ddp_grad_accum_equals_one_rank():
         weights_equal(f"{d}/one/model", f"{d}/two/model", exact=False, atol=1e-4)
 
 
+def assert_one_line_error(needle, *args):
+    """train.py with args exits non-zero with exactly one line besides its overrides, naming `needle`."""
+    code, out = run("train.py", *args, ok=False)
+    lines = [l for l in out.strip().splitlines() if l and not l.startswith("override:")]
+    assert code != 0 and len(lines) == 1 and needle in lines[0], (args, out[-1500:])
+
+
 def test_train_bad_input_one_line():
     with tempfile.TemporaryDirectory() as d:
         open(f"{d}/file", "w").close()
@@ -721,9 +728,7 @@ def test_train_bad_input_one_line():
                              (["--method=sharpen_rlhf", "--n_traj=1"], "n_traj >= 2")]:
             if args == ["--device=cuda"] and torch.cuda.is_available():
                 continue
-            code, out = run("train.py", *args, ok=False)
-            lines = [l for l in out.strip().splitlines() if l and not l.startswith("override:")]
-            assert code != 0 and len(lines) == 1 and needle in lines[0], (args, out[-1500:])
+            assert_one_line_error(needle, *args)
 
 
 def test_eval_cli_two_models_and_search():
@@ -1185,9 +1190,7 @@ def test_real_model_bad_input_one_line():
                              ([f"--prompt_file={d}/none.txt"], "cannot read prompt_file"),
                              ([f"--prompt_file={d}/empty.txt"], "has no prompts"),
                              (["--method=sharpen_sft", f"--prompt_file={d}/empty.txt"], "dataset images")]:
-            code, out = run("train.py", *args, f"--out_dir={d}/o", ok=False)
-            lines = [l for l in out.strip().splitlines() if l and not l.startswith("override:")]
-            assert code != 0 and len(lines) == 1 and needle in lines[0], (args, out[-1500:])
+            assert_one_line_error(needle, *args, f"--out_dir={d}/o")
 
 
 # -----------------------------------------------------------------------------

@@ -245,26 +245,25 @@ def main():
 
     timing, t_fwd = collections.defaultdict(float), []  # seconds per phase since the last log line
 
+    def clock():
+        if profile and device == "cuda":  # GPU phases end where their kernels end
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     @contextlib.contextmanager
     def timed(key):
-        sync = profile and device == "cuda"  # GPU phases end where their kernels end
-        if sync:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+        t = clock()
         yield
-        if sync:
-            torch.cuda.synchronize()
-        timing[key] += time.perf_counter() - t
+        timing[key] += clock() - t
 
     def count(mod, args, kw):
         nfe[0] += len(args[0] if args else kw["sample"]) * (3 if torch.is_grad_enabled() else 1)
         if profile:
-            t_fwd.append(timed("unet fwd"))
-            t_fwd[-1].__enter__()
+            t_fwd.append(clock())
 
     def counted(mod, args, kw, out):
         if profile:
-            t_fwd.pop().__exit__(None, None, None)
+            timing["unet fwd"] += clock() - t_fwd.pop()
     for net in (pipe.unet, None if lora_rank else ref_unet):  # LoRA's reference passes run through pipe.unet
         if net is not None:
             net.register_forward_pre_hook(count, with_kwargs=True)
@@ -337,8 +336,7 @@ def main():
         (the frozen reference is the base model, also after a resume), the best and worst of each prompt
         (prompts whose samples tie are dropped): (x_w, x_l, prompts). Every rank makes the whole pool."""
         rng = random.Random(seed * 99991)
-        prompts = [file_prompts[rng.randrange(len(file_prompts))] if prompt_file else
-                   toyworld.caption(toyworld.random_spec(rng)) for _ in range(dpo_pool)]
+        prompts = [draw_prompt(rng) for _ in range(dpo_pool)]
         xw, xl, kept = [], [], []
         for i in tqdm(range(0, dpo_pool, 32), desc="diffusion_dpo pool", disable=not master):
             ps = prompts[i:i + 32]
@@ -404,11 +402,14 @@ def main():
             loss, clipped = loss + l_k / len(ks), clipped + c_k.item() / len(ks)
         return loss, dict(reward=b["reward"].nanmean().item(), clipfrac=clipped)
 
-    def train_prompt(g):
-        """Train prompt number g (global index): a skill-balanced toy-world caption (uniform would be
-        80 % spatial), or a line of prompt_file."""
-        rng = random.Random(seed * 1_000_003 + g)
+    def draw_prompt(rng):
+        """One train prompt from rng: a skill-balanced toy-world caption (uniform would be 80 % spatial),
+        or a line of prompt_file."""
         return file_prompts[rng.randrange(len(file_prompts))] if prompt_file else toyworld.caption(toyworld.random_spec(rng))
+
+    def train_prompt(g):
+        """Train prompt number g (global index)."""
+        return draw_prompt(random.Random(seed * 1_000_003 + g))
 
     def sharpen_loss(it, micro):
         """One micro-step of Algorithm 1 (SFT) or 2 (RLHF) on this rank's P prompts."""
@@ -574,9 +575,10 @@ def main():
             bad = torch.tensor(float(not math.isfinite(total) or (dtype != "fp16" and not gnorm.isfinite())))
             if ddp:
                 torch.distributed.all_reduce(bad)
-            bad_in_row = bad_in_row + 1 if bad.item() else 0
-            skipped += bool(bad.item())
-            if bad.item():
+            bad = bad.item() > 0
+            bad_in_row = bad_in_row + 1 if bad else 0
+            skipped += bad
+            if bad:
                 opt.zero_grad(set_to_none=True)
                 scaler.update()
                 if master:
@@ -587,7 +589,7 @@ def main():
             else:
                 scaler.step(opt)
                 scaler.update()
-            if ema_params is not None and not bad.item():
+            if ema_params is not None and not bad:
                 with torch.no_grad():
                     for e, p in zip(ema_params, params):
                         e.lerp_(p.detach(), 1 - ema)
