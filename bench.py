@@ -50,7 +50,7 @@ def step_split(method):
     """Mean share of each phase over the profiled steps after the first: {phase: percent}, ms per step."""
     with tempfile.TemporaryDirectory() as d:
         subprocess.run([sys.executable, "train.py", f"--method={method}", f"--steps={train_steps}", "--profile",
-                        "--eval_seeds=0", f"--device={device}", f"--out_dir={d}", f"--ckpt_interval={10**6}"],
+                        "--prompts_per_step=8", "--m_steps=3", "--eval_seeds=0", f"--device={device}", f"--out_dir={d}", f"--ckpt_interval={10**6}"],
                        check=True, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
         rows = [dict((k, float(v)) for k, v in re.findall(r"\| ([\w ]+?) ([\d.]+)%", l))
                 | {"ms": float(re.search(r"total (\d+)ms", l).group(1))}
@@ -63,7 +63,7 @@ def main():
     print(f"bench on {device}: {torch.cuda.get_device_name() if device == 'cuda' else f'{os.cpu_count()} CPU cores'}, "
           f"torch {torch.__version__}, medians of {repeats}\n")
 
-    print("1. training step split (train.py --profile, built-in model, defaults: 8 prompts x 3 trajectories x 3 steps)")
+    print("1. training step split (train.py --profile, built-in model, 8 prompts x 3 trajectories x 3 steps)")
     for method in ("sharpen_rlhf", "sharpen_sft"):
         sp = step_split(method)
         rest = sum(v for k, v in sp.items() if k not in ("unet fwd", "unet bwd", "reward", "ms"))

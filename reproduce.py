@@ -31,6 +31,9 @@ search = "bon1+bon2+bon4+bon8+noise1x3+greedy2"
 hack_reward = "toyclip"  # reward-hacking runs: these methods on this learned reward, gold tracked
 hack_methods = "sharpen_rlhf+ddpo"
 # -----------------------------------------------------------------------------
+# the train.py settings every run here was made with (train.py's defaults until 2026-11-25; its defaults
+# since then are the faster-learning ones of README "Default runs"): stage flags and --quick come after
+PINNED = ["--prompts_per_step=8", "--lr=1e-5", "--m_steps=3", "--start_range=", "--dpo_target=start"]
 
 
 def sh(script, *args, log=None):
@@ -52,7 +55,7 @@ def train(name, *args):
         return d
     resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
     os.makedirs(d, exist_ok=True)
-    sh("train.py", f"--out_dir={d}", *TINY, *args, *resume, log=os.path.join(d, "stdout.txt"))
+    sh("train.py", f"--out_dir={d}", *PINNED, *TINY, *args, *resume, log=os.path.join(d, "stdout.txt"))
     open(os.path.join(d, "done"), "w").close()
     return d
 

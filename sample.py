@@ -391,6 +391,15 @@ def rollout(pipe, x, ts, cond, uncond=None, guidance=1.0, eta=0.0, generators=No
     return traj
 
 
+def outcome_target(pipe, traj):
+    """The exact per-step targets (B, m, C, H, W) of traj's states when the clean image is each
+    trajectory's own outcome, its last x0 prediction (not the image that was noised): at the last state
+    that is the model's own output wherever x0 was not clipped."""
+    B, m = traj.x.shape[:2]
+    x0 = traj.x0_pred[:, -1].detach().repeat_interleave(m, 0)
+    return training_target(pipe, traj.x.flatten(0, 1).detach(), x0, traj.t.repeat(B))[0].view_as(traj.x)
+
+
 @torch.no_grad()
 def sample(pipe, prompts, seeds, num_steps=20, guidance=1.0, eta=0.0, batch_size=64, progress=False):
     """Images (B,3,H,W) in [0,1] for prompts[i] from seed seeds[i]: the same (prompt, seed) gives the

@@ -680,6 +680,32 @@ def test_sharpen_ablation_flags():
         assert abs(exact2 - official2) > 1e-4, (exact2, official2)
 
 
+def test_outcome_target_and_start_range():
+    """S.outcome_target aims every state at its trajectory's last x0 prediction: at the last state that
+    is the model's own output (where x0 was not clipped), at the first the exact target for that image.
+    In train.py, dpo_target switches sharpen_rlhf between it and the noised sample; start_range pins the
+    start step (from pure noise the x0 predictions score lower than near the end)."""
+    pipe = S.load_model(S.TOY_MODEL)
+    ts, g = S.timesteps(pipe, 6), [torch.Generator().manual_seed(i) for i in range(3)]
+    traj = S.rollout(pipe, S.randn((3, 32, 32), g), ts[1:4], S.encode(pipe, ["a red circle"] * 3), generators=g)
+    tgt = S.outcome_target(pipe, traj)
+    x0_raw = S.split_prediction(pipe, traj.x[:, -1], traj.model_out[:, -1], traj.t[-1:].expand(3))[0]
+    free = (x0_raw.abs() < 1).expand_as(tgt[:, -1])  # x0 not clipped there
+    assert free.float().mean() > 0.5 and torch.allclose(tgt[:, -1][free], traj.model_out[:, -1][free], atol=1e-4)
+    first = S.training_target(pipe, traj.x[:, 0], traj.x0_pred[:, -1], traj.t[:1].expand(3))[0]
+    assert torch.allclose(tgt[:, 0], first, atol=1e-5) and not torch.allclose(tgt[:, 0], traj.model_out[:, 0], atol=1e-2)
+
+    def first_step(d, *flags):
+        run("train.py", "--steps=1", f"--out_dir={d}", *SHARPEN_TINY, "--reward=toyclip", *flags)
+        line = open(f"{d}/log.txt").read()
+        return {k: float(line.split(f"| {k} ")[1].split()[0]) for k in ("gnorm", "reward")}
+    with tempfile.TemporaryDirectory() as d:
+        start, outcome = first_step(f"{d}/a", "--dpo_target=start"), first_step(f"{d}/b", "--dpo_target=outcome")
+        assert abs(start["gnorm"] - outcome["gnorm"]) > 1e-3 * start["gnorm"], (start, outcome)
+        noisy, clean = first_step(f"{d}/c", "--start_range=0:0"), first_step(f"{d}/d", "--start_range=0.5:0.5")
+        assert noisy["reward"] < clean["reward"], (noisy, clean)
+
+
 def test_sharpen_resume_exact():
     with tempfile.TemporaryDirectory() as d:
         crash_and_resume(["train.py", "--method=sharpen_rlhf", "--steps=4", "--ckpt_interval=2", *SHARPEN_TINY], d)
@@ -725,7 +751,10 @@ def test_train_bad_input_one_line():
                              (["--init_from=resume", f"--out_dir={d}/empty"], "does not exist"),
                              ([f"--out_dir={d}/file/sub"], "out_dir"),
                              (["--device=cuda"], "no CUDA device"),
-                             (["--method=sharpen_rlhf", "--n_traj=1"], "n_traj >= 2")]:
+                             (["--method=sharpen_rlhf", "--n_traj=1"], "n_traj >= 2"),
+                             (["--start_range=0.5:"], "start_range='0.5:'"), (["--start_range=0.9:0.3"], "start_range='0.9:0.3'"),
+                             (["--start_range=0:2"], "start_range='0:2'"),
+                             (["--dpo_target=end"], "dpo_target must be"), (["--eval_split=val"], "eval_split must be")]:
             if args == ["--device=cuda"] and torch.cuda.is_available():
                 continue
             assert_one_line_error(needle, *args)

@@ -48,7 +48,7 @@ seed = 1337
 reward = "compositional" # reward name for make_reward
 prompt_file = ""         # one train prompt per line ("" = toy-world captions); sharpen_rlhf / ddpo / diffusion_dpo
 score_steps = "all"      # all: reward on the x0 prediction of every rolled step (Eq. 8) | last: the last one only
-prompts_per_step = 8     # prompts per optimizer step, over all ranks and micro-steps
+prompts_per_step = 32    # prompts per optimizer step, over all ranks and micro-steps (8: noise of the updates alone lowers the reward)
 grad_accum = 1           # micro-steps per optimizer step (no_sync on all but the last)
 n_traj = 3               # trajectories per prompt (they differ in the noise that reaches x_t)
 m_steps = 3              # DDIM steps rolled per trajectory, each scored on its x0 prediction
@@ -56,9 +56,13 @@ agg = "sum"              # trajectory reward: sum (Eq. 8) | mean | last
 lam = 0.0                # path-integral temperature: 0 = argmax (the paper), inf = uniform
 normalize = False        # z-score each prompt's trajectory rewards before the softmax
 sft_target = "exact"     # exact: eps from the noised x0 at every step | official: the first eps reused
+dpo_target = "outcome"   # sharpen_rlhf's targets aim at: outcome (each trajectory's own last x0 prediction, so
+                         # winner and loser differ in it, as Diffusion-DPO's pairs do) | start (the sample that was noised)
 chain_grad = False       # backprop through the chain of m steps (the official code) instead of per step
 beta = 5000.0            # Diffusion-DPO beta (ours has the 1/2 inside: beta = 2 * official beta_dpo); 2 and 500 collapsed the toy model
 reward_in_sigmoid = True # reward gap inside the log-sigmoid (the paper) | outside (the official code)
+start_range = "0.05:0.45"  # "a:b": rollouts start at DDIM step k, a <= k / num_steps <= b (1..9 of 20; "" = anywhere):
+                         # not from pure noise (k = 0: blurry x0 predictions, uninformative rewards), and before content settles
 num_steps = 20           # sampler schedule the trajectories follow (and RLHF's own samples use)
 guidance = 1.0           # CFG scale of rollouts and samples (1.0: best for the toy model, half the NFE)
 eta = 0.0                # DDIM eta of rollouts
@@ -72,10 +76,10 @@ ddpo_eta = 1.0           # ddpo: DDIM eta of its sampler (the policy needs step 
 caption_noise = 0.1      # fraction of captions changed in one field (web alt-text noise)
 caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-free guidance)
 # optim
-steps = 120              # optimizer steps
+steps = 70               # optimizer steps (the default run: <= 15 min on 2 CPU cores)
 nfe_budget = 0           # > 0: steps = nfe_budget // UNet image-passes per step (equal compute across methods)
 batch_size = 64          # pretraining images per optimizer step, over all ranks
-lr = 1e-5                # AdamW peak learning rate (1e-4 collapsed sharpen_rlhf on the toy model)
+lr = 3e-5                # AdamW peak learning rate (1e-4 collapsed sharpen_rlhf at 8 prompts per step)
 warmup = 10              # linear warmup steps, then cosine decay to lr/10
 weight_decay = 0.0
 grad_clip = 1.0
@@ -85,6 +89,7 @@ ema = 0.0                # EMA of the weights, exported instead of them (0 = off
 eval_interval = 0        # steps between held-out gold evaluations (0 = at start and end only)
 eval_count = 0           # or this many evenly spaced ones during the run (convergence curves)
 eval_seeds = 8           # seeds per held-out eval prompt (41 prompts x 8 = 328 images; 0 = no eval)
+eval_split = "heldout"   # heldout | train: tune hyperparameters on train prompts, report held-out ones
 log_interval = 1
 profile = False          # add each phase's share of the step time to the log lines (bench.py reads them)
 ckpt_interval = 20
@@ -100,6 +105,9 @@ threads = 0              # torch threads per process (0 = cores / processes)
 ddp_timeout = 300        # seconds a rank waits for the others in a collective before it fails (a dead rank)
 # -----------------------------------------------------------------------------
 
+# the defaults above are sharpen_rlhf's; these replace them for other methods unless given as --key=value
+# (measured on train prompts, README Notes 2026-11-25: with sharpen_sft, rolled steps m > 1 lower the reward)
+METHOD_DEFAULTS = {"sharpen_sft": dict(m_steps=1, prompts_per_step=64, lr=1e-4, steps=240, start_range="")}
 METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain", "sft", "diffusion_dpo", "ddpo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -125,6 +133,9 @@ def fail(msg):
 
 
 def main():
+    given = {a[2:].split("=")[0] for a in sys.argv[1:]}
+    chosen = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--method=")), method)
+    globals().update({k: v for k, v in METHOD_DEFAULTS.get(chosen, {}).items() if k not in given})
     config = S.configure(globals(), sys.argv[1:])
     global out_dir
     out_dir = out_dir or os.path.join("out", method)
@@ -144,6 +155,16 @@ def main():
         fail(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "fp16" and device != "cuda":
         fail("--dtype=fp16 needs --device=cuda (fp16 autocast + GradScaler); use bf16 on CPU")
+    if eval_split not in ("heldout", "train"):
+        fail(f"eval_split must be 'heldout' or 'train', got {eval_split!r}")
+    try:
+        k_range = tuple(float(v) for v in start_range.split(":")) if start_range else (0.0, 1.0)
+        assert len(k_range) == 2 and 0 <= k_range[0] <= k_range[1] <= 1
+    except (ValueError, AssertionError):
+        fail(f"start_range={start_range!r}: expected 'a:b' with 0 <= a <= b <= 1 (fractions of the schedule)")
+    k_range = tuple(min(round(f * num_steps), num_steps - m_steps) for f in k_range)  # room for m steps left
+    if dpo_target not in ("start", "outcome"):
+        fail(f"dpo_target must be 'start' or 'outcome', got {dpo_target!r}")
     if score_steps not in ("all", "last"):
         fail(f"score_steps must be 'all' or 'last', got {score_steps!r}")
     if lora_rank < 0 or (lora_rank and method == "pretrain"):
@@ -426,7 +447,7 @@ def main():
             gens = [torch.Generator().manual_seed(seed * 31 + g) for g in gidx]
             x0 = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, cond, uncond, guidance, eta, gens,
                            record=False)
-        k = random.Random(seed * 17 + it * grad_accum + micro).randrange(num_steps - m + 1)  # start step
+        k = random.Random(seed * 17 + it * grad_accum + micro).randint(*k_range)  # start step
         gens = [torch.Generator().manual_seed((seed * 1_000_003 + g) * 64 + j) for g in gidx for j in range(n)]
         eps0 = S.randn((C, H, H), gens, dev)  # (P*n, C, H, W): the noise that reaches x_t
         x0n = x0.repeat_interleave(n, 0)
@@ -442,7 +463,9 @@ def main():
             r, _ = reward_fn(images, [p for p in prompts for _ in range(n * scored.shape[1])])
         per_step_r = r.to(dev).view(P, n, scored.shape[1])
         R = sharpen.trajectory_rewards(per_step_r, agg)  # (P, n)
-        target = traj.target  # (P*n, m, C, H, W), exact
+        target = traj.target  # (P*n, m, C, H, W), exact, aiming at x0 (the image that was noised)
+        if method == "sharpen_rlhf" and dpo_target == "outcome":  # each trajectory's own outcome: w and l differ in it
+            target = S.outcome_target(pipe, traj)
         if sft_target == "official":
             tt = traj.t.repeat(P * n)
             target = S.param_target(pipe, sharpen.official_eps_target(eps0, m).flatten(0, 1),
@@ -501,11 +524,11 @@ def main():
 
     def evaluate(tag):
         import eval as E
-        res = E.gold_eval(export(os.path.join(out_dir, "model")), seeds=eval_seeds, num_steps=num_steps,
+        res = E.gold_eval(export(os.path.join(out_dir, "model")), split=eval_split, seeds=eval_seeds, num_steps=num_steps,
                           guidance=guidance)
         proxy = "" if reward == "compositional" or reward_fn is None else \
-            f" | heldout {reward} {reward_fn(res['images'], res['prompts'])[0].nanmean().item():.4f}"
-        log(f"eval {tag} | step {step} | nfe {nfe[0] * world} | heldout gold {res['overall']:.4f} | n {res['n']} | " +
+            f" | {eval_split} {reward} {reward_fn(res['images'], res['prompts'])[0].nanmean().item():.4f}"
+        log(f"eval {tag} | step {step} | nfe {nfe[0] * world} | {eval_split} gold {res['overall']:.4f} | n {res['n']} | " +
             " | ".join(f"{k} {v:.4f}" for k, v in res["per_skill"].items()) + proxy)
 
     def log(line):
