@@ -76,7 +76,7 @@ ddpo_eta = 1.0           # ddpo: DDIM eta of its sampler (the policy needs step 
 caption_noise = 0.1      # fraction of captions changed in one field (web alt-text noise)
 caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-free guidance)
 # optim
-steps = 70               # optimizer steps (the default run: <= 15 min on 2 CPU cores)
+steps = 70               # optimizer steps (the default run: 7 min on 2 CPU cores, 13 on one; 120 did no better)
 nfe_budget = 0           # > 0: steps = nfe_budget // UNet image-passes per step (equal compute across methods)
 batch_size = 64          # pretraining images per optimizer step, over all ranks
 lr = 3e-5                # AdamW peak learning rate (1e-4 collapsed sharpen_rlhf at 8 prompts per step)
@@ -107,7 +107,7 @@ ddp_timeout = 300        # seconds a rank waits for the others in a collective b
 
 # the defaults above are sharpen_rlhf's; these replace them for other methods unless given as --key=value
 # (measured on train prompts, README Notes 2026-11-25: with sharpen_sft, rolled steps m > 1 lower the reward)
-METHOD_DEFAULTS = {"sharpen_sft": dict(m_steps=1, prompts_per_step=64, lr=1e-4, steps=240, start_range="")}
+METHOD_DEFAULTS = {"sharpen_sft": dict(m_steps=1, prompts_per_step=64, lr=1e-4, steps=480, start_range="")}
 METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain", "sft", "diffusion_dpo", "ddpo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
