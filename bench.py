@@ -14,6 +14,7 @@ Where the time goes, as ratios measured side by side in one run (README: Perform
 No test times anything: the correctness of each fast path is tested against the plain path in test_all.py.
 """
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ import time
 import torch
 
 import sample as S
+import toyworld
 
 # -----------------------------------------------------------------------------
 device = "cpu"
@@ -84,8 +86,6 @@ def main():
           f"speed-up {looped / batched:.2f}x (goal >= {0.8 * K:.1f}x: {'met' if looped / batched >= 0.8 * K else 'NOT met'})")
 
     P, n = 8, 3
-    import random
-    import toyworld
     ps = [toyworld.caption(toyworld.random_spec(random.Random(i))) for i in range(P)]
     shared = median_time(lambda: S.encode(pipe, ps).repeat_interleave(n, 0))
     again = median_time(lambda: S.encode(pipe, [p for p in ps for _ in range(n)]))

@@ -383,21 +383,20 @@ def rollout(pipe, x, ts, cond, uncond=None, guidance=1.0, eta=0.0, generators=No
         return x
     x_t, out, eps, x0_pred = (torch.stack(r, 1) for r in zip(*rec))
     traj = Trajectory(x_t, ts[:-1], ts[1:], out, eps, x0_pred, x)
-    if x0 is not None:  # targets are constants: no graph
-        B, m = x_t.shape[:2]
-        tgt, eps_t = training_target(pipe, x_t.flatten(0, 1).detach(), x0.repeat_interleave(m, 0),
-                                     ts[:-1].repeat(B))
-        traj.target, traj.eps_target = tgt.view_as(x_t), eps_t.view_as(x_t)
+    if x0 is not None:
+        traj.target, traj.eps_target = state_targets(pipe, traj, x0)
     return traj
 
 
-def outcome_target(pipe, traj):
-    """The exact per-step targets (B, m, C, H, W) of traj's states when the clean image is each
-    trajectory's own outcome, its last x0 prediction (not the image that was noised): at the last state
-    that is the model's own output wherever x0 was not clipped."""
+def state_targets(pipe, traj, x0):
+    """The exact per-step targets of traj's states (B, m, C, H, W) when x0 (B, C, H, W) is the clean image
+    each trajectory aims at: (target, eps), constants (no graph). rollout's x0 is the image that was noised;
+    x0 = traj.x0_pred[:, -1], each trajectory's own outcome, gives at the last state the model's own
+    output wherever x0 was not clipped."""
     B, m = traj.x.shape[:2]
-    x0 = traj.x0_pred[:, -1].detach().repeat_interleave(m, 0)
-    return training_target(pipe, traj.x.flatten(0, 1).detach(), x0, traj.t.repeat(B))[0].view_as(traj.x)
+    tgt, eps = training_target(pipe, traj.x.flatten(0, 1).detach(), x0.detach().repeat_interleave(m, 0),
+                               traj.t.repeat(B))
+    return tgt.view_as(traj.x), eps.view_as(traj.x)
 
 
 @torch.no_grad()

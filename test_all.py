@@ -681,14 +681,14 @@ def test_sharpen_ablation_flags():
 
 
 def test_outcome_target_and_start_range():
-    """S.outcome_target aims every state at its trajectory's last x0 prediction: at the last state that
+    """S.state_targets with each trajectory's last x0 prediction (dpo_target=outcome): at the last state that
     is the model's own output (where x0 was not clipped), at the first the exact target for that image.
     In train.py, dpo_target switches sharpen_rlhf between it and the noised sample; start_range pins the
     start step (from pure noise the x0 predictions score lower than near the end)."""
     pipe = S.load_model(S.TOY_MODEL)
     ts, g = S.timesteps(pipe, 6), [torch.Generator().manual_seed(i) for i in range(3)]
     traj = S.rollout(pipe, S.randn((3, 32, 32), g), ts[1:4], S.encode(pipe, ["a red circle"] * 3), generators=g)
-    tgt = S.outcome_target(pipe, traj)
+    tgt, _ = S.state_targets(pipe, traj, traj.x0_pred[:, -1])
     x0_raw = S.split_prediction(pipe, traj.x[:, -1], traj.model_out[:, -1], traj.t[-1:].expand(3))[0]
     free = (x0_raw.abs() < 1).expand_as(tgt[:, -1])  # x0 not clipped there
     assert free.float().mean() > 0.5 and torch.allclose(tgt[:, -1][free], traj.model_out[:, -1][free], atol=1e-4)

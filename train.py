@@ -133,10 +133,11 @@ def fail(msg):
 
 
 def main():
-    given = {a[2:].split("=")[0] for a in sys.argv[1:]}
-    chosen = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--method=")), method)
-    globals().update({k: v for k, v in METHOD_DEFAULTS.get(chosen, {}).items() if k not in given})
     config = S.configure(globals(), sys.argv[1:])
+    given = {a[2:].split("=")[0] for a in sys.argv[1:]}  # (configure checked their form)
+    method_defaults = {k: v for k, v in METHOD_DEFAULTS.get(method, {}).items() if k not in given}
+    globals().update(method_defaults)
+    config.update(method_defaults)
     global out_dir
     out_dir = out_dir or os.path.join("out", method)
     config["out_dir"] = out_dir
@@ -465,7 +466,7 @@ def main():
         R = sharpen.trajectory_rewards(per_step_r, agg)  # (P, n)
         target = traj.target  # (P*n, m, C, H, W), exact, aiming at x0 (the image that was noised)
         if method == "sharpen_rlhf" and dpo_target == "outcome":  # each trajectory's own outcome: w and l differ in it
-            target = S.outcome_target(pipe, traj)
+            target = S.state_targets(pipe, traj, traj.x0_pred[:, -1])[0]
         if sft_target == "official":
             tt = traj.t.repeat(P * n)
             target = S.param_target(pipe, sharpen.official_eps_target(eps0, m).flatten(0, 1),
