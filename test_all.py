@@ -754,7 +754,9 @@ def test_train_bad_input_one_line():
                              (["--method=sharpen_rlhf", "--n_traj=1"], "n_traj >= 2"),
                              (["--start_range=0.5:"], "start_range='0.5:'"), (["--start_range=0.9:0.3"], "start_range='0.9:0.3'"),
                              (["--start_range=0:2"], "start_range='0:2'"),
-                             (["--dpo_target=end"], "dpo_target must be"), (["--eval_split=val"], "eval_split must be")]:
+                             (["--dpo_target=end"], "dpo_target must be"), (["--eval_split=val"], "eval_split must be"),
+                             (["--sft_target=official"], "needs --dpo_target=start"),
+                             (["--sft_target=approx"], "sft_target must be")]:
             if args == ["--device=cuda"] and torch.cuda.is_available():
                 continue
             assert_one_line_error(needle, *args)
