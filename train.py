@@ -145,8 +145,11 @@ def main():
     # every check that can fail runs here, before any heavy work
     if method not in METHODS:
         fail(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-    if init_from not in ("scratch", "resume"):
-        fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+    for key, options in (("init_from", ("scratch", "resume")), ("eval_split", ("heldout", "train")),
+                         ("dpo_target", ("start", "outcome")), ("sft_target", ("exact", "official")),
+                         ("score_steps", ("all", "last"))):
+        if globals()[key] not in options:
+            fail(f"{key} must be {' or '.join(map(repr, options))}, got {globals()[key]!r}")
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device=cuda but no CUDA device is available")
     if method == "sharpen_rlhf" and n_traj < 2:
@@ -157,23 +160,15 @@ def main():
         fail(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "fp16" and device != "cuda":
         fail("--dtype=fp16 needs --device=cuda (fp16 autocast + GradScaler); use bf16 on CPU")
-    if eval_split not in ("heldout", "train"):
-        fail(f"eval_split must be 'heldout' or 'train', got {eval_split!r}")
     try:
         k_range = tuple(float(v) for v in start_range.split(":")) if start_range else (0.0, 1.0)
         assert len(k_range) == 2 and 0 <= k_range[0] <= k_range[1] <= 1
     except (ValueError, AssertionError):
         fail(f"start_range={start_range!r}: expected 'a:b' with 0 <= a <= b <= 1 (fractions of the schedule)")
     k_range = tuple(min(round(f * num_steps), num_steps - m_steps) for f in k_range)  # room for m steps left
-    if dpo_target not in ("start", "outcome"):
-        fail(f"dpo_target must be 'start' or 'outcome', got {dpo_target!r}")
-    if sft_target not in ("exact", "official"):
-        fail(f"sft_target must be 'exact' or 'official', got {sft_target!r}")
     if method == "sharpen_rlhf" and sft_target == "official" and dpo_target != "start":
         fail("--sft_target=official reuses the first noise, aimed at the sample that was noised: with sharpen_rlhf "
              "it needs --dpo_target=start (the outcome targets are exact by construction)")
-    if score_steps not in ("all", "last"):
-        fail(f"score_steps must be 'all' or 'last', got {score_steps!r}")
     if lora_rank < 0 or (lora_rank and method == "pretrain"):
         fail(f"lora_rank={lora_rank}: must be >= 0, and 0 for pretrain (LoRA adapts a trained UNet)")
     file_prompts = []
@@ -461,7 +456,7 @@ def main():
         ab = S.alpha_bars(pipe, ts[k:k + 1])
         x_t = ab.sqrt() * x0n + (1 - ab).sqrt() * eps0
         condn = cond.repeat_interleave(n, 0)
-        traj = S.rollout(pipe, x_t, ts[k:k + m + 1], condn, uncond, guidance, eta, gens, x0=x0n)
+        traj = S.rollout(pipe, x_t, ts[k:k + m + 1], condn, uncond, guidance, eta, gens)
         scored = traj.x0_pred if score_steps == "all" else traj.x0_pred[:, -1:]  # (P*n, m or 1, C, H, W)
         with timed("decode"):  # without a graph (latent models: the VAE)
             images = S.to_images(pipe, scored.flatten(0, 1))
@@ -470,9 +465,10 @@ def main():
             r, _ = reward_fn(images, [p for p in prompts for _ in range(n * scored.shape[1])])
         per_step_r = r.to(dev).view(P, n, scored.shape[1])
         R = sharpen.trajectory_rewards(per_step_r, agg)  # (P, n)
-        target = traj.target  # (P*n, m, C, H, W), exact, aiming at x0 (the image that was noised)
-        if method == "sharpen_rlhf" and dpo_target == "outcome":  # each trajectory's own outcome: w and l differ in it
-            target = S.state_targets(pipe, traj, traj.x0_pred[:, -1])[0]
+        # (P*n, m, C, H, W), exact, aiming at the image that was noised, or (sharpen_rlhf, dpo_target=outcome)
+        # at each trajectory's own last x0 prediction, so winner and loser differ in it
+        outcome = method == "sharpen_rlhf" and dpo_target == "outcome"
+        target = S.state_targets(pipe, traj, traj.x0_pred[:, -1] if outcome else x0n)[0]
         if sft_target == "official":
             tt = traj.t.repeat(P * n)
             target = S.param_target(pipe, sharpen.official_eps_target(eps0, m).flatten(0, 1),
