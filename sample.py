@@ -338,10 +338,11 @@ def timesteps(pipe, num_steps):
 
 def predict(pipe, x_t, t, cond, uncond=None, guidance=1.0, unet=None):
     """One UNet call for the batch; with guidance != 1 the unconditional half rides in the same call.
-    x_t (B,C,H,W), t int, cond (B,L,E), uncond (1,L,E) -> guided model output (B,C,H,W).
+    x_t (B,C,H,W), t int or (B,) per sample, cond (B,L,E), uncond (1,L,E) -> guided model output (B,C,H,W).
     unet: another network with the pipe's interface (a DDP wrapper, a frozen reference)."""
     B, unet = x_t.shape[0], unet or pipe.unet
-    tt = torch.full((B,), int(t), device=x_t.device)
+    per_sample = torch.is_tensor(t) and t.dim() > 0
+    tt = t.to(x_t.device).expand(B) if per_sample else torch.full((B,), int(t), device=x_t.device)
     if guidance == 1.0:
         return unet_call(pipe, unet, x_t, tt, cond)
     out = unet_call(pipe, unet, torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([uncond.expand(B, -1, -1), cond]))
@@ -353,8 +354,8 @@ def predict(pipe, x_t, t, cond, uncond=None, guidance=1.0, unet=None):
 class Trajectory:
     """m DDIM steps of B trajectories. x is the state fed to each step; x_final the state after the last."""
     x: torch.Tensor           # (B, m, C, H, W)  x_{t_k}
-    t: torch.Tensor           # (m,)             t_k, noisiest first
-    t_prev: torch.Tensor      # (m,)             where each step lands (-1: the clean end)
+    t: torch.Tensor           # (m,) or (B, m)   t_k, noisiest first (per trajectory where rollout got (B, m+1))
+    t_prev: torch.Tensor      # like t           where each step lands (-1: the clean end)
     model_out: torch.Tensor   # (B, m, C, H, W)  guided UNet output (eps or v)
     eps_pred: torch.Tensor    # (B, m, C, H, W)
     x0_pred: torch.Tensor     # (B, m, C, H, W)  clipped, in model space
@@ -365,14 +366,16 @@ class Trajectory:
 
 def rollout(pipe, x, ts, cond, uncond=None, guidance=1.0, eta=0.0, generators=None, x0=None, record=True,
             grad=False, unet=None):
-    """Run DDIM from x at ts[0] through ts[1], ..., ts[-1]. All B trajectories go in one UNet call
+    """Run DDIM from x at ts[0] through ts[1], ..., ts[-1]; ts (m+1,) is shared, ts (B, m+1) gives each
+    trajectory its own timesteps (Alg. 2 draws the noise level per sample). All B trajectories go in one UNet call
     per step (K trajectories of a prompt: repeat its cond K times, no re-encoding). With eta > 0 the
     step noise comes from `generators` (one per trajectory), so any trajectory can be regenerated alone.
     x0 (B,C,H,W), the clean image that was noised to x, adds the exact per-step training targets.
     grad=True keeps the graph through the whole chain (where grad is enabled); the default is no_grad."""
     rec = []
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        for t, t_prev in zip(ts[:-1], ts[1:]):
+        for i in range(ts.shape[-1] - 1):
+            t, t_prev = ts[..., i], ts[..., i + 1]  # 0-dim, or (B,) per trajectory
             out = predict(pipe, x, t, cond, uncond, guidance, unet)
             noise = randn(x.shape[1:], generators, x.device) if eta > 0 else None
             x_prev, x0_pred, eps = ddim_step(pipe, x, out, t.expand(len(x)), t_prev.expand(len(x)), eta, noise)
@@ -382,7 +385,7 @@ def rollout(pipe, x, ts, cond, uncond=None, guidance=1.0, eta=0.0, generators=No
     if not record:
         return x
     x_t, out, eps, x0_pred = (torch.stack(r, 1) for r in zip(*rec))
-    traj = Trajectory(x_t, ts[:-1], ts[1:], out, eps, x0_pred, x)
+    traj = Trajectory(x_t, ts[..., :-1], ts[..., 1:], out, eps, x0_pred, x)
     if x0 is not None:
         traj.target, traj.eps_target = state_targets(pipe, traj, x0)
     return traj
@@ -395,7 +398,7 @@ def state_targets(pipe, traj, x0):
     output wherever x0 was not clipped."""
     B, m = traj.x.shape[:2]
     tgt, eps = training_target(pipe, traj.x.flatten(0, 1).detach(), x0.detach().repeat_interleave(m, 0),
-                               traj.t.repeat(B))
+                               traj.t.expand(B, m).reshape(-1))
     return tgt.view_as(traj.x), eps.view_as(traj.x)
 
 

@@ -6,7 +6,7 @@ r_jk is the reward of trajectory j's x0 prediction at step k, e_jk its per-pixel
     R_j    = sum_k r_jk                                        path integral (Eq. 8)
     w_j    = exp(R_j / lam) / sum_i exp(R_i / lam)            lam -> 0: argmax (the paper), lam -> inf: 1/n
     L_SFT  = E_c sum_j w_j * 1/m sum_k e_jk                    weighted denoising loss (Eq. 9)
-    L_RLHF = -E_c log sigma(-beta/2 [(e_w - e_l) - (e_w^ref - e_l^ref)] + (R_w - R_l))     (Eq. 11)
+    L_RLHF = -E_c log sigma(-beta/2 [(e_w - e_l) - (e_w^ref - e_l^ref)] - (R_w - R_l))     (Eq. 11)
 with e_j = 1/m sum_k e_jk and w, l = argmax, argmin of R: Diffusion-DPO (arXiv 2311.12908) between a
 prompt's best and worst trajectory. Rewards and weights are constants: everything here detaches them.
 
@@ -142,27 +142,34 @@ def official_eps_target(eps0, m):
     return repeat(eps0, "k ... -> k m ...", m=m)
 
 
-def rlhf_loss(mse_w, mse_l, ref_mse_w, ref_mse_l, R_w, R_l, beta, reward_in_sigmoid=True):
+def rlhf_loss(mse_w, mse_l, ref_mse_w, ref_mse_l, R_w, R_l, beta, reward_in_sigmoid=True, reduction="mean"):
     """Eq. 11, Diffusion-DPO between each prompt's best (w) and worst (l) trajectory; all inputs (P,),
     the mse's per trajectory averaged over steps and pixels (trajectory_mse), ref_* and R_* detached here:
         h_p     = -beta/2 * [(mse_w - mse_l) - (ref_mse_w - ref_mse_l)]      Diffusion-DPO's inside term
-        Delta_p = R_w - R_l >= 0
-        reward_in_sigmoid=True  (the paper):         L = mean_p -log sigma(h_p + Delta_p)
+        Delta_p = R_w - R_l >= 0                                             the pair's reward gap
+        reward_in_sigmoid=True  (the paper):         L = mean_p -log sigma(h_p - Delta_p)
         reward_in_sigmoid=False (the official code): L = mean_p -log sigma(h_p) + mean_p Delta_p
-    The official code adds the reward gap outside the log-sigmoid, and R is a constant there, so its
-    gradient is exactly Diffusion-DPO's: only the logged value shifts. Inside, Delta is a per-pair margin:
-    dL/dh = -sigma(-(h + Delta)), so pairs with a large gap get a smaller push (mind R's scale).
+    Inside (the REBEL-style modulation the paper cites), Delta is a margin the model's implicit reward
+    h must exceed: dL/dh = -sigma(Delta - h), so a pair the reward separates more gets a larger push;
+    at h = 0 the loss is -log sigma(-Delta) = log(1 + e^Delta), growing with Delta. Delta has R's scale:
+    with rewards in [0, 1] per step, agg="sum" makes it 0..m, agg="mean" 0..1 (train.py's agg).
+    The official code adds the gap outside the log-sigmoid, where R is a constant: its gradient is
+    exactly Diffusion-DPO's and only the logged value shifts.
     Their beta_dpo has no 1/2 (logits = beta_dpo * (ref_diff - model_diff)): beta here = 2 * beta_dpo.
+    reduction="sum" returns the sum over pairs instead of the mean (train.py normalises by the pairs of
+    the whole optimizer step, over all ranks and micro-steps).
     Returns (loss, info); info holds detached 0-dim tensors: implicit_acc = fraction of pairs with h > 0
     (as Diffusion-DPO, without Delta, so it tracks the model and not the reward), inside = mean argument
     of the log-sigmoid, reward_gap = mean Delta."""
     ref_diff = (ref_mse_w - ref_mse_l).detach()
     gap = (R_w - R_l).detach().float()  # (P,)
     h = -0.5 * beta * ((mse_w - mse_l) - ref_diff)  # (P,)
-    inside = h + gap if reward_in_sigmoid else h
-    loss = reduce(-F.logsigmoid(inside), "p -> ", "mean")
+    inside = h - gap if reward_in_sigmoid else h
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    loss = reduce(-F.logsigmoid(inside), "p -> ", reduction)
     if not reward_in_sigmoid:
-        loss = loss + reduce(gap, "p -> ", "mean")  # a constant: the official code's placement
+        loss = loss + reduce(gap, "p -> ", reduction)  # a constant: the official code's placement
     info = {"implicit_acc": (h.detach() > 0).float().mean(), "inside": inside.detach().mean(),
             "reward_gap": gap.mean()}
     return loss, info

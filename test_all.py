@@ -26,6 +26,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
 
 
+try:  # a test that cannot run here (no GPU, a missing optional package) raises Skip: SKIP, never a pass
+    from pytest import skip as _skip
+    Skip = _skip.Exception  # pytest reports it as skipped too
+except ImportError:
+    class Skip(Exception):
+        pass
+
+
 def run(*args, ok=True):
     """Run one of our scripts as a user would; return (returncode, stdout+stderr)."""
     p = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600)
@@ -246,6 +254,38 @@ def test_rollout_batched_equals_separate():
         torch.testing.assert_close(one.x0_pred[0], batched.x0_pred[i], rtol=1e-4, atol=1e-5)
 
 
+def test_rollout_per_sample_timesteps_equals_separate():
+    """ts (B, m+1): each trajectory follows its own timesteps (Alg. 2 draws the noise level per sample), in
+    one batched call, equal to rolling each alone; the exact targets use each row's own t."""
+    pipe = tiny_pipe()
+    torch.nn.init.normal_(pipe.unet.conv_out.weight, std=0.1)
+    full = S.timesteps(pipe, 8)
+    starts = [0, 3, 5]
+    tsn = torch.stack([full[k:k + 3] for k in starts])  # (3, m+1), m = 2
+    cond, uncond = S.encode(pipe, ["a red circle", "two blue squares", "a cyan star"]), S.encode(pipe, [""])
+    g = lambda: [torch.Generator().manual_seed(50 + i) for i in range(3)]
+    x, x0 = S.randn((3, 32, 32), g()), torch.rand(3, 3, 32, 32) * 2 - 1
+    batched = S.rollout(pipe, x, tsn, cond, uncond, 2.0, 0.5, g(), x0=x0)
+    assert batched.t.shape == (3, 2) and torch.equal(batched.t[:, 0], full[starts])
+    for i in range(3):
+        one = S.rollout(pipe, x[i:i + 1], tsn[i], cond[i:i + 1], uncond, 2.0, 0.5, g()[i:i + 1], x0=x0[i:i + 1])
+        for name in ("x", "x0_pred", "target", "x_final"):
+            torch.testing.assert_close(getattr(one, name)[0], getattr(batched, name)[i], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched.x0_pred[0], batched.x0_pred[1])
+
+
+def test_start_step_drawn_per_prompt():
+    """Alg. 2 draws the noise level per sample: the prompts of one micro-step start at different steps,
+    each inside the range, and a prompt's start depends on its global index alone (so any split over ranks
+    and micro-steps trains the same states)."""
+    import train
+    ks = train.start_steps(range(64), (1, 9), seed=1337)
+    assert min(ks) >= 1 and max(ks) <= 9 and len(set(ks)) >= 6, ks
+    assert train.start_steps(range(32, 64), (1, 9), 1337) == ks[32:]
+    assert train.start_steps(range(64), (1, 9), 7) != ks
+    assert set(train.start_steps(range(16), (4, 4), 1337)) == {4}
+
+
 def test_cfg_scale_one_is_conditional():
     pipe = tiny_pipe()
     torch.nn.init.normal_(pipe.unet.conv_out.weight, std=0.1)  # a zero-init output layer would hide bugs
@@ -427,25 +467,38 @@ def dpo_numbers():
 
 
 def test_rlhf_loss_hand_computation():
+    """Eq. 11: L = -log sigma(h - (R_w - R_l)), h = -beta/2 [(mse_w - mse_l) - (ref_w - ref_l)], by hand;
+    the official placement adds the gap outside the log-sigmoid."""
     d, beta = dpo_numbers(), 2.0
     # h = -beta/2 [(mse_w - mse_l) - (ref_w - ref_l)]: pair 0 -> -1*(-0.2 - 0) = 0.2; pair 1 -> -(0.1 - 0.05) = -0.05
     h = [0.2, -0.05]
     gap = [0.75, 0.10]
     nls = lambda x: math.log1p(math.exp(-x))  # -log sigmoid(x)
     loss_in, info_in = sharpen.rlhf_loss(**d, beta=beta)
-    expect_in = (nls(h[0] + gap[0]) + nls(h[1] + gap[1])) / 2
+    expect_in = (nls(h[0] - gap[0]) + nls(h[1] - gap[1])) / 2
     assert abs(loss_in.item() - expect_in) < 1e-6, (loss_in.item(), expect_in)
+    loss_sum, _ = sharpen.rlhf_loss(**d, beta=beta, reduction="sum")
+    assert abs(loss_sum.item() - 2 * expect_in) < 1e-6, (loss_sum.item(), expect_in)
     loss_out, info_out = sharpen.rlhf_loss(**d, beta=beta, reward_in_sigmoid=False)
     expect_out = (nls(h[0]) + nls(h[1])) / 2 + (gap[0] + gap[1]) / 2
     assert abs(loss_out.item() - expect_out) < 1e-6, (loss_out.item(), expect_out)
     assert abs(info_in["implicit_acc"].item() - 0.5) < 1e-7 and abs(info_out["implicit_acc"].item() - 0.5) < 1e-7
-    assert abs(info_in["inside"].item() - (h[0] + gap[0] + h[1] + gap[1]) / 2) < 1e-6
+    assert abs(info_in["inside"].item() - (h[0] - gap[0] + h[1] - gap[1]) / 2) < 1e-6
     assert abs(info_out["inside"].item() - (h[0] + h[1]) / 2) < 1e-6
     assert abs(info_in["reward_gap"].item() - 0.425) < 1e-6
     # Diffusion-DPO's official form: inside = -0.5*beta*((mse_w - mse_l) - (ref_w - ref_l))
     inside = -0.5 * beta * ((d["mse_w"] - d["mse_l"]) - (d["ref_mse_w"] - d["ref_mse_l"]))
     dpo = -torch.nn.functional.logsigmoid(inside).mean()
     assert torch.allclose(loss_out, dpo + (d["R_w"] - d["R_l"]).mean())
+    # at h = 0 (policy = reference) the loss is -log sigma(-Delta) = log(1 + e^Delta): it grows with the gap
+    same = torch.tensor([0.3, 0.3, 0.3])
+    deltas = [0.0, 0.5, 3.0]
+    at0, _ = sharpen.rlhf_loss(same, same, same, same, torch.tensor(deltas), torch.zeros(3), beta, reduction="sum")
+    assert abs(at0.item() - sum(math.log1p(math.exp(x)) for x in deltas)) < 1e-6, at0
+    one = [sharpen.rlhf_loss(same[:1], same[:1], same[:1], same[:1], torch.tensor([x]), torch.zeros(1), beta)[0].item()
+           for x in deltas]
+    assert one[0] < one[1] < one[2] and abs(one[0] - math.log(2)) < 1e-6, one
+    raises(lambda: sharpen.rlhf_loss(**d, beta=beta, reduction="none"), "reduction")
 
 
 def test_rlhf_loss_gradient_sign_and_official_placement_is_dpo_gradient():
@@ -463,13 +516,18 @@ def test_rlhf_loss_gradient_sign_and_official_placement_is_dpo_gradient():
         lower, _ = sharpen.rlhf_loss(d["mse_w"] - 0.05, d["mse_l"], d["ref_mse_w"], d["ref_mse_l"], d["R_w"],
                                      d["R_l"], beta, reward_in_sigmoid=flag)
         assert lower < loss
-    # the official placement has the pure Diffusion-DPO gradient (zero reward gap); inside, it shrinks
+    # by hand: dL/dmse_w = beta/2 * sigma(Delta - h) / P inside (the paper), beta/2 * sigma(-h) / P outside
+    h, gap = torch.tensor([0.3, -0.075]), d["R_w"] - d["R_l"]  # h = -beta/2 [(w - l) - (ref_w - ref_l)], beta 3
+    torch.testing.assert_close(grads[True], beta / 2 * torch.sigmoid(gap - h) / 2)
+    torch.testing.assert_close(grads[False], beta / 2 * torch.sigmoid(-h) / 2)
+    # the official placement has the pure Diffusion-DPO gradient (zero reward gap); inside, a pair the
+    # reward separates more gets the larger push
     zero = dict(d, R_l=d["R_w"])
     mse_w = d["mse_w"].clone().requires_grad_()
     sharpen.rlhf_loss(mse_w, zero["mse_l"], zero["ref_mse_w"], zero["ref_mse_l"], zero["R_w"], zero["R_l"],
                       beta)[0].backward()
     assert torch.allclose(grads[False], mse_w.grad)
-    assert (grads[True] < grads[False]).all()  # positive gap saturates the sigmoid
+    assert (grads[True] > grads[False]).all()
     # rewards and reference terms never receive gradient
     R_w = d["R_w"].clone().requires_grad_()
     loss, _ = sharpen.rlhf_loss(d["mse_w"].requires_grad_(), d["mse_l"], d["ref_mse_w"], d["ref_mse_l"], R_w,
@@ -530,7 +588,7 @@ def _grads(fn, pred, target, weights, grad_out):
 
 def _check_against_reference(dtype, shapes):
     if not kernels.HAS_TRITON:
-        print("triton not installed: skipping"); return
+        raise Skip("triton is not installed")
     for i, shape in enumerate(shapes):
         pred, target, weights = _k_inputs(shape, dtype, seed=i)
         for name, fn, ref in (
@@ -732,6 +790,58 @@ def test_ddp_grad_accum_equals_one_rank():
         _, log = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, f"--out_dir={d}/two")
         assert "1 prompts x 2 trajectories x 2 steps per micro-step per rank; 2 micro-steps x 2 ranks" in log, log
         weights_equal(f"{d}/one/model", f"{d}/two/model", exact=False, atol=1e-4)
+
+
+def step_lines(path):
+    """The log's step lines as dicts of their numeric columns."""
+    out = []
+    for line in open(path):
+        if line.startswith("step ") and "| loss" in line:
+            cols = [c.strip().split(" ", 1) for c in line.split("|")]
+            out.append({k: float(v.split()[0]) for k, v in cols if v.split() and v.split()[0].replace(".", "").replace("e-", "").replace("-", "").isdigit()})
+    return out
+
+
+def test_ddp_ties_on_one_rank_equal_one_rank():
+    """sharpen_rlhf under 2 ranks when one rank's prompts all tie (every trajectory the same score) or all fail
+    (no score) and the other's do not: the run goes on (the idle rank still joins DDP's all-reduce) and ends
+    with the weights of 1 rank at the same global batch (the loss is a mean over the pairs of the whole
+    step, all ranks and micro-steps). Also with grad_accum = 2 (idle micro-steps under no_sync). The same
+    for sharpen_sft when every score of a rank fails."""
+    stub = StubGrader()
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            with open(f"{d}/prompts.txt", "w") as f:
+                f.write("tie a red circle\nvary a red circle\ngarbage a red circle\nvary two blue squares\n")
+            grader = f"--reward=mllm@{stub.url}"
+            torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+            for name, extra in (("rlhf", ["--method=sharpen_rlhf", "--prompts_per_step=2", f"--prompt_file={d}/prompts.txt",
+                                          grader, "--probe_pairs=4"]),
+                                ("accum", ["--method=sharpen_rlhf", "--prompts_per_step=4", "--grad_accum=2",
+                                           f"--prompt_file={d}/prompts.txt", grader, "--probe_pairs=0"]),
+                                ("sft", ["--method=sharpen_sft", "--prompts_per_step=2",
+                                         f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"])):
+                args = ["train.py", "--steps=4", *SHARPEN_TINY, "--lr=1e-4", "--grad_clip=1e6", *extra]  # no clipping:
+                # Adam sees the gradient's scale from step to step
+                run(*args, f"--out_dir={d}/{name}1")
+                _, log = run(*torchrun, *args, f"--out_dir={d}/{name}2")
+                steps = step_lines(f"{d}/{name}2/log.txt")
+                assert len(steps) == 4 and os.path.exists(f"{d}/{name}2/model"), log[-2000:]
+                # some step had a rank (or rank-micro-step) with nothing to train while others trained
+                assert any(s["idle"] >= 1 and s["kept"] >= 1 for s in steps), (name, steps)
+                one = step_lines(f"{d}/{name}1/log.txt")
+                assert [s["kept"] for s in steps] == [s["kept"] for s in one], (name, steps, one)
+                # the same loss and the same all-reduced gradient norm at every step (an idle rank that halved
+                # the mean, or a loss averaged per rank, shows here at once) ...
+                for a, b in zip(one, steps):
+                    for k in ("loss", "gnorm"):
+                        assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (name, k, one, steps)
+                # ... and the same weights, but for the few that Adam moves by float noise (near-zero gradients)
+                sa, sb = S.load_model(f"{d}/{name}1/model").unet.state_dict(), S.load_model(f"{d}/{name}2/model").unet.state_dict()
+                off = torch.cat([(sa[k] - sb[k]).abs().flatten() for k in sa]) > 1e-5
+                assert off.float().mean() < 0.02, (name, off.float().mean())
+    finally:
+        stub.server.shutdown()
 
 
 def assert_one_line_error(needle, *args):
@@ -982,6 +1092,16 @@ def test_combined_reward_is_weighted_sum_and_spec_errors():
     raises(lambda: reward.make_reward("imagereward"), "pip install image-reward")
 
 
+def image_score(data_url):
+    """1..10 from the image's mean brightness in steps of 1e-3: different images score differently, while
+    float noise in an image (a pixel that rounds the other way) almost never changes its score."""
+    import base64
+    import io
+    from PIL import Image
+    png = base64.b64decode(data_url.split(",", 1)[1])
+    return 1 + int(np.asarray(Image.open(io.BytesIO(png))).mean() / 255 * 1000) % 10
+
+
 class StubGrader:
     """A loopback OpenAI-compatible server; what it answers depends on the prompt in the rubric."""
 
@@ -1010,6 +1130,8 @@ class StubGrader:
                     n = stub.calls[prompt]
                 try:
                     kind = prompt.split()[0]
+                    if self.path.startswith("/half/"):  # toy captions: a score from the image, or (about half
+                        kind = "garbage" if len(prompt) % 2 else "vary"  # of the captions) no score at all
                     if self.path.startswith("/flaky/") and n % 3 == 1:  # a third of the first answers fail
                         kind = ("garbage", "500")[len(prompt) % 2]
                         if kind == "500":
@@ -1021,7 +1143,9 @@ class StubGrader:
                     answer = {"good": '```json\n{"prompt_fidelity": 9, "creativity": 7, "visual_quality": 8, '
                                       '"consistency": 8, "emotional_resonance": 8, "overall": 8}\n```',
                               "free": "Overall I would give this image 7/10.", "garbage": "lorem ipsum",
-                              "flaky": '{"overall": 6}', "slow": '{"overall": 9}'}.get(kind, '{"overall": 5}')
+                              "flaky": '{"overall": 6}', "slow": '{"overall": 9}',
+                              "vary": '{"overall": %d}' % image_score(body["messages"][0]["content"][1]["image_url"]["url"]),
+                              }.get(kind, '{"overall": 5}')  # any other prompt: the same score for every image
                     data = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
@@ -1345,7 +1469,7 @@ def test_public_library_apis_we_rely_on():
 if __name__ == "__main__":
     tests = [(k, v) for k, v in list(globals().items()) if k.startswith("test_") and callable(v)]
     only = sys.argv[1:]
-    passed = failed = 0
+    passed = failed = skipped = 0
     for name, fn in tests:
         if only and not any(o in name for o in only):
             continue
@@ -1354,11 +1478,14 @@ if __name__ == "__main__":
             fn()
             passed += 1
             print(f"PASS {name} ({time.time() - t0:.1f}s)", flush=True)
+        except Skip as e:
+            skipped += 1
+            print(f"SKIP {name} ({time.time() - t0:.1f}s): {e}", flush=True)
         except Exception as e:
             failed += 1
             msg = str(e).strip().splitlines()
             print(f"FAIL {name} ({time.time() - t0:.1f}s): {type(e).__name__}: {msg[0] if msg else ''}", flush=True)
             import traceback
             traceback.print_exc()
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed, {skipped} skipped")
     sys.exit(1 if failed else 0)

@@ -91,6 +91,8 @@ eval_count = 0           # or this many evenly spaced ones during the run (conve
 eval_seeds = 8           # seeds per held-out eval prompt (41 prompts x 8 = 328 images; 0 = no eval)
 eval_split = "heldout"   # heldout | train: tune hyperparameters on train prompts, report held-out ones
 log_interval = 1
+probe_pairs = 32         # sharpen_rlhf: prompts of a fixed set of pairs never trained on; their implicit accuracy is logged
+probe_interval = 10      # steps between those probes
 profile = False          # add each phase's share of the step time to the log lines (bench.py reads them)
 ckpt_interval = 20
 # real models (README: Real models)
@@ -122,6 +124,12 @@ def nfe_per_step():
             "sharpen_rlhf": P * (num_steps * c + n * m * c + 3 * 2 * m + 2 * m),  # sample, rollouts, w/l x policy/ref
             "diffusion_dpo": P * (3 * 2 + 2),  # winner and loser through policy and reference (+ the pool, once)
             "ddpo": P * n * (num_steps * c / ppo_epochs + 3 * m * c)}[method]  # a batch serves ppo_epochs steps  # a sampled batch serves ppo_epochs
+
+
+def start_steps(gidx, k_range, seed):
+    """The DDIM step each prompt's rollouts start from, drawn per prompt as Alg. 2 draws t per sample, from
+    (seed, global index) alone: the same prompt starts at the same step whatever its rank or micro-step."""
+    return [random.Random((seed * 1_000_003 + g) * 17).randint(*k_range) for g in gidx]
 
 
 _bar = []  # the progress bar, closed before an error so that the error gets a line of its own
@@ -434,11 +442,14 @@ def main():
         """Train prompt number g (global index)."""
         return draw_prompt(random.Random(seed * 1_000_003 + g))
 
-    def sharpen_loss(it, micro):
-        """One micro-step of Algorithm 1 (SFT) or 2 (RLHF) on this rank's P prompts."""
+    def sharpen_batch(gidx):
+        """Algorithm 1 (SFT) or 2 (RLHF) up to the loss, for the prompts of global indices gidx (every seed
+        derives from them): rollouts, rewards and selection, without a graph. Returns (count, loss_fn, h_fn):
+        count = the prompts (SFT) or pairs (RLHF) the loss averages over; loss_fn() -> (mean loss, info)
+        runs the passes with grad (with nothing to train, a zero-weight pass through the DDP module, so
+        every rank issues the same collectives); h_fn() -> (K,) the pairs' implicit reward h now (RLHF)."""
         n, m = n_traj, m_steps
-        first = (it * grad_accum + micro) * per_step + rank * P  # global index of this rank's first prompt
-        gidx = range(first, first + P)
+        P = len(gidx)
         prompts = [train_prompt(g) for g in gidx]
         cond = S.encode(pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
         C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
@@ -449,14 +460,15 @@ def main():
             gens = [torch.Generator().manual_seed(seed * 31 + g) for g in gidx]
             x0 = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, cond, uncond, guidance, eta, gens,
                            record=False)
-        k = random.Random(seed * 17 + it * grad_accum + micro).randint(*k_range)  # start step
+        ks = start_steps(gidx, k_range, seed)  # the noise level per prompt; its n trajectories share it
+        tsn = torch.stack([ts[k:k + m + 1] for k in ks]).repeat_interleave(n, 0)  # (P*n, m+1)
         gens = [torch.Generator().manual_seed((seed * 1_000_003 + g) * 64 + j) for g in gidx for j in range(n)]
         eps0 = S.randn((C, H, H), gens, dev)  # (P*n, C, H, W): the noise that reaches x_t
         x0n = x0.repeat_interleave(n, 0)
-        ab = S.alpha_bars(pipe, ts[k:k + 1])
+        ab = S.alpha_bars(pipe, tsn[:, 0]).view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0n + (1 - ab).sqrt() * eps0
         condn = cond.repeat_interleave(n, 0)
-        traj = S.rollout(pipe, x_t, ts[k:k + m + 1], condn, uncond, guidance, eta, gens)
+        traj = S.rollout(pipe, x_t, tsn, condn, uncond, guidance, eta, gens)
         scored = traj.x0_pred if score_steps == "all" else traj.x0_pred[:, -1:]  # (P*n, m or 1, C, H, W)
         with timed("decode"):  # without a graph (latent models: the VAE)
             images = S.to_images(pipe, scored.flatten(0, 1))
@@ -470,45 +482,65 @@ def main():
         outcome = method == "sharpen_rlhf" and dpo_target == "outcome"
         target = S.state_targets(pipe, traj, traj.x0_pred[:, -1] if outcome else x0n)[0]
         if sft_target == "official":
-            tt = traj.t.repeat(P * n)
             target = S.param_target(pipe, sharpen.official_eps_target(eps0, m).flatten(0, 1),
-                                    x0n.repeat_interleave(m, 0), tt).view_as(target)
+                                    x0n.repeat_interleave(m, 0), traj.t.flatten()).view_as(target)
 
         def recompute(rows, net):
             """Model output with grad for trajectories `rows` (K,) at their m states: (K, m, C, H, W)."""
             if chain_grad:  # re-roll the chain with grad from x_t, through the same guided DDIM steps
-                tr = S.rollout(pipe, x_t[rows], ts[k:k + m + 1], condn[rows], uncond, guidance, eta,
+                tr = S.rollout(pipe, x_t[rows], tsn[rows], condn[rows], uncond, guidance, eta,
                                [gens[i] for i in rows.tolist()], grad=True, unet=net)  # grad if enabled
                 return tr.model_out.float()  # losses in fp32 whatever the autocast dtype
             x = traj.x[rows].flatten(0, 1)
-            out = S.unet_call(pipe, net, x, traj.t.repeat(len(rows)), condn[rows].repeat_interleave(m, 0)).float()
+            out = S.unet_call(pipe, net, x, traj.t[rows].flatten(), condn[rows].repeat_interleave(m, 0)).float()
             return out.view(len(rows), m, *out.shape[1:])
 
+        def idle():
+            """A zero-weight loss through the DDP module: its backward all-reduces like any other."""
+            return recompute(torch.zeros(1, dtype=torch.long, device=dev), unet).sum() * 0.0
+
         last = per_step_r[:, :, -1]  # a failed score is NaN: its trajectory drops out of selection
-        info = dict(reward=last.nanmean().item(), reward_std=last[last.isfinite()].std().nan_to_num(0).item(),
+        info = dict(reward=last.nanmean().nan_to_num(0).item(), reward_std=last[last.isfinite()].std().nan_to_num(0).item(),
                     failed=(~per_step_r.isfinite()).float().mean().item())
         if method == "sharpen_sft":
             w = sharpen.trajectory_weights(R, lam, normalize)
             p_idx, n_idx = sharpen.select_rows(w)  # only trajectories with w > 0 need a forward
-            rows = p_idx * n + n_idx
-            loss = sharpen.sft_loss(recompute(rows, unet), target[rows], w, rows=(p_idx, n_idx))
+            rows, live = p_idx * n + n_idx, int((w.sum(1) > 0).sum())  # prompts with a scored trajectory
             info["w_max"] = w.max(1).values.mean().item()
-        else:
-            iw, il = sharpen.best_worst(R)
-            ar = torch.arange(P, device=R.device)
-            ar = ar[R[ar, iw] > R[ar, il]]  # ties (or < 2 scored trajectories) state no preference: skip
-            info.update(pairs=len(ar) / P)
-            if len(ar) == 0:  # nothing to learn this micro-step; a zero loss keeps DDP's backward in step
-                return sum(p.sum() for p in pipe.unet.parameters()) * 0.0, dict(info, acc=0.0, gap=0.0)
-            rows = torch.cat([ar * n + iw[ar], ar * n + il[ar]])  # (2K,): winners then losers
-            K = len(ar)
+
+            def loss_fn():  # Eq. 9 as a mean over the live prompts (sft_loss's mean is over all P)
+                if live == 0:
+                    return idle(), info
+                return sharpen.sft_loss(recompute(rows, unet), target[rows], w, rows=(p_idx, n_idx)) * (P / live), info
+            return live, loss_fn, None
+        iw, il = sharpen.best_worst(R)
+        ar = torch.arange(P, device=R.device)
+        ar = ar[R[ar, iw] > R[ar, il]]  # ties (or < 2 scored trajectories) state no preference: skip
+        K = len(ar)
+        rows = torch.cat([ar * n + iw[ar], ar * n + il[ar]])  # (2K,): winners then losers
+        info.update(pairs=K / P)
+
+        def loss_fn():
+            if K == 0:  # nothing to learn on this rank this micro-step
+                return idle(), dict(info, acc=0.0, gap=0.0)
             mse = sharpen.trajectory_mse(recompute(rows, unet), target[rows])
             with torch.no_grad():
                 ref = sharpen.trajectory_mse(recompute(rows, ref_unet), target[rows])
             loss, dpo = sharpen.rlhf_loss(mse[:K], mse[K:], ref[:K], ref[K:], R[ar, iw[ar]], R[ar, il[ar]],
                                           beta, reward_in_sigmoid)
-            info.update(acc=dpo["implicit_acc"].item(), gap=dpo["reward_gap"].item())
-        return loss, info
+            return loss, dict(info, acc=dpo["implicit_acc"].item(), gap=dpo["reward_gap"].item())
+
+        @torch.no_grad()
+        def h_fn():
+            mse = sharpen.trajectory_mse(recompute(rows, pipe.unet), target[rows])
+            ref = sharpen.trajectory_mse(recompute(rows, ref_unet), target[rows])
+            return -0.5 * beta * ((mse[:K] - mse[K:]) - (ref[:K] - ref[K:]))
+        return K, loss_fn, h_fn
+
+    def sharpen_step(it, micro):
+        first = (it * grad_accum + micro) * per_step + rank * P  # global index of this rank's first prompt
+        count, loss_fn, _ = sharpen_batch(range(first, first + P))
+        return count, loss_fn
 
     def export(folder):
         """The trained (or EMA) weights as a diffusers folder (save_model writes it atomically)."""
@@ -568,10 +600,31 @@ def main():
         evaluate("start")
     bar = tqdm(total=steps, initial=step, disable=not master, desc=method, mininterval=5)
     _bar.append(bar)
-    step_loss = {"pretrain": pretrain_loss, "sft": pretrain_loss, "diffusion_dpo": dpo_loss,
-                 "ddpo": ddpo_loss}.get(method, sharpen_loss)
+    if method in ("sharpen_rlhf", "sharpen_sft"):
+        step_batch = sharpen_step
+    else:  # these average over all P items of every micro-step
+        fn = {"pretrain": pretrain_loss, "sft": pretrain_loss, "diffusion_dpo": dpo_loss, "ddpo": ddpo_loss}[method]
+        step_batch = lambda it, micro: (P, lambda: fn(it, micro))
+    probe = None  # sharpen_rlhf: fixed pairs that are never trained on (negative global indices), to see
+    if method == "sharpen_rlhf" and probe_pairs and master:  # whether the preference is learned at all
+        counts = nfe[0], nscored[0]
+        with amp():  # after a resume: pairs of the resumed model
+            probe = sharpen_batch(range(-probe_pairs, 0))
+        nfe[0], nscored[0] = counts  # not training compute
+
+    def probe_stats():
+        """Implicit accuracy (fraction of h > 0) and mean h on the probe pairs, with the current weights."""
+        if probe is None or probe[0] == 0:
+            return ""
+        n0 = nfe[0]
+        with amp():
+            h = probe[2]()
+        nfe[0] = n0  # not training compute
+        return f" | probe_acc {(h > 0).float().mean().item():.4f} | probe_h {h.mean().item():.4f}"
     bad_in_row = skipped = 0
     saved = [step]  # the step of the checkpoint on disk (resume: the one loaded)
+    if master and probe is not None and step == 0:
+        log(f"probe {probe[0]} pairs of {probe_pairs} prompts (never trained on), base model{probe_stats()}")
     while step < steps:
         if os.environ.get("TRAIN_KILL_RANK") == f"{rank}:{step}":  # fault injection (tests): a rank dies
             os._exit(9)
@@ -579,26 +632,39 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
+        # first every micro-step's rollouts, rewards and selection (no graph), then the count of what they
+        # train on over all ranks and micro-steps, so that the loss is one mean over the whole optimizer step
+        with amp():
+            batches = [step_batch(step, micro) for micro in range(grad_accum)]
+        units = torch.tensor([float(sum(c for c, _ in batches)), float(sum(c == 0 for c, _ in batches))])
+        if ddp:
+            torch.distributed.all_reduce(units)  # [pairs or items, rank-micro-steps with none], every rank, every step
+        kept, idle_micro = int(units[0].item()), int(units[1].item())
         infos, total = [], 0.0
-        for micro in range(grad_accum):
+        for micro, (count, loss_fn) in enumerate(batches):
             with contextlib.ExitStack() as no_sync:  # DDP all-reduces only on the last micro-step
                 if ddp and micro < grad_accum - 1:
                     for net in nets:
                         no_sync.enter_context(net.no_sync())
                 with amp():
-                    loss, info = step_loss(step, micro)
+                    loss, info = loss_fn()
                 if str(step + 1) in os.environ.get("TRAIN_NAN_STEPS", "").split(","):  # fault injection (tests)
                     loss = loss * float("nan")
+                # DDP averages gradients over ranks: this weight makes the sum over ranks and micro-steps
+                # sum_pairs loss_pair / (pairs in the whole step), whatever each rank kept
+                scale = count * world / max(kept, 1)
                 with timed("unet bwd"):
-                    scaler.scale(loss.float() / grad_accum).backward()
-            total += loss.item() / grad_accum
+                    scaler.scale(loss.float() * scale).backward()
+            total += loss.item() * scale
             infos.append(info)
+        del batches
         with timed("optim"):
             scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
             # a non-finite loss or gradient (on any rank: grads are all-reduced, the flag is too) skips the
             # update; fp16's inf gradients are the GradScaler's business (it skips and lowers the scale)
             bad = torch.tensor(float(not math.isfinite(total) or (dtype != "fp16" and not gnorm.isfinite())))
+            nothing = kept == 0  # every prompt of the step tied (or failed) on every rank: no update
             if ddp:
                 torch.distributed.all_reduce(bad)
             bad = bad.item() > 0
@@ -612,10 +678,14 @@ def main():
                 if bad_in_row >= max_bad_steps:
                     fail(f"{bad_in_row} steps in a row had a non-finite loss or gradient (max_bad_steps={max_bad_steps}); "
                          f"stopping without saving: {ckpt_path} holds the last good state")
+            elif nothing:
+                opt.zero_grad(set_to_none=True)
+                if master:
+                    log(f"step {step + 1}: nothing to train on (every prompt tied or failed), no update")
             else:
                 scaler.step(opt)
                 scaler.update()
-            if ema_params is not None and not bad:
+            if ema_params is not None and not bad and not nothing:
                 with torch.no_grad():
                     for e, p in zip(ema_params, params):
                         e.lerp_(p.detach(), 1 - ema)
@@ -631,6 +701,7 @@ def main():
                 stats /= world
             if master:
                 extra = "".join(f" | {k} {v:.4f}" for k, v in zip(sorted(infos[0]), stats[1:].tolist()))
+                extra += f" | kept {kept} | idle {idle_micro}" + (probe_stats() if step % probe_interval == 0 or step == steps else "")
                 log(f"step {step} | loss {stats[0]:.6f}{extra} | gnorm {gnorm.item():.3f} | nfe {total_nfe[0].item()} | "
                     f"scored {total_nfe[1].item()} | "
                     f"lr {lr_at(step - 1):.2e} | dt {(time.time() - t0) * 1000:.0f}ms" +
