@@ -840,6 +840,15 @@ def test_ddp_ties_on_one_rank_equal_one_rank():
                 sa, sb = S.load_model(f"{d}/{name}1/model").unet.state_dict(), S.load_model(f"{d}/{name}2/model").unet.state_dict()
                 off = torch.cat([(sa[k] - sb[k]).abs().flatten() for k in sa]) > 1e-5
                 assert off.float().mean() < 0.02, (name, off.float().mean())
+            # the baselines train on every item they draw (ddpo: a failed score has advantage 0): they finish too
+            for method in ("ddpo", "diffusion_dpo"):
+                run(*torchrun, "train.py", f"--method={method}", "--steps=2", *SHARPEN_TINY, "--prompts_per_step=2",
+                    "--dpo_pool=8", f"--prompt_file={d}/prompts.txt", grader, f"--out_dir={d}/{method}")
+            with open(f"{d}/ties.txt", "w") as f:
+                f.write("tie a red circle\n")
+            code, out = run("train.py", "--method=diffusion_dpo", "--steps=1", *SHARPEN_TINY, "--dpo_pool=4",
+                            f"--prompt_file={d}/ties.txt", grader, f"--out_dir={d}/dd", ok=False)
+            assert code != 0 and "no preference pairs" in error_lines(out)[0], out[-1500:]
     finally:
         stub.server.shutdown()
 

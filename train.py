@@ -377,6 +377,9 @@ def main():
             iw, il = sharpen.best_worst(r)
             for j in torch.nonzero(r[torch.arange(len(ps)), iw] > r[torch.arange(len(ps)), il]).flatten():
                 xw.append(x[j, iw[j]]), xl.append(x[j, il[j]]), kept.append(ps[j])
+        if not kept:  # the same on every rank (each makes the whole pool)
+            fail(f"diffusion_dpo: the {dpo_k} samples of every one of the {dpo_pool} pool prompts tied (or were not "
+                 "scored): no preference pairs; raise dpo_pool or dpo_k, or use a reward that separates them")
         return torch.stack(xw), torch.stack(xl), kept
 
     def dpo_loss(it, micro):
