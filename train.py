@@ -52,7 +52,7 @@ prompts_per_step = 32    # prompts per optimizer step, over all ranks and micro-
 grad_accum = 1           # micro-steps per optimizer step (no_sync on all but the last)
 n_traj = 3               # trajectories per prompt (they differ in the noise that reaches x_t)
 m_steps = 3              # DDIM steps rolled per trajectory, each scored on its x0 prediction
-agg = "sum"              # trajectory reward: sum (Eq. 8) | mean | last
+agg = "sum"              # trajectory reward: sum (Eq. 8; Eq. 11's gap R_w - R_l is then in 0..m) | mean (official; 0..1) | last
 lam = 0.0                # path-integral temperature: 0 = argmax (the paper), inf = uniform
 normalize = False        # z-score each prompt's trajectory rewards before the softmax
 sft_target = "exact"     # exact: eps from the noised x0 at every step | official: the first eps reused
@@ -60,7 +60,7 @@ dpo_target = "outcome"   # sharpen_rlhf's targets aim at: outcome (each trajecto
                          # winner and loser differ in it, as Diffusion-DPO's pairs do) | start (the sample that was noised)
 chain_grad = False       # backprop through the chain of m steps (the official code) instead of per step
 beta = 5000.0            # Diffusion-DPO beta (ours has the 1/2 inside: beta = 2 * official beta_dpo); 2 and 500 collapsed the toy model
-reward_in_sigmoid = True # reward gap inside the log-sigmoid (the paper) | outside (the official code)
+reward_in_sigmoid = True # -log sigma(h - (R_w - R_l)) (the paper, Eq. 11) | -log sigma(h) + (R_w - R_l) (the official code)
 start_range = "0.05:0.45"  # "a:b": rollouts start at DDIM step k, a <= k / num_steps <= b (1..9 of 20; "" = anywhere):
                          # not from pure noise (k = 0: blurry x0 predictions, uninformative rewards), and before content settles
 num_steps = 20           # sampler schedule the trajectories follow (and RLHF's own samples use)
@@ -503,7 +503,7 @@ def main():
             return recompute(torch.zeros(1, dtype=torch.long, device=dev), unet).sum() * 0.0
 
         last = per_step_r[:, :, -1]  # a failed score is NaN: its trajectory drops out of selection
-        info = dict(reward=last.nanmean().nan_to_num(0).item(), reward_std=last[last.isfinite()].std().nan_to_num(0).item(),
+        info = dict(reward=last.nanmean().item(), reward_std=last[last.isfinite()].std().nan_to_num(0).item(),
                     failed=(~per_step_r.isfinite()).float().mean().item())
         if method == "sharpen_sft":
             w = sharpen.trajectory_weights(R, lam, normalize)
@@ -525,7 +525,7 @@ def main():
 
         def loss_fn():
             if K == 0:  # nothing to learn on this rank this micro-step
-                return idle(), dict(info, acc=0.0, gap=0.0)
+                return idle(), dict(info, acc=math.nan, gap=math.nan)  # undefined: left out of the log's means
             mse = sharpen.trajectory_mse(recompute(rows, unet), target[rows])
             with torch.no_grad():
                 ref = sharpen.trajectory_mse(recompute(rows, ref_unet), target[rows])
@@ -695,13 +695,17 @@ def main():
         step += 1
         bar.update(1)
         if step % log_interval == 0 or step == steps:
-            stats = torch.tensor([total] + [sum(i[k] for i in infos) / len(infos) for k in sorted(infos[0])])
-            total_nfe = torch.tensor([nfe[0], nscored[0]])
-            if ddp:
-                torch.distributed.all_reduce(total_nfe)  # UNet image-passes and reward calls so far, all ranks
+            # the loss, then each info column's mean over micro-steps and ranks, leaving out where it is undefined
+            # (NaN: a rank with no pair has no implicit accuracy, one whose scores all failed no reward)
+            stats = torch.tensor([[i[k] for k in sorted(infos[0])] for i in infos]).nanmean(0)
+            sums = torch.tensor([total / world, nfe[0], nscored[0]], dtype=torch.float64)
             if ddp:  # only logging scalars cross ranks
-                torch.distributed.all_reduce(stats)
-                stats /= world
+                torch.distributed.all_reduce(sums)  # the step's loss; UNet image-passes and reward calls so far
+                if len(stats):  # (the same on every rank: the method's columns)
+                    every = [torch.zeros_like(stats) for _ in range(world)]
+                    torch.distributed.all_gather(every, stats)
+                    stats = torch.stack(every).nanmean(0)
+            stats, total_nfe = torch.cat([sums[:1].float(), stats]), sums[1:].long()
             if master:
                 extra = "".join(f" | {k} {v:.4f}" for k, v in zip(sorted(infos[0]), stats[1:].tolist()))
                 extra += f" | kept {kept} | idle {idle_micro}" + (probe_stats() if step % probe_interval == 0 or step == steps else "")
