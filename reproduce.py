@@ -85,7 +85,7 @@ def main():
     TINY, EVAL_TINY = [], []
     ns, ms = (1, 2, 3, 4, 8), (1, 2, 3, 4, 8)
     if quick:
-        TINY = ["--prompts_per_step=2", "--num_steps=4", "--threads=1", "--dpo_pool=4", "--eval_seeds=1"]
+        TINY = ["--prompts_per_step=2", "--num_steps=4", "--threads=1", "--dpo_pool=4", "--eval_seeds=1", "--probe_pairs=0"]
         EVAL_TINY = ["--num_steps=4", "--per_skill=1"]
         budget, ablation_steps, eval_seeds, ns, ms, curve_evals = 400, 2, 1, (2,), (1,), 1
         search = "bon1+bon2+noise1x2+greedy2"

@@ -706,16 +706,19 @@ def test_pretrain_short_run_and_resume_exact():
 
 
 SHARPEN_TINY = ["--prompts_per_step=4", "--n_traj=2", "--m_steps=2", "--num_steps=4", "--eval_seeds=0",
-                "--threads=1", "--lr=1e-3"]
+                "--threads=1", "--lr=1e-3", "--probe_pairs=0"]  # (sharpen_rlhf's probe: its own test)
 
 
 def test_sharpen_sft_and_rlhf_train_and_export():
     with tempfile.TemporaryDirectory() as d:
         for method in ("sharpen_sft", "sharpen_rlhf"):
-            _, log = run("train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}", *SHARPEN_TINY)
+            _, log = run("train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}", *SHARPEN_TINY,
+                         "--probe_pairs=8")
             assert "batch: 4 prompts x 2 trajectories x 2 steps" in log and "step 2 | loss" in log, log
-            lines = open(f"{d}/{method}/log.txt").read().splitlines()
-            assert len(lines) == 2 and all("reward" in l for l in lines)
+            lines = [l for l in open(f"{d}/{method}/log.txt").read().splitlines() if "| loss " in l]
+            assert len(lines) == 2 and all("reward" in l and "| kept " in l for l in lines), lines
+            probe = [l for l in open(f"{d}/{method}/log.txt") if l.startswith("probe")]
+            assert len(probe) == (method == "sharpen_rlhf") and ("probe_acc" in lines[-1]) == (method == "sharpen_rlhf")
             try:
                 weights_equal(S.TOY_MODEL, f"{d}/{method}/model")
             except AssertionError:
@@ -1222,7 +1225,7 @@ def test_train_with_every_reward():
             spec = (f"compositional:0.5,toyclip@{d}/clip:0.1,clip@{d}/clip:0.1,pickscore@{d}/clip:0.01,"
                     f"aesthetic@{d}/aes:0.1,mllm@{stub.url}:0.2")
             _, log = run("train.py", "--method=sharpen_rlhf", "--steps=1", f"--out_dir={d}/run", *SHARPEN_TINY,
-                         f"--reward={spec}")
+                         f"--reward={spec}", "--probe_pairs=0")  # (the probe pairs would be graded too)
             assert "step 1 | loss" in log and "failed 0.0000" in log, log
             assert sum(stub.calls.values()) == 4 * 2 * 2, stub.calls  # each scored x0 (4 prompts x 2 x 2) once
     finally:
@@ -1305,7 +1308,7 @@ def test_sd_and_sdxl_sharpen_full_and_lora_export_reload():
                     out = f"{d}/{kind}-{method}-{lora}"
                     _, log = run("train.py", f"--model={base}", f"--method={method}", "--steps=2",
                                  f"--lora_rank={lora}", f"--out_dir={out}", *REAL_TINY)
-                    losses = [float(l.split("loss ")[1].split()[0]) for l in open(f"{out}/log.txt")]
+                    losses = [float(l.split("loss ")[1].split()[0]) for l in open(f"{out}/log.txt") if "| loss " in l]
                     assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
                     try:
                         weights_equal(base, f"{out}/model")
@@ -1336,7 +1339,7 @@ def test_lora_bf16_resume_exact_and_prompt_file():
             f.write("a red circle\n\nthree green triangles\n")
         _, log = run("train.py", f"--model={base}", "--method=sharpen_rlhf", "--lora_rank=4", "--steps=2", "--dtype=bf16",
                      "--score_steps=last", f"--prompt_file={d}/prompts.txt", f"--out_dir={d}/bf16", *REAL_TINY)
-        losses = [float(l.split("loss ")[1].split()[0]) for l in open(f"{d}/bf16/log.txt")]
+        losses = [float(l.split("loss ")[1].split()[0]) for l in open(f"{d}/bf16/log.txt") if "| loss " in l]
         assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
 
 
@@ -1425,7 +1428,7 @@ def test_training_survives_a_flaky_grader():
             url = stub.url.replace("/v1", "/flaky/v1")
             _, log = run("train.py", "--method=sharpen_rlhf", "--steps=2", f"--out_dir={d}", *SHARPEN_TINY,
                          f"--reward=mllm@{url}", "--prompts_per_step=2")
-            failed = [float(l.split("failed ")[1].split()[0]) for l in open(f"{d}/log.txt") if l.startswith("step")]
+            failed = [float(l.split("failed ")[1].split()[0]) for l in open(f"{d}/log.txt") if "| loss " in l]
             assert len(failed) == 2 and max(failed) > 0 and os.path.exists(f"{d}/model"), log
     finally:
         stub.server.shutdown()

@@ -76,10 +76,10 @@ ddpo_eta = 1.0           # ddpo: DDIM eta of its sampler (the policy needs step 
 caption_noise = 0.1      # fraction of captions changed in one field (web alt-text noise)
 caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-free guidance)
 # optim
-steps = 70               # optimizer steps (the default run: 7 min on 2 CPU cores, 13 on one; 120 did no better)
+steps = 120              # optimizer steps (the default run fits 15 min on 2 CPU cores: README, Default runs)
 nfe_budget = 0           # > 0: steps = nfe_budget // UNet image-passes per step (equal compute across methods)
 batch_size = 64          # pretraining images per optimizer step, over all ranks
-lr = 3e-5                # AdamW peak learning rate (1e-4 collapsed sharpen_rlhf at 8 prompts per step)
+lr = 1e-4                # AdamW peak learning rate (sharpen_rlhf at 32 prompts/step: 3e-4 and up collapse it; README Notes)
 warmup = 10              # linear warmup steps, then cosine decay to lr/10
 weight_decay = 0.0
 grad_clip = 1.0
