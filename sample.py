@@ -341,8 +341,7 @@ def predict(pipe, x_t, t, cond, uncond=None, guidance=1.0, unet=None):
     x_t (B,C,H,W), t int or (B,) per sample, cond (B,L,E), uncond (1,L,E) -> guided model output (B,C,H,W).
     unet: another network with the pipe's interface (a DDP wrapper, a frozen reference)."""
     B, unet = x_t.shape[0], unet or pipe.unet
-    per_sample = torch.is_tensor(t) and t.dim() > 0
-    tt = t.to(x_t.device).expand(B) if per_sample else torch.full((B,), int(t), device=x_t.device)
+    tt = torch.as_tensor(t, device=x_t.device).expand(B)
     if guidance == 1.0:
         return unet_call(pipe, unet, x_t, tt, cond)
     out = unet_call(pipe, unet, torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([uncond.expand(B, -1, -1), cond]))

@@ -142,7 +142,7 @@ def official_eps_target(eps0, m):
     return repeat(eps0, "k ... -> k m ...", m=m)
 
 
-def rlhf_loss(mse_w, mse_l, ref_mse_w, ref_mse_l, R_w, R_l, beta, reward_in_sigmoid=True, reduction="mean"):
+def rlhf_loss(mse_w, mse_l, ref_mse_w, ref_mse_l, R_w, R_l, beta, reward_in_sigmoid=True):
     """Eq. 11, Diffusion-DPO between each prompt's best (w) and worst (l) trajectory; all inputs (P,),
     the mse's per trajectory averaged over steps and pixels (trajectory_mse), ref_* and R_* detached here:
         h_p     = -beta/2 * [(mse_w - mse_l) - (ref_mse_w - ref_mse_l)]      Diffusion-DPO's inside term
@@ -156,8 +156,6 @@ def rlhf_loss(mse_w, mse_l, ref_mse_w, ref_mse_l, R_w, R_l, beta, reward_in_sigm
     The official code adds the gap outside the log-sigmoid, where R is a constant: its gradient is
     exactly Diffusion-DPO's and only the logged value shifts.
     Their beta_dpo has no 1/2 (logits = beta_dpo * (ref_diff - model_diff)): beta here = 2 * beta_dpo.
-    reduction="sum" returns the sum over pairs instead of the mean (train.py normalises by the pairs of
-    the whole optimizer step, over all ranks and micro-steps).
     Returns (loss, info); info holds detached 0-dim tensors: implicit_acc = fraction of pairs with h > 0
     (as Diffusion-DPO, without Delta, so it tracks the model and not the reward), inside = mean argument
     of the log-sigmoid, reward_gap = mean Delta."""
@@ -165,11 +163,9 @@ def rlhf_loss(mse_w, mse_l, ref_mse_w, ref_mse_l, R_w, R_l, beta, reward_in_sigm
     gap = (R_w - R_l).detach().float()  # (P,)
     h = -0.5 * beta * ((mse_w - mse_l) - ref_diff)  # (P,)
     inside = h - gap if reward_in_sigmoid else h
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    loss = reduce(-F.logsigmoid(inside), "p -> ", reduction)
+    loss = reduce(-F.logsigmoid(inside), "p -> ", "mean")
     if not reward_in_sigmoid:
-        loss = loss + reduce(gap, "p -> ", reduction)  # a constant: the official code's placement
+        loss = loss + reduce(gap, "p -> ", "mean")  # a constant: the official code's placement
     info = {"implicit_acc": (h.detach() > 0).float().mean(), "inside": inside.detach().mean(),
             "reward_gap": gap.mean()}
     return loss, info

@@ -450,7 +450,7 @@ def main():
         derives from them): rollouts, rewards and selection, without a graph. Returns (count, loss_fn, h_fn):
         count = the prompts (SFT) or pairs (RLHF) the loss averages over; loss_fn() -> (mean loss, info)
         runs the passes with grad (with nothing to train, a zero-weight pass through the DDP module, so
-        every rank issues the same collectives); h_fn() -> (K,) the pairs' implicit reward h now (RLHF)."""
+        every rank issues the same collectives); h_fn() -> (implicit accuracy, mean h) of the pairs now (RLHF)."""
         n, m = n_traj, m_steps
         P = len(gidx)
         prompts = [train_prompt(g) for g in gidx]
@@ -534,10 +534,12 @@ def main():
             return loss, dict(info, acc=dpo["implicit_acc"].item(), gap=dpo["reward_gap"].item())
 
         @torch.no_grad()
-        def h_fn():
+        def h_fn():  # Diffusion-DPO's implicit accuracy and mean h of the pairs now (rlhf_loss without the gap)
             mse = sharpen.trajectory_mse(recompute(rows, pipe.unet), target[rows])
             ref = sharpen.trajectory_mse(recompute(rows, ref_unet), target[rows])
-            return -0.5 * beta * ((mse[:K] - mse[K:]) - (ref[:K] - ref[K:]))
+            zero = torch.zeros(K, device=dev)
+            dpo = sharpen.rlhf_loss(mse[:K], mse[K:], ref[:K], ref[K:], zero, zero, beta, False)[1]
+            return dpo["implicit_acc"].item(), dpo["inside"].item()
         return K, loss_fn, h_fn
 
     def sharpen_step(it, micro):
@@ -621,9 +623,9 @@ def main():
             return ""
         n0 = nfe[0]
         with amp():
-            h = probe[2]()
+            acc, h = probe[2]()
         nfe[0] = n0  # not training compute
-        return f" | probe_acc {(h > 0).float().mean().item():.4f} | probe_h {h.mean().item():.4f}"
+        return f" | probe_acc {acc:.4f} | probe_h {h:.4f}"
     bad_in_row = skipped = 0
     saved = [step]  # the step of the checkpoint on disk (resume: the one loaded)
     if master and probe is not None and step == 0:
