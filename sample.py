@@ -38,32 +38,50 @@ device = "cpu"
 
 
 def configure(config, argv):
-    """Apply `--key=value` overrides to the dict `config` (a script's globals) in place; return the
-    effective {key: value} of the overridable keys. Values parse as Python literals, else strings;
-    a bare `--flag` sets a bool key to True."""
+    """Apply overrides to the dict `config` (a script's globals) in place, nanoGPT's way, in argv order
+    (later ones win): `path/to/file.py` runs the file and takes the names it sets, `--key=value` parses
+    value as a Python literal, else a string; a bare `--flag` sets a bool key to True. Only the lowercase
+    names config already holds can be set, each with its type. Returns {key: value} of those keys."""
     keys = {k for k, v in config.items() if not k.startswith("_") and k.islower()
             and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
-    for arg in argv:
-        if arg.startswith("--") and "=" not in arg and isinstance(config.get(arg[2:]), bool):
-            arg += "=True"
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"error: expected --key=value, got {arg!r}")
-        key, val = arg[2:].split("=", 1)
+
+    def put(key, val, where):
         if key not in keys:
-            raise SystemExit(f"error: unknown config key {key!r} (known: {', '.join(sorted(keys))})")
-        try:
-            val = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            pass  # a plain string
+            raise SystemExit(f"error: unknown config key {key!r}{where} (known: {', '.join(sorted(keys))})")
         old = config[key]
         if isinstance(old, float) and type(val) is int:
             val = float(val)
         if isinstance(old, float) and val in ("inf", "-inf", "nan"):  # not Python literals
             val = float(val)
         if old is not None and type(val) is not type(old):
-            raise SystemExit(f"error: --{key} expects {type(old).__name__}, got {type(val).__name__} {val!r}")
-        print(f"override: {key} = {val!r}")
+            raise SystemExit(f"error: --{key}{where} expects {type(old).__name__}, got {type(val).__name__} {val!r}")
+        print(f"override: {key} = {val!r}{where}")
         config[key] = val
+
+    for arg in argv:
+        if not arg.startswith("-") and arg.endswith(".py"):  # a config file
+            try:
+                code = compile(open(arg, encoding="utf-8").read(), arg, "exec")
+            except OSError as e:
+                raise SystemExit(f"error: cannot read config file {arg!r} ({e.strerror})") from None
+            except SyntaxError as e:
+                raise SystemExit(f"error: config file {arg!r} line {e.lineno}: {e.msg}") from None
+            ns = {}
+            exec(code, ns)
+            for key, val in ns.items():
+                if not key.startswith("_") and not isinstance(val, type(os)):
+                    put(key, val, f" (from {arg})")
+            continue
+        if arg.startswith("--") and "=" not in arg and isinstance(config.get(arg[2:]), bool):
+            arg += "=True"
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: expected --key=value or a config file path/name.py, got {arg!r}")
+        key, val = arg[2:].split("=", 1)
+        try:
+            val = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            pass  # a plain string
+        put(key, val, "")
     return {k: config[k] for k in sorted(keys)}
 
 
