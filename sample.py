@@ -291,6 +291,17 @@ def alpha_bars(pipe, t):
     return torch.where(t >= 0, ab[t.clamp(min=0)], torch.ones((), device=pipe.device))
 
 
+def add_noise(pipe, x0, t, eps):
+    """q(x_t | x0): x_t = sqrt(ab_t) * x0 + sqrt(1 - ab_t) * eps at timesteps t (B,)."""
+    ab = alpha_bars(pipe, t).view(-1, *[1] * (x0.dim() - 1))
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+
+def passes_per_call(guidance):
+    """UNet image-passes per sampler step: 2 with classifier-free guidance (the unconditional half), else 1."""
+    return 1 + (guidance != 1.0)
+
+
 def split_prediction(pipe, x_t, model_out, t):
     """model output -> (x0_pred, eps_pred) at timesteps t (B,), for eps- or v-prediction."""
     ab = alpha_bars(pipe, t).view(-1, *[1] * (x_t.dim() - 1))

@@ -14,6 +14,7 @@ Provenance: semantics checked against Gen-Verse/Diffusion-Sharpening train_{sft,
 and Diffusion-DPO's train.py (differences noted where they matter); no code copied.
 """
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -193,3 +194,9 @@ def ppo_clip_loss(logp, logp_old, adv, clip):
     adv = adv.detach()
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
     return loss, ((ratio - 1).abs() > clip).float().mean()
+
+
+def start_steps(gidx, k_range, seed):
+    """The DDIM step each prompt's rollouts start from, drawn per prompt as Alg. 2 draws t per sample, from
+    (seed, global index) alone: the same prompt starts at the same step whatever its rank or micro-step."""
+    return [random.Random((seed * 1_000_003 + g) * 17).randint(*k_range) for g in gidx]

@@ -278,12 +278,11 @@ def test_start_step_drawn_per_prompt():
     """Alg. 2 draws the noise level per sample: the prompts of one micro-step start at different steps,
     each inside the range, and a prompt's start depends on its global index alone (so any split over ranks
     and micro-steps trains the same states)."""
-    import train
-    ks = train.start_steps(range(64), (1, 9), seed=1337)
+    ks = sharpen.start_steps(range(64), (1, 9), seed=1337)
     assert min(ks) >= 1 and max(ks) <= 9 and len(set(ks)) >= 6, ks
-    assert train.start_steps(range(32, 64), (1, 9), 1337) == ks[32:]
-    assert train.start_steps(range(64), (1, 9), 7) != ks
-    assert set(train.start_steps(range(16), (4, 4), 1337)) == {4}
+    assert sharpen.start_steps(range(32, 64), (1, 9), 1337) == ks[32:]
+    assert sharpen.start_steps(range(64), (1, 9), 7) != ks
+    assert set(sharpen.start_steps(range(16), (4, 4), 1337)) == {4}
 
 
 def test_cfg_scale_one_is_conditional():

@@ -126,12 +126,6 @@ def nfe_per_step():
             "ddpo": P * n * (num_steps * c / ppo_epochs + 3 * m * c)}[method]  # a batch serves ppo_epochs steps  # a sampled batch serves ppo_epochs
 
 
-def start_steps(gidx, k_range, seed):
-    """The DDIM step each prompt's rollouts start from, drawn per prompt as Alg. 2 draws t per sample, from
-    (seed, global index) alone: the same prompt starts at the same step whatever its rank or micro-step."""
-    return [random.Random((seed * 1_000_003 + g) * 17).randint(*k_range) for g in gidx]
-
-
 _bar = []  # the progress bar, closed before an error so that the error gets a line of its own
 
 
@@ -463,7 +457,7 @@ def main():
             gens = [torch.Generator().manual_seed(seed * 31 + g) for g in gidx]
             x0 = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, cond, uncond, guidance, eta, gens,
                            record=False)
-        ks = start_steps(gidx, k_range, seed)  # the noise level per prompt; its n trajectories share it
+        ks = sharpen.start_steps(gidx, k_range, seed)  # the noise level per prompt; its n trajectories share it
         tsn = torch.stack([ts[k:k + m + 1] for k in ks]).repeat_interleave(n, 0)  # (P*n, m+1)
         gens = [torch.Generator().manual_seed((seed * 1_000_003 + g) * 64 + j) for g in gidx for j in range(n)]
         eps0 = S.randn((C, H, H), gens, dev)  # (P*n, C, H, W): the noise that reaches x_t
