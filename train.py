@@ -309,6 +309,14 @@ def main():
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         nets = [DDP(m) for m in trained]
+        if os.environ.get("TRAIN_COUNT_SYNCS"):  # test hook: count the gradient all-reduces (no_sync check)
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+            syncs = [0]
+
+            def counting(state, bucket):
+                syncs[0] += 1
+                return allreduce_hook(None, bucket)
+            nets[0].register_comm_hook(None, counting)
     unet = torch.compile(nets[0]) if compile else nets[0]
     amp = (lambda: torch.autocast(dev.split(":")[0], amp_dtype)) if dtype != "fp32" else contextlib.nullcontext
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
@@ -727,6 +735,8 @@ def main():
         path = save_to or os.path.join(out_dir, "model")
         export(path)
         print(f"saved model to {path}")
+    if ddp and os.environ.get("TRAIN_COUNT_SYNCS"):
+        print(f"rank {rank}: {syncs[0]} gradient all-reduces")
     if ddp:  # teardown order that avoids gloo's abort at exit (CPU-FACTS.md)
         del nets, unet, opt
         gc.collect()
