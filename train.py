@@ -1,28 +1,25 @@
 """
-Training: Diffusion-Sharpening (arXiv 2502.12146, Algorithms 1 and 2) and the pretraining of the toy model.
+Training: Diffusion-Sharpening (arXiv 2502.12146; Alg. 1 = sharpen_sft, Alg. 2 = sharpen_rlhf), the
+baselines it competes with (sft, diffusion_dpo, ddpo) and the pretraining of the built-in toy model.
+The defaults are the variables below; config files and --key=value override them, later ones win.
 
-    python train.py                                                    # sharpen_rlhf, built-in toy model, CPU
-    python train.py --method=sharpen_sft --lam=0.1
-    python train.py --device=cuda --model=/path/to/diffusers/folder    # one GPU
-    python train.py --device=cuda --model=/path/to/sdxl --lora_rank=16 --dtype=bf16 --prompt_file=prompts.txt \
-        --reward=clip@weights/clip-vit-large-patch14 --eval_seeds=0    # real models: README, Real models
-    torchrun --standalone --nproc_per_node=8 train.py --device=cuda    # 8 GPUs
-    torchrun --standalone --nproc_per_node=2 train.py                  # 2 CPU processes (gloo)
-    python train.py --init_from=resume --out_dir=out/sharpen_rlhf      # continue out_dir/ckpt.pt
-
-The built-in model (assets/toy-model) is exactly (28 min on 2 CPU cores):
-    torchrun --standalone --nproc_per_node=2 train.py --method=pretrain --steps=1500 --batch_size=64 \
-        --lr=1e-3 --warmup=100 --ema=0.995 --eval_seeds=0 --log_interval=10 --ckpt_interval=250 \
-        --out_dir=out/pretrain2 --save_to=assets/toy-model
+    python train.py                                               # sharpen_rlhf, built-in toy model, CPU
+    python train.py config/sharpen_sft.py --lam=0.1                # the SFT variant
+    python train.py --device=cuda --model=/path/to/diffusers/folder --lora_rank=16 --dtype=bf16   # README: Real models
+    torchrun --standalone --nproc_per_node=8 train.py --device=cuda   # 8 GPUs (on CPU: 2 processes, gloo)
+    python train.py --init_from=resume --out_dir=out/sharpen_rlhf    # continue out_dir/ckpt.pt
+    torchrun --standalone --nproc_per_node=2 train.py config/pretrain_toy.py   # the built-in model
 """
 import collections
 import contextlib
 import copy
+import datetime
 import gc
 import math
 import os
 import random
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -30,16 +27,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import lora as L
 import sample as S
 import sharpen
-import lora as L
 import toyworld
 from reward import make_reward
 
 # -----------------------------------------------------------------------------
 # run
 method = "sharpen_rlhf"  # sharpen_rlhf | sharpen_sft | pretrain | baselines: sft | diffusion_dpo | ddpo
-model = S.TOY_MODEL      # the diffusers folder sharpening starts from
+model = S.TOY_MODEL      # the diffusers folder training starts from
 out_dir = ""             # ckpt.pt, log.txt, model/ ("" = out/<method>)
 save_to = ""             # where the final diffusers folder goes ("" = out_dir/model)
 init_from = "scratch"    # scratch | resume (out_dir/ckpt.pt)
@@ -48,7 +45,7 @@ seed = 1337
 reward = "compositional" # reward name for make_reward
 prompt_file = ""         # one train prompt per line ("" = toy-world captions); sharpen_rlhf / ddpo / diffusion_dpo
 score_steps = "all"      # all: reward on the x0 prediction of every rolled step (Eq. 8) | last: the last one only
-prompts_per_step = 32    # prompts per optimizer step, over all ranks and micro-steps (8: noise of the updates alone lowers the reward)
+prompts_per_step = 32    # prompts per optimizer step, over all ranks and micro-steps (8: update noise lowers the reward)
 grad_accum = 1           # micro-steps per optimizer step (no_sync on all but the last)
 n_traj = 3               # trajectories per prompt (they differ in the noise that reaches x_t)
 m_steps = 3              # DDIM steps rolled per trajectory, each scored on its x0 prediction
@@ -56,17 +53,17 @@ agg = "sum"              # trajectory reward: sum (Eq. 8; Eq. 11's gap R_w - R_l
 lam = 0.0                # path-integral temperature: 0 = argmax (the paper), inf = uniform
 normalize = False        # z-score each prompt's trajectory rewards before the softmax
 sft_target = "exact"     # exact: eps from the noised x0 at every step | official: the first eps reused
-dpo_target = "outcome"   # sharpen_rlhf's targets aim at: outcome (each trajectory's own last x0 prediction, so
-                         # winner and loser differ in it, as Diffusion-DPO's pairs do) | start (the sample that was noised)
+dpo_target = "outcome"   # sharpen_rlhf's targets aim at: outcome (each trajectory's own last x0 prediction, so winner
+                         # and loser differ in it, as Diffusion-DPO's pairs do) | start (the sample that was noised)
 chain_grad = False       # backprop through the chain of m steps (the official code) instead of per step
-beta = 5000.0            # Diffusion-DPO beta (ours has the 1/2 inside: beta = 2 * official beta_dpo); 2 and 500 collapsed the toy model
+beta = 5000.0            # Diffusion-DPO beta (the 1/2 inside: beta = 2 * official beta_dpo); 2 and 500 collapsed the toy model
 reward_in_sigmoid = True # -log sigma(h - (R_w - R_l)) (the paper, Eq. 11) | -log sigma(h) + (R_w - R_l) (the official code)
 start_range = "0.05:0.45"  # "a:b": rollouts start at DDIM step k, a <= k / num_steps <= b (1..9 of 20; "" = anywhere):
                          # not from pure noise (k = 0: blurry x0 predictions, uninformative rewards), and before content settles
 num_steps = 20           # sampler schedule the trajectories follow (and RLHF's own samples use)
 guidance = 1.0           # CFG scale of rollouts and samples (1.0: best for the toy model, half the NFE)
 eta = 0.0                # DDIM eta of rollouts
-# baselines (the issue of equal compute: nfe_budget)
+# baselines (at equal compute: nfe_budget)
 dpo_pool = 256           # diffusion_dpo: train prompts the base model samples once, dpo_k images each
 dpo_k = 2                # the best and worst of them make the prompt's preference pair
 ppo_clip = 1e-4          # ddpo: ratio clip range (ddpo-pytorch's default)
@@ -76,10 +73,10 @@ ddpo_eta = 1.0           # ddpo: DDIM eta of its sampler (the policy needs step 
 caption_noise = 0.1      # fraction of captions changed in one field (web alt-text noise)
 caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-free guidance)
 # optim
-steps = 120              # optimizer steps (the default run fits 15 min on 2 CPU cores: README, Default runs)
+steps = 120              # optimizer steps (the default run: 11 min on 2 CPU cores, docs/results.md)
 nfe_budget = 0           # > 0: steps = nfe_budget // UNet image-passes per step (equal compute across methods)
 batch_size = 64          # pretraining images per optimizer step, over all ranks
-lr = 1e-4                # AdamW peak learning rate (sharpen_rlhf at 32 prompts/step: 3e-4 and up collapse it; README Notes)
+lr = 1e-4                # AdamW peak learning rate (sharpen_rlhf at 32 prompts/step: 3e-4 and up collapse it, docs/notes.md)
 warmup = 10              # linear warmup steps, then cosine decay to lr/10
 weight_decay = 0.0
 grad_clip = 1.0
@@ -93,7 +90,7 @@ eval_split = "heldout"   # heldout | train: tune hyperparameters on train prompt
 log_interval = 1
 probe_pairs = 32         # sharpen_rlhf: prompts of a fixed set of pairs never trained on; their implicit accuracy is logged
 probe_interval = 10      # steps between those probes
-profile = False          # add each phase's share of the step time to the log lines (bench.py reads them)
+profile = False          # add each phase's share of the step time to the log lines (dev/bench.py reads them)
 ckpt_interval = 20
 # real models (README: Real models)
 lora_rank = 0            # > 0: train LoRA adapters on the UNet's attention instead of all its weights
@@ -106,643 +103,664 @@ device = "cpu"           # cpu | cuda
 threads = 0              # torch threads per process (0 = cores / processes)
 ddp_timeout = 300        # seconds a rank waits for the others in a collective before it fails (a dead rank)
 # -----------------------------------------------------------------------------
-
-# the defaults above are sharpen_rlhf's; these replace them for other methods unless given as --key=value
-# (measured on train prompts, README Notes 2026-11-25: with sharpen_sft, rolled steps m > 1 lower the reward;
-#  lr 1e-4 / 3e-4 / 1e-3 gave 0.565 / 0.611 / 0.599 at 240 steps)
-METHOD_DEFAULTS = {"sharpen_sft": dict(m_steps=1, prompts_per_step=64, lr=3e-4, steps=480, start_range="")}
+config = S.configure(globals(), sys.argv[1:])  # config files and --key=value, in order
+out_dir = config["out_dir"] = out_dir or os.path.join("out", method)
 METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain", "sft", "diffusion_dpo", "ddpo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fault injection for the tests, all of it (env TRAIN_<KIND>=a,b,..: a rank dies at "rank:step", the loss of these
+# steps is NaN, the checkpoint write at these steps fails (full disk) or is killed halfway, the run crashes after
+# these steps; TRAIN_COUNT_SYNCS=1 counts DDP's gradient all-reduces)
+FAULTS = {k: os.environ.get("TRAIN_" + k, "").split(",") for k in
+          ("KILL_RANK", "NAN_STEPS", "FAIL_CKPT_AT_STEP", "KILL_IN_CKPT_AT_STEP", "CRASH_AFTER_STEP", "COUNT_SYNCS")}
+fault = lambda kind, at: str(at) in FAULTS[kind]
+bar = None  # the progress bar, closed before an error so that the error gets a line of its own
+
+
+def fail(msg):
+    if bar is not None:
+        bar.close()
+    raise SystemExit(f"error: {msg}")
 
 
 def nfe_per_step():
-    """Planned UNet cost per optimizer step, all ranks, in image forward passes: CFG counts 2, a pass
-    with grad counts 3 (forward + backward). The run also counts what it does (the `nfe` log column)."""
-    c, P, n, m = 1 + (guidance != 1.0), prompts_per_step, n_traj, m_steps
+    """Planned UNet cost per optimizer step, all ranks, in image forward passes: CFG counts 2, a pass with
+    grad counts 3 (forward + backward). The run also counts what it does (the `nfe` log column)."""
+    c, P, n, m = S.passes_per_call(guidance), prompts_per_step, n_traj, m_steps
     return {"pretrain": 3 * batch_size, "sft": 3 * P,
             "sharpen_sft": P * (n * m * c + 3 * (1 if lam == 0 else n) * m),  # rollouts + selected, with grad
             "sharpen_rlhf": P * (num_steps * c + n * m * c + 3 * 2 * m + 2 * m),  # sample, rollouts, w/l x policy/ref
             "diffusion_dpo": P * (3 * 2 + 2),  # winner and loser through policy and reference (+ the pool, once)
-            "ddpo": P * n * (num_steps * c / ppo_epochs + 3 * m * c)}[method]  # a batch serves ppo_epochs steps  # a sampled batch serves ppo_epochs
+            "ddpo": P * n * (num_steps * c / ppo_epochs + 3 * m * c)}[method]  # a batch serves ppo_epochs steps
 
 
-_bar = []  # the progress bar, closed before an error so that the error gets a line of its own
-
-
-def fail(msg):
-    for b in _bar:
-        b.close()
-    raise SystemExit(f"error: {msg}")
-
-
-def main():
-    config = S.configure(globals(), sys.argv[1:])
-    given = {a[2:].split("=")[0] for a in sys.argv[1:]}  # (configure checked their form)
-    method_defaults = {k: v for k, v in METHOD_DEFAULTS.get(method, {}).items() if k not in given}
-    globals().update(method_defaults)
-    config.update(method_defaults)
-    global out_dir
-    out_dir = out_dir or os.path.join("out", method)
-    config["out_dir"] = out_dir
-    # every check that can fail runs here, before any heavy work
-    if method not in METHODS:
-        fail(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-    for key, options in (("init_from", ("scratch", "resume")), ("eval_split", ("heldout", "train")),
-                         ("dpo_target", ("start", "outcome")), ("sft_target", ("exact", "official")),
-                         ("score_steps", ("all", "last"))):
-        if globals()[key] not in options:
-            fail(f"{key} must be {' or '.join(map(repr, options))}, got {globals()[key]!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("--device=cuda but no CUDA device is available")
-    if method == "sharpen_rlhf" and n_traj < 2:
-        fail(f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}")
-    if not 1 <= m_steps <= num_steps:
-        fail(f"m_steps={m_steps} must be in 1..num_steps={num_steps}")
-    if dtype not in DTYPES:
-        fail(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "fp16" and device != "cuda":
-        fail("--dtype=fp16 needs --device=cuda (fp16 autocast + GradScaler); use bf16 on CPU")
+# every check that can fail runs here, before any heavy work
+if method not in METHODS:
+    fail(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+for key, options in (("init_from", ("scratch", "resume")), ("eval_split", ("heldout", "train")), ("dtype", tuple(DTYPES)),
+                     ("dpo_target", ("start", "outcome")), ("sft_target", ("exact", "official")),
+                     ("score_steps", ("all", "last"))):
+    if globals()[key] not in options:
+        fail(f"{key} must be {' or '.join(map(repr, options))}, got {globals()[key]!r}")
+if device == "cuda" and not torch.cuda.is_available():
+    fail("--device=cuda but no CUDA device is available")
+if method == "sharpen_rlhf" and n_traj < 2:
+    fail(f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}")
+if not 1 <= m_steps <= num_steps:
+    fail(f"m_steps={m_steps} must be in 1..num_steps={num_steps}")
+if dtype == "fp16" and device != "cuda":
+    fail("--dtype=fp16 needs --device=cuda (fp16 autocast + GradScaler); use bf16 on CPU")
+try:
+    k_range = tuple(float(v) for v in start_range.split(":")) if start_range else (0.0, 1.0)
+    assert len(k_range) == 2 and 0 <= k_range[0] <= k_range[1] <= 1
+except (ValueError, AssertionError):
+    fail(f"start_range={start_range!r}: expected 'a:b' with 0 <= a <= b <= 1 (fractions of the schedule)")
+k_range = tuple(min(round(f * num_steps), num_steps - m_steps) for f in k_range)  # room for m steps left
+if method == "sharpen_rlhf" and sft_target == "official" and dpo_target != "start":
+    fail("--sft_target=official reuses the first noise, aimed at the sample that was noised: with sharpen_rlhf "
+         "it needs --dpo_target=start (the outcome targets are exact by construction)")
+if lora_rank < 0 or (lora_rank and method == "pretrain"):
+    fail(f"lora_rank={lora_rank}: must be >= 0, and 0 for pretrain (LoRA adapts a trained UNet)")
+file_prompts = []
+if prompt_file:
+    if method in ("pretrain", "sft", "sharpen_sft"):
+        fail(f"--prompt_file with method {method}: it trains on dataset images, which only the toy world "
+             "provides here; use sharpen_rlhf, ddpo or diffusion_dpo (they need prompts only)")
     try:
-        k_range = tuple(float(v) for v in start_range.split(":")) if start_range else (0.0, 1.0)
-        assert len(k_range) == 2 and 0 <= k_range[0] <= k_range[1] <= 1
-    except (ValueError, AssertionError):
-        fail(f"start_range={start_range!r}: expected 'a:b' with 0 <= a <= b <= 1 (fractions of the schedule)")
-    k_range = tuple(min(round(f * num_steps), num_steps - m_steps) for f in k_range)  # room for m steps left
-    if method == "sharpen_rlhf" and sft_target == "official" and dpo_target != "start":
-        fail("--sft_target=official reuses the first noise, aimed at the sample that was noised: with sharpen_rlhf "
-             "it needs --dpo_target=start (the outcome targets are exact by construction)")
-    if lora_rank < 0 or (lora_rank and method == "pretrain"):
-        fail(f"lora_rank={lora_rank}: must be >= 0, and 0 for pretrain (LoRA adapts a trained UNet)")
-    file_prompts = []
-    if prompt_file:
-        if method in ("pretrain", "sft", "sharpen_sft"):
-            fail(f"--prompt_file with method {method}: it trains on dataset images, which only the toy world "
-                 "provides here; use sharpen_rlhf, ddpo or diffusion_dpo (they need prompts only)")
-        try:
-            file_prompts = [l.strip() for l in open(prompt_file, encoding="utf-8") if l.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read prompt_file {prompt_file!r}: {getattr(e, 'strerror', None) or e}")
-        if not file_prompts:
-            fail(f"prompt_file {prompt_file!r} has no prompts (one per line)")
-    pretrain, reward_fn = method == "pretrain", None
-    global steps
-    if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
-        pool_cost = dpo_pool * dpo_k * num_steps * (1 + (guidance != 1.0)) if method == "diffusion_dpo" else 0
-        steps = max(1, int((nfe_budget - pool_cost) // nfe_per_step()))
-        config["steps"] = steps
-    if method not in ("pretrain", "sft"):
-        S.check_model_folder(model)
-        try:
-            reward_fn = make_reward(reward, device)
-        except ValueError as e:
-            fail(e)
-    elif not pretrain:
-        S.check_model_folder(model)
-    ddp = int(os.environ.get("RANK", -1)) != -1  # DDP, nanoGPT-style: torchrun sets RANK
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
-    # batch arithmetic: each prompt's n trajectories stay on one rank, so the softmax is rank-local
-    per_step = batch_size if pretrain else prompts_per_step
-    if per_step % (world * grad_accum):
-        fail(f"{'batch_size' if pretrain else 'prompts_per_step'}={per_step} is not divisible by "
-             f"{world} ranks x grad_accum {grad_accum}")
-    P = per_step // (world * grad_accum)  # images (pretrain) or prompts per rank per micro-step
-    assert P * world * grad_accum == per_step
+        file_prompts = [l.strip() for l in open(prompt_file, encoding="utf-8") if l.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read prompt_file {prompt_file!r}: {getattr(e, 'strerror', None) or e}")
+    if not file_prompts:
+        fail(f"prompt_file {prompt_file!r} has no prompts (one per line)")
+pretrain, reward_fn = method == "pretrain", None
+if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
+    pool_cost = dpo_pool * dpo_k * num_steps * S.passes_per_call(guidance) if method == "diffusion_dpo" else 0
+    steps = config["steps"] = max(1, int((nfe_budget - pool_cost) // nfe_per_step()))
+if not pretrain:
+    S.check_model_folder(model)
+if method not in ("pretrain", "sft"):
+    try:
+        reward_fn = make_reward(reward, device)
+    except ValueError as e:
+        fail(e)
+ddp = int(os.environ.get("RANK", -1)) != -1  # DDP, nanoGPT-style: torchrun sets RANK
+rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+master = rank == 0
+per_step = batch_size if pretrain else prompts_per_step  # a prompt's n trajectories stay on one rank
+if per_step % (world * grad_accum):
+    fail(f"{'batch_size' if pretrain else 'prompts_per_step'}={per_step} is not divisible by "
+         f"{world} ranks x grad_accum {grad_accum}")
+P = per_step // (world * grad_accum)  # images (pretrain) or prompts per rank per micro-step
+if master:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create out_dir {out_dir!r}: {e.strerror}")
+    if not os.access(out_dir, os.W_OK):
+        fail(f"out_dir {out_dir!r} is not writable")
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "resume":  # the checkpoint's config, memory-mapped (cheap): a mismatch fails here
+    if not os.path.exists(ckpt_path):
+        fail(f"--init_from=resume but {ckpt_path} does not exist")
+    try:
+        old = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["config"]
+    except Exception as e:
+        fail(f"cannot read {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})")
+    changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size", "lora_rank")
+               if old.get(k) != config.get(k)]
+    if changed:
+        fail(f"{ckpt_path} is from another config: " + ", ".join(
+            f"{k}={old.get(k)!r} there, {config.get(k)!r} here" for k in changed))
+
+# -----------------------------------------------------------------------------
+# setup: processes, model, optimizer, resume
+dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device == "cuda" else "cpu"
+if ddp:
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(seconds=ddp_timeout))
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
+if master:
+    print("config: " + textwrap.fill(" ".join(f"{k}={v!r}" for k, v in config.items()), 118,
+                                     subsequent_indent="  ", break_on_hyphens=False))
+    print(f"batch: {P} images x {grad_accum} micro-steps x {world} ranks = {per_step} per step" if pretrain else
+          f"batch: {P} prompts x {n_traj} trajectories x {m_steps} steps per micro-step per rank; "
+          f"{grad_accum} micro-steps x {world} ranks = {per_step} prompts = "
+          f"{per_step * n_traj} trajectories = {per_step * n_traj * m_steps} scored x0 per step")
+    print(f"compute: {nfe_per_step():.0f} UNet passes per step planned (grad x3) x {steps} steps = "
+          f"{nfe_per_step() * steps:.0f}" + (f" (nfe_budget {nfe_budget})" if nfe_budget else ""))
+# pretraining trains UNet + text encoder from scratch; the others train the UNet (all of it in fp32, or
+# LoRA adapters in fp32 on a base in `dtype`); frozen modules stay in `dtype`
+amp_dtype = DTYPES[dtype]
+pipe = toyworld.new_toy_model(seed) if pretrain else S.load_model(model, dev, amp_dtype)
+pipe.unet.to(dev).train()
+if lora_rank:
+    params = L.add_lora(pipe.unet, lora_rank, lora_alpha, seed)
+else:
+    params = list(pipe.unet.float().requires_grad_(True).parameters())
+trained = [pipe.unet]
+if pretrain:
+    trained.append(pipe.text_encoder.to(dev).train().requires_grad_(True))
+    params += list(pipe.text_encoder.parameters())
+if grad_ckpt:
+    pipe.unet.enable_gradient_checkpointing()
+ref_unet = None  # the frozen reference of the DPO losses: the base model (LoRA: adapters off)
+if method in ("sharpen_rlhf", "diffusion_dpo"):
+    ref_unet = L.Disabled(pipe.unet) if lora_rank else copy.deepcopy(pipe.unet).to(amp_dtype).eval().requires_grad_(False)
+spent = dict(nfe=0, scored=0)  # UNet image-passes (grad x3) and images scored on this rank, counted where they happen
+timing, t_fwd = collections.defaultdict(float), []  # --profile: seconds per phase this step
+
+
+def clock():
+    if profile and device == "cuda":  # GPU phases end where their kernels end
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+@contextlib.contextmanager
+def timed(key):
+    t = clock()
+    yield
+    timing[key] += clock() - t
+
+
+def count_pass(mod, args, kw):
+    spent["nfe"] += len(args[0] if args else kw["sample"]) * (3 if torch.is_grad_enabled() else 1)
+    if profile:
+        t_fwd.append(clock())
+
+
+def time_pass(mod, args, kw, out):
+    if profile:
+        timing["unet fwd"] += clock() - t_fwd.pop()
+
+
+for net in (pipe.unet, None if lora_rank else ref_unet):  # LoRA's reference passes run through pipe.unet
+    if net is not None:
+        net.register_forward_pre_hook(count_pass, with_kwargs=True)
+        net.register_forward_hook(time_pass, with_kwargs=True)
+opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+ema_params = [p.detach().clone() for p in params] if ema else None
+step, pool, ddpo_batches = 0, [], {}  # diffusion_dpo's offline pairs; ddpo's batch of the old policy
+if init_from == "resume":
+    ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+    for m, sd in zip(trained, ck["models"]):
+        m.load_state_dict(sd, strict=not lora_rank)  # a LoRA checkpoint holds the adapters only
+    opt.load_state_dict(ck["optimizer"])
+    ema_params, step, spent["nfe"], spent["scored"] = ck["ema"], ck["step"], ck["nfe"], ck.get("scored", 0)
+    ddpo_batches.update(ck["ddpo_batch"])
     if master:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as e:
-            fail(f"cannot create out_dir {out_dir!r}: {e.strerror}")
-        if not os.access(out_dir, os.W_OK):
-            fail(f"out_dir {out_dir!r} is not writable")
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if init_from == "resume":  # the checkpoint's config, memory-mapped (cheap): a mismatch fails here
-        if not os.path.exists(ckpt_path):
-            fail(f"--init_from=resume but {ckpt_path} does not exist")
-        try:
-            old = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["config"]
-        except Exception as e:
-            fail(f"cannot read {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})")
-        changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size", "lora_rank")
-                   if old.get(k) != config.get(k)]
-        if changed:
-            fail(f"{ckpt_path} is from another config: " + ", ".join(
-                f"{k}={old.get(k)!r} there, {config.get(k)!r} here" for k in changed))
+        print(f"resumed from {ckpt_path} at step {step}")
+nets, syncs = trained, [0]
+if ddp:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    nets = [DDP(m) for m in trained]
+    if fault("COUNT_SYNCS", 1):  # the no_sync check: how many gradient all-reduces DDP runs
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device == "cuda" else "cpu"
-    if ddp:
-        import datetime
-        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo",
-                                             timeout=datetime.timedelta(seconds=ddp_timeout))
-        if device == "cuda":
-            torch.cuda.set_device(dev)
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
-    if master:
-        if pretrain:
-            print(f"batch: {P} images x {grad_accum} micro-steps x {world} ranks = {per_step} per step")
-        else:
-            print(f"batch: {P} prompts x {n_traj} trajectories x {m_steps} steps per micro-step per rank; "
-                  f"{grad_accum} micro-steps x {world} ranks = {per_step} prompts = "
-                  f"{per_step * n_traj} trajectories = {per_step * n_traj * m_steps} scored x0 per step")
-        print(f"compute: {nfe_per_step():.0f} UNet passes per step planned (grad x3) x {steps} steps = "
-              f"{nfe_per_step() * steps:.0f}" + (f" (nfe_budget {nfe_budget})" if nfe_budget else ""))
+        def counting(state, bucket):
+            syncs[0] += 1
+            return allreduce_hook(None, bucket)
+        nets[0].register_comm_hook(None, counting)
+unet = torch.compile(nets[0]) if compile else nets[0]
+amp = (lambda: torch.autocast(dev.split(":")[0], amp_dtype)) if dtype != "fp32" else contextlib.nullcontext
+scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
+uncond = S.encode(pipe, [""])
+ts = S.timesteps(pipe, num_steps)  # the sampler schedule every trajectory follows (num_steps + 1,)
 
-    # model: pretraining trains UNet + text encoder from scratch; sharpening trains the UNet (all of it,
-    # in fp32, or LoRA adapters in fp32 on a base in `dtype`); frozen modules stay in `dtype`
-    amp_dtype = DTYPES[dtype]
-    pipe = S.new_toy_model(seed) if pretrain else S.load_model(model, dev, amp_dtype)
-    pipe.unet.to(dev).train()
-    if lora_rank:
-        params = L.add_lora(pipe.unet, lora_rank, lora_alpha, seed)
-    else:
-        params = list(pipe.unet.float().requires_grad_(True).parameters())
-    trained = [pipe.unet]
-    if pretrain:
-        pipe.text_encoder.to(dev).train().requires_grad_(True)
-        trained.append(pipe.text_encoder)
-        params += list(pipe.text_encoder.parameters())
-    if grad_ckpt:
-        pipe.unet.enable_gradient_checkpointing()
-    ref_unet = None  # the frozen reference of the DPO losses: the base model (LoRA: adapters off)
-    if method in ("sharpen_rlhf", "diffusion_dpo"):
-        ref_unet = L.Disabled(pipe.unet) if lora_rank else copy.deepcopy(pipe.unet).to(amp_dtype).eval().requires_grad_(False)
-    nfe, nscored = [0], [0]  # UNet cost and reward calls (images scored) this rank spent, counted where they happen
 
-    timing, t_fwd = collections.defaultdict(float), []  # seconds per phase since the last log line
+def lr_at(it):
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, steps - warmup))))
 
-    def clock():
-        if profile and device == "cuda":  # GPU phases end where their kernels end
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
-    @contextlib.contextmanager
-    def timed(key):
-        t = clock()
-        yield
-        timing[key] += clock() - t
+def seed_for(purpose, a, b=0):
+    """Every random draw's seed, from the run's seed and global indices (a prompt's draws do not depend on
+    its rank or micro-step): a = global prompt index g, or the step's first one, or (pretrain) the micro-step."""
+    return {"prompt": seed * 1_000_003 + a, "scene": (seed * 1_000_003 + a) * 4096 + b,
+            "noise": (seed * 1_000_003 + a) * 64 + b, "sample": seed * 31 + a, "render": seed + a,
+            "t noise": seed * 7919 + a, "pool": seed * 7 + a, "pool prompts": seed * 99991,
+            "ddpo t": seed + a * 131 + b}[purpose]
 
-    def count(mod, args, kw):
-        nfe[0] += len(args[0] if args else kw["sample"]) * (3 if torch.is_grad_enabled() else 1)
-        if profile:
-            t_fwd.append(clock())
 
-    def counted(mod, args, kw, out):
-        if profile:
-            timing["unet fwd"] += clock() - t_fwd.pop()
-    for net in (pipe.unet, None if lora_rank else ref_unet):  # LoRA's reference passes run through pipe.unet
-        if net is not None:
-            net.register_forward_pre_hook(count, with_kwargs=True)
-            net.register_forward_hook(counted, with_kwargs=True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    ema_params = [p.detach().clone() for p in params] if ema else None
-    step, pool, ddpo_batch = 0, [], {}  # diffusion_dpo's offline pairs; ddpo's batch of the old policy
-    if init_from == "resume":
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        for m, sd in zip(trained, ck["models"]):
-            m.load_state_dict(sd, strict=not lora_rank)  # a LoRA checkpoint holds the adapters only
-        opt.load_state_dict(ck["optimizer"])
-        ema_params, step, nfe[0], nscored[0] = ck["ema"], ck["step"], ck["nfe"], ck.get("scored", 0)
-        ddpo_batch.update(ck["ddpo_batch"])
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
-    nets = trained
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        nets = [DDP(m) for m in trained]
-        if os.environ.get("TRAIN_COUNT_SYNCS"):  # test hook: count the gradient all-reduces (no_sync check)
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-            syncs = [0]
+def train_prompt(g, rng=None):
+    """Train prompt number g (global index), or one from rng: a skill-balanced toy-world caption (uniform
+    would be 80 % spatial), or a line of prompt_file."""
+    rng = rng or random.Random(seed_for("prompt", g))
+    return file_prompts[rng.randrange(len(file_prompts))] if prompt_file else toyworld.caption(toyworld.random_spec(rng))
 
-            def counting(state, bucket):
-                syncs[0] += 1
-                return allreduce_hook(None, bucket)
-            nets[0].register_comm_hook(None, counting)
-    unet = torch.compile(nets[0]) if compile else nets[0]
-    amp = (lambda: torch.autocast(dev.split(":")[0], amp_dtype)) if dtype != "fp32" else contextlib.nullcontext
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
-    uncond = S.encode(pipe, [""])
-    ts = S.timesteps(pipe, num_steps)  # the sampler schedule every trajectory follows (num_steps + 1,)
 
-    def lr_at(it):
-        if it < warmup:
-            return lr * (it + 1) / warmup
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, steps - warmup))))
+def first_index(it, micro):
+    """Global index of this rank's first prompt in optimizer step it, micro-step micro."""
+    return (it * grad_accum + micro) * per_step + rank * P
 
-    def pretrain_loss(it, micro):
-        """Denoising loss on toy-world scenes; every seed derives from (seed, step, global index).
-        pretrain: noisy captions, the text encoder trains too; sft (the standard fine-tuning baseline):
-        exact captions, the UNet alone."""
-        images, prompts = [], []
-        first = (micro * world + rank) * P
-        for i in range(first, first + P):
-            s = (seed * 1_000_003 + it) * 4096 + i
-            image, cap = toyworld.sample_scene(s)
-            rng = random.Random(s)
-            if pretrain and rng.random() < caption_noise:
-                cap = toyworld.caption(toyworld.corrupt(toyworld.parse(cap), rng))
-            images.append(image)
-            prompts.append("" if pretrain and rng.random() < caption_dropout else cap)
-        x0 = torch.stack(images).to(dev) * 2 - 1  # model space: [-1, 1]
-        gen = torch.Generator().manual_seed(seed * 7919 + (it * grad_accum + micro) * world + rank)
-        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (P,), generator=gen).to(dev)
-        eps = torch.randn(x0.shape, generator=gen).to(dev)
-        ab = S.alpha_bars(pipe, t).view(-1, 1, 1, 1)
-        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-        target, _ = S.training_target(pipe, x_t, x0, t)
-        cond = nets[1](S.tokenize(pipe, prompts).to(dev))[0] if pretrain else S.encode(pipe, prompts)
-        return F.mse_loss(S.unet_call(pipe, unet, x_t, t, cond).float(), target.float()), {}
 
-    def scored_samples(prompts, seeds, eta_=0.0, net=None):
-        """The current model's (or net's) samples of prompts from seeds, recorded, and their rewards."""
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-        traj = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, S.encode(pipe, prompts), uncond, guidance,
-                         eta_, gens, unet=net)
-        with timed("decode"):
-            images = S.to_images(pipe, traj.x_final)
-        with timed("reward"):
-            nscored[0] += len(images)
-            return traj, reward_fn(images, prompts)[0].float()
+def scored_samples(prompts, seeds, eta_=0.0, net=None):
+    """The current model's (or net's) samples of prompts from seeds, recorded, and their rewards."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    traj = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, S.encode(pipe, prompts), uncond, guidance,
+                     eta_, gens, unet=net)
+    with timed("decode"):
+        images = S.to_images(pipe, traj.x_final)
+    with timed("reward"):
+        spent["scored"] += len(images)
+        return traj, reward_fn(images, prompts)[0].float()
 
-    def dpo_pool_pairs():
-        """Offline preference pairs for diffusion_dpo: dpo_pool train prompts x dpo_k base-model samples
-        (the frozen reference is the base model, also after a resume), the best and worst of each prompt
-        (prompts whose samples tie are dropped): (x_w, x_l, prompts). Every rank makes the whole pool."""
-        rng = random.Random(seed * 99991)
-        prompts = [draw_prompt(rng) for _ in range(dpo_pool)]
-        xw, xl, kept = [], [], []
-        for i in tqdm(range(0, dpo_pool, 32), desc="diffusion_dpo pool", disable=not master):
-            ps = prompts[i:i + 32]
-            seeds = [seed * 7 + (i + j) * dpo_k + k for j in range(len(ps)) for k in range(dpo_k)]
-            traj, r = scored_samples([p for p in ps for _ in range(dpo_k)], seeds, net=ref_unet)
-            x, r = traj.x_final.view(len(ps), dpo_k, *traj.x_final.shape[1:]), r.view(len(ps), dpo_k)
-            iw, il = sharpen.best_worst(r)
-            for j in torch.nonzero(r[torch.arange(len(ps)), iw] > r[torch.arange(len(ps)), il]).flatten():
-                xw.append(x[j, iw[j]]), xl.append(x[j, il[j]]), kept.append(ps[j])
-        if not kept:  # the same on every rank (each makes the whole pool)
-            fail(f"diffusion_dpo: the {dpo_k} samples of every one of the {dpo_pool} pool prompts tied (or were not "
-                 "scored): no preference pairs; raise dpo_pool or dpo_k, or use a reward that separates them")
-        return torch.stack(xw), torch.stack(xl), kept
 
-    def dpo_loss(it, micro):
-        """Diffusion-DPO (arXiv 2311.12908) on the offline pairs: one shared t and noise per pair."""
-        if not pool:
-            pool.extend(dpo_pool_pairs())
-            if master:
-                tqdm.write(f"diffusion_dpo pool: {len(pool[2])} pairs from {dpo_pool} prompts x {dpo_k} samples")
-        xw, xl, prompts = pool
-        first = (it * grad_accum + micro) * per_step + rank * P
-        idx = torch.tensor([g % len(prompts) for g in range(first, first + P)])  # cycles through the pool
-        gen = torch.Generator().manual_seed(seed * 7919 + first)
-        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (P,), generator=gen).to(dev).repeat(2)
-        x0 = torch.cat([xw[idx], xl[idx]])  # (2P, C, H, W): winners then losers
-        eps = torch.randn(xw[idx].shape, generator=gen).to(dev).repeat(2, 1, 1, 1)
-        ab = S.alpha_bars(pipe, t).view(-1, 1, 1, 1)
-        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-        target, _ = S.training_target(pipe, x_t, x0, t)
-        cond = S.encode(pipe, [prompts[i] for i in idx.tolist()]).repeat(2, 1, 1)
-        mse = sharpen.row_mse(S.unet_call(pipe, unet, x_t, t, cond).float(), target)
+# -----------------------------------------------------------------------------
+# the methods: each turns this rank's micro-step into (count, loss_fn): count = the prompts, pairs or
+# images its loss averages over; loss_fn() -> (mean loss with grad, {log column: value})
+
+def pretrain_loss(it, micro):
+    """Denoising loss on toy-world scenes at uniform t. pretrain: noisy captions, the text encoder trains
+    too; sft (the plain fine-tuning baseline): exact captions, the UNet alone."""
+    images, prompts = [], []
+    first = (micro * world + rank) * P
+    for i in range(first, first + P):
+        s = seed_for("scene", it, i)
+        image, cap = toyworld.sample_scene(s)
+        rng = random.Random(s)
+        if pretrain and rng.random() < caption_noise:
+            cap = toyworld.caption(toyworld.corrupt(toyworld.parse(cap), rng))
+        images.append(image)
+        prompts.append("" if pretrain and rng.random() < caption_dropout else cap)
+    x0 = torch.stack(images).to(dev) * 2 - 1  # model space: [-1, 1]
+    gen = torch.Generator().manual_seed(seed_for("t noise", (it * grad_accum + micro) * world + rank))
+    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (P,), generator=gen).to(dev)
+    x_t = S.add_noise(pipe, x0, t, torch.randn(x0.shape, generator=gen).to(dev))
+    target, _ = S.training_target(pipe, x_t, x0, t)
+    cond = nets[1](S.tokenize(pipe, prompts).to(dev))[0] if pretrain else S.encode(pipe, prompts)
+    return F.mse_loss(S.unet_call(pipe, unet, x_t, t, cond).float(), target.float()), {}
+
+
+def roll(gidx):
+    """Algorithms 1 and 2 up to the rewards, for the prompts of global indices gidx, without a graph: each
+    prompt's image (Alg. 1: a dataset render; Alg. 2: the model's own sample) is noised to a start step drawn
+    per prompt; n trajectories from there roll m DDIM steps; the x0 prediction of every step is scored."""
+    n, m = n_traj, m_steps
+    prompts = [train_prompt(g) for g in gidx]
+    cond = S.encode(pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
+    C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    if method == "sharpen_sft":  # Alg. 1: dataset images (toy-world renders of the prompts)
+        x0 = S.from_images(pipe, torch.stack([torch.from_numpy(toyworld.render(toyworld.parse(p), np.random.default_rng(
+            seed_for("render", g)))[0]) for p, g in zip(prompts, gidx)]))
+    else:  # Alg. 2: the current model's own samples (no dataset)
+        gens = [torch.Generator().manual_seed(seed_for("sample", g)) for g in gidx]
+        x0 = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, cond, uncond, guidance, eta, gens, record=False)
+    ks = sharpen.start_steps(gidx, k_range, seed)  # the noise level per prompt; its n trajectories share it
+    tsn = torch.stack([ts[k:k + m + 1] for k in ks]).repeat_interleave(n, 0)  # (P*n, m+1)
+    gens = [torch.Generator().manual_seed(seed_for("noise", g, j)) for g in gidx for j in range(n)]
+    eps0 = S.randn((C, H, H), gens, dev)  # (P*n, C, H, W): the noise that reaches x_t
+    x0n, condn = x0.repeat_interleave(n, 0), cond.repeat_interleave(n, 0)
+    x_t = S.add_noise(pipe, x0n, tsn[:, 0], eps0)
+    traj = S.rollout(pipe, x_t, tsn, condn, uncond, guidance, eta, gens)
+    scored = traj.x0_pred if score_steps == "all" else traj.x0_pred[:, -1:]  # (P*n, m or 1, C, H, W)
+    with timed("decode"):  # without a graph (latent models: the VAE)
+        images = S.to_images(pipe, scored.flatten(0, 1))
+    with timed("reward"):
+        spent["scored"] += len(images)
+        r, _ = reward_fn(images, [p for p in prompts for _ in range(n * scored.shape[1])])
+    per_step_r = r.to(dev).view(len(gidx), n, scored.shape[1])  # a failed score is NaN: it drops out of selection
+    # the exact per-step targets (P*n, m, C, H, W) aim at the image that was noised, or (sharpen_rlhf,
+    # dpo_target=outcome) at each trajectory's own last x0 prediction, so winner and loser differ in it
+    outcome = method == "sharpen_rlhf" and dpo_target == "outcome"
+    target = S.state_targets(pipe, traj, traj.x0_pred[:, -1] if outcome else x0n)[0]
+    if sft_target == "official":
+        target = S.param_target(pipe, sharpen.official_eps_target(eps0, m).flatten(0, 1),
+                                x0n.repeat_interleave(m, 0), traj.t.flatten()).view_as(target)
+    last = per_step_r[:, :, -1]
+    info = dict(reward=last.nanmean().item(), reward_std=last[last.isfinite()].std().nan_to_num(0).item(),
+                failed=(~per_step_r.isfinite()).float().mean().item())
+    return dict(R=sharpen.trajectory_rewards(per_step_r, agg), target=target, traj=traj, x_t=x_t, tsn=tsn,
+                condn=condn, gens=gens, info=info)
+
+
+def recompute(b, rows, net):
+    """Model output with grad for the trajectories `rows` (K,) of roll's b at their m states: (K, m, C, H, W)."""
+    if chain_grad:  # re-roll the chain with grad from x_t, through the same guided DDIM steps
+        tr = S.rollout(pipe, b["x_t"][rows], b["tsn"][rows], b["condn"][rows], uncond, guidance, eta,
+                       [b["gens"][i] for i in rows.tolist()], grad=True, unet=net)  # grad if enabled
+        return tr.model_out.float()  # losses in fp32 whatever the autocast dtype
+    traj = b["traj"]
+    out = S.unet_call(pipe, net, traj.x[rows].flatten(0, 1), traj.t[rows].flatten(),
+                      b["condn"][rows].repeat_interleave(m_steps, 0)).float()
+    return out.view(len(rows), m_steps, *out.shape[1:])
+
+
+def idle(b):
+    """A zero-weight loss through the DDP module (a rank with nothing to train): its backward all-reduces like
+    any other, so every rank issues the same collectives."""
+    return recompute(b, torch.zeros(1, dtype=torch.long, device=dev), unet).sum() * 0.0
+
+
+def sharpen_sft(gidx):
+    """Algorithm 1: the denoising loss on the trajectories that the path-integral weights select (Eq. 9), as
+    a mean over the prompts with a scored trajectory."""
+    b = roll(gidx)
+    w = sharpen.trajectory_weights(b["R"], lam, normalize)
+    p_idx, n_idx = sharpen.select_rows(w)  # only trajectories with w > 0 need a forward
+    rows, live = p_idx * n_traj + n_idx, int((w.sum(1) > 0).sum())
+    info = dict(b["info"], w_max=w.max(1).values.mean().item())
+
+    def loss_fn():
+        if live == 0:
+            return idle(b), info
+        pred = recompute(b, rows, unet)
+        return sharpen.sft_loss(pred, b["target"][rows], w, rows=(p_idx, n_idx)) * (len(gidx) / live), info
+    return live, loss_fn, None
+
+
+def sharpen_rlhf(gidx):
+    """Algorithm 2: Diffusion-DPO on each prompt's best vs worst trajectory against the frozen reference, with
+    the reward gap inside the sigmoid (Eq. 11). Ties (or < 2 scored trajectories) state no preference: skipped.
+    Returns (pairs, loss_fn, h_fn): h_fn() -> (implicit accuracy, mean h) of the pairs now, without the gap."""
+    b = roll(gidx)
+    R, n = b["R"], n_traj
+    iw, il = sharpen.best_worst(R)
+    ar = torch.arange(len(gidx), device=R.device)
+    ar = ar[R[ar, iw] > R[ar, il]]
+    K = len(ar)
+    rows = torch.cat([ar * n + iw[ar], ar * n + il[ar]])  # (2K,): winners then losers
+    info = dict(b["info"], pairs=K / len(gidx))
+
+    def dpo(net, R_w, R_l, in_sigmoid):
+        mse = sharpen.trajectory_mse(recompute(b, rows, net), b["target"][rows])
         with torch.no_grad():
-            ref = sharpen.row_mse(S.unet_call(pipe, ref_unet, x_t, t, cond).float(), target)
-        zero = torch.zeros(P, device=dev)  # no reward gap: plain Diffusion-DPO
-        loss, d = sharpen.rlhf_loss(mse[:P], mse[P:], ref[:P], ref[P:], zero, zero, beta, False)
-        return loss, dict(acc=d["implicit_acc"].item())
+            ref = sharpen.trajectory_mse(recompute(b, rows, ref_unet), b["target"][rows])
+        return sharpen.rlhf_loss(mse[:K], mse[K:], ref[:K], ref[K:], R_w, R_l, beta, in_sigmoid)
 
-    def ddpo_loss(it, micro):
-        """DDPO (Black et al. 2023, arXiv 2305.13301), PPO-clip on per-step DDIM log-probabilities: every
-        ppo_epochs steps the current model samples n trajectories per prompt (eta = ddpo_eta); advantages
-        are the rewards normalised within each prompt; each step trains on m_steps random timesteps."""
-        n, m, key = n_traj, m_steps, (it // ppo_epochs, micro)
-        if key not in ddpo_batch:  # sample a new batch with the current (old) policy
-            for old in [k for k in ddpo_batch if k[0] != key[0]]:
-                del ddpo_batch[old]
-            first = (it // ppo_epochs * grad_accum + micro) * per_step + rank * P
-            prompts = [train_prompt(g) for g in range(first, first + P) for _ in range(n)]
-            traj, r = scored_samples(prompts, [(seed * 1_000_003 + first) * 64 + j for j in range(P * n)], ddpo_eta)
-            x_next = torch.cat([traj.x[:, 1:], traj.x_final[:, None]], 1)  # (B, steps, C, H, W)
-            with torch.no_grad():  # the last step lands on x0 with sigma = 0: no density, left out
-                lp = torch.stack([S.ddim_logprob(pipe, traj.x[:, k], traj.model_out[:, k], ts[k].expand(P * n),
-                                                 ts[k + 1].expand(P * n), ddpo_eta, x_next[:, k])
-                                  for k in range(num_steps - 1)], 1)
-            ddpo_batch[key] = dict(x=traj.x, x_next=x_next, lp=lp, adv=sharpen.group_advantages(r.view(P, n)).flatten(),
-                                   prompts=prompts, reward=r)
-        b = ddpo_batch[key]
-        ks = torch.randperm(num_steps - 1, generator=torch.Generator().manual_seed(seed + it * 131 + micro))[:m]
-        B, cond = len(b["prompts"]), S.encode(pipe, b["prompts"])
-        loss = clipped = 0.0
-        for k in ks.tolist():
-            out = S.predict(pipe, b["x"][:, k], ts[k], cond, uncond, guidance, unet)
-            lp = S.ddim_logprob(pipe, b["x"][:, k], out, ts[k].expand(B), ts[k + 1].expand(B), ddpo_eta,
-                                b["x_next"][:, k])
-            l_k, c_k = sharpen.ppo_clip_loss(lp, b["lp"][:, k], b["adv"], ppo_clip)
-            loss, clipped = loss + l_k / len(ks), clipped + c_k.item() / len(ks)
-        return loss, dict(reward=b["reward"].nanmean().item(), clipfrac=clipped)
+    def loss_fn():
+        if K == 0:  # undefined columns are NaN: left out of the log's means
+            return idle(b), dict(info, acc=math.nan, gap=math.nan)
+        loss, d = dpo(unet, R[ar, iw[ar]], R[ar, il[ar]], reward_in_sigmoid)
+        return loss, dict(info, acc=d["implicit_acc"].item(), gap=d["reward_gap"].item())
 
-    def draw_prompt(rng):
-        """One train prompt from rng: a skill-balanced toy-world caption (uniform would be 80 % spatial),
-        or a line of prompt_file."""
-        return file_prompts[rng.randrange(len(file_prompts))] if prompt_file else toyworld.caption(toyworld.random_spec(rng))
+    @torch.no_grad()
+    def h_fn():
+        zero = torch.zeros(K, device=dev)
+        d = dpo(pipe.unet, zero, zero, False)[1]
+        return d["implicit_acc"].item(), d["inside"].item()
+    return K, loss_fn, h_fn
 
-    def train_prompt(g):
-        """Train prompt number g (global index)."""
-        return draw_prompt(random.Random(seed * 1_000_003 + g))
 
-    def sharpen_batch(gidx):
-        """Algorithm 1 (SFT) or 2 (RLHF) up to the loss, for the prompts of global indices gidx (every seed
-        derives from them): rollouts, rewards and selection, without a graph. Returns (count, loss_fn, h_fn):
-        count = the prompts (SFT) or pairs (RLHF) the loss averages over; loss_fn() -> (mean loss, info)
-        runs the passes with grad (with nothing to train, a zero-weight pass through the DDP module, so
-        every rank issues the same collectives); h_fn() -> (implicit accuracy, mean h) of the pairs now (RLHF)."""
-        n, m = n_traj, m_steps
-        P = len(gidx)
-        prompts = [train_prompt(g) for g in gidx]
-        cond = S.encode(pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
-        C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-        if method == "sharpen_sft":  # Alg. 1: dataset images (toy-world renders of the prompts)
-            x0 = S.from_images(pipe, torch.stack([torch.from_numpy(toyworld.render(toyworld.parse(p), np.random.default_rng(
-                seed + g))[0]) for p, g in zip(prompts, gidx)]))
-        else:  # Alg. 2: the current model's own samples (no dataset)
-            gens = [torch.Generator().manual_seed(seed * 31 + g) for g in gidx]
-            x0 = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, cond, uncond, guidance, eta, gens,
-                           record=False)
-        ks = sharpen.start_steps(gidx, k_range, seed)  # the noise level per prompt; its n trajectories share it
-        tsn = torch.stack([ts[k:k + m + 1] for k in ks]).repeat_interleave(n, 0)  # (P*n, m+1)
-        gens = [torch.Generator().manual_seed((seed * 1_000_003 + g) * 64 + j) for g in gidx for j in range(n)]
-        eps0 = S.randn((C, H, H), gens, dev)  # (P*n, C, H, W): the noise that reaches x_t
-        x0n = x0.repeat_interleave(n, 0)
-        ab = S.alpha_bars(pipe, tsn[:, 0]).view(-1, 1, 1, 1)
-        x_t = ab.sqrt() * x0n + (1 - ab).sqrt() * eps0
-        condn = cond.repeat_interleave(n, 0)
-        traj = S.rollout(pipe, x_t, tsn, condn, uncond, guidance, eta, gens)
-        scored = traj.x0_pred if score_steps == "all" else traj.x0_pred[:, -1:]  # (P*n, m or 1, C, H, W)
-        with timed("decode"):  # without a graph (latent models: the VAE)
-            images = S.to_images(pipe, scored.flatten(0, 1))
-        with timed("reward"):
-            nscored[0] += len(images)
-            r, _ = reward_fn(images, [p for p in prompts for _ in range(n * scored.shape[1])])
-        per_step_r = r.to(dev).view(P, n, scored.shape[1])
-        R = sharpen.trajectory_rewards(per_step_r, agg)  # (P, n)
-        # (P*n, m, C, H, W), exact, aiming at the image that was noised, or (sharpen_rlhf, dpo_target=outcome)
-        # at each trajectory's own last x0 prediction, so winner and loser differ in it
-        outcome = method == "sharpen_rlhf" and dpo_target == "outcome"
-        target = S.state_targets(pipe, traj, traj.x0_pred[:, -1] if outcome else x0n)[0]
-        if sft_target == "official":
-            target = S.param_target(pipe, sharpen.official_eps_target(eps0, m).flatten(0, 1),
-                                    x0n.repeat_interleave(m, 0), traj.t.flatten()).view_as(target)
+def dpo_pool_pairs():
+    """Offline preference pairs for diffusion_dpo: dpo_pool train prompts x dpo_k base-model samples (the
+    reference is the base model, also after a resume), the best and worst of each prompt (ties dropped):
+    (x_w, x_l, prompts). Every rank makes the whole pool."""
+    rng = random.Random(seed_for("pool prompts", 0))
+    prompts = [train_prompt(None, rng) for _ in range(dpo_pool)]
+    xw, xl, kept = [], [], []
+    for i in tqdm(range(0, dpo_pool, 32), desc="diffusion_dpo pool", disable=quiet):
+        ps = prompts[i:i + 32]
+        seeds = [seed_for("pool", (i + j) * dpo_k + k) for j in range(len(ps)) for k in range(dpo_k)]
+        traj, r = scored_samples([p for p in ps for _ in range(dpo_k)], seeds, net=ref_unet)
+        x, r = traj.x_final.view(len(ps), dpo_k, *traj.x_final.shape[1:]), r.view(len(ps), dpo_k)
+        iw, il = sharpen.best_worst(r)
+        for j in torch.nonzero(r[torch.arange(len(ps)), iw] > r[torch.arange(len(ps)), il]).flatten():
+            xw.append(x[j, iw[j]]), xl.append(x[j, il[j]]), kept.append(ps[j])
+    if not kept:  # the same on every rank (each makes the whole pool)
+        fail(f"diffusion_dpo: the {dpo_k} samples of every one of the {dpo_pool} pool prompts tied (or were not "
+             "scored): no preference pairs; raise dpo_pool or dpo_k, or use a reward that separates them")
+    if master:
+        tqdm.write(f"diffusion_dpo pool: {len(kept)} pairs from {dpo_pool} prompts x {dpo_k} samples")
+    return torch.stack(xw), torch.stack(xl), kept
 
-        def recompute(rows, net):
-            """Model output with grad for trajectories `rows` (K,) at their m states: (K, m, C, H, W)."""
-            if chain_grad:  # re-roll the chain with grad from x_t, through the same guided DDIM steps
-                tr = S.rollout(pipe, x_t[rows], tsn[rows], condn[rows], uncond, guidance, eta,
-                               [gens[i] for i in rows.tolist()], grad=True, unet=net)  # grad if enabled
-                return tr.model_out.float()  # losses in fp32 whatever the autocast dtype
-            x = traj.x[rows].flatten(0, 1)
-            out = S.unet_call(pipe, net, x, traj.t[rows].flatten(), condn[rows].repeat_interleave(m, 0)).float()
-            return out.view(len(rows), m, *out.shape[1:])
 
-        def idle():
-            """A zero-weight loss through the DDP module: its backward all-reduces like any other."""
-            return recompute(torch.zeros(1, dtype=torch.long, device=dev), unet).sum() * 0.0
+def dpo_loss(it, micro):
+    """Diffusion-DPO (arXiv 2311.12908) on the offline pairs: one shared t and noise per pair."""
+    if not pool:
+        pool.extend(dpo_pool_pairs())
+    xw, xl, prompts = pool
+    first = first_index(it, micro)
+    idx = torch.tensor([g % len(prompts) for g in range(first, first + P)])  # cycles through the pool
+    gen = torch.Generator().manual_seed(seed_for("t noise", first))
+    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (P,), generator=gen).to(dev).repeat(2)
+    x0 = torch.cat([xw[idx], xl[idx]])  # (2P, C, H, W): winners then losers
+    x_t = S.add_noise(pipe, x0, t, torch.randn(xw[idx].shape, generator=gen).to(dev).repeat(2, 1, 1, 1))
+    target, _ = S.training_target(pipe, x_t, x0, t)
+    cond = S.encode(pipe, [prompts[i] for i in idx.tolist()]).repeat(2, 1, 1)
+    mse = sharpen.row_mse(S.unet_call(pipe, unet, x_t, t, cond).float(), target)
+    with torch.no_grad():
+        ref = sharpen.row_mse(S.unet_call(pipe, ref_unet, x_t, t, cond).float(), target)
+    zero = torch.zeros(P, device=dev)  # no reward gap: plain Diffusion-DPO
+    loss, d = sharpen.rlhf_loss(mse[:P], mse[P:], ref[:P], ref[P:], zero, zero, beta, False)
+    return loss, dict(acc=d["implicit_acc"].item())
 
-        last = per_step_r[:, :, -1]  # a failed score is NaN: its trajectory drops out of selection
-        info = dict(reward=last.nanmean().item(), reward_std=last[last.isfinite()].std().nan_to_num(0).item(),
-                    failed=(~per_step_r.isfinite()).float().mean().item())
-        if method == "sharpen_sft":
-            w = sharpen.trajectory_weights(R, lam, normalize)
-            p_idx, n_idx = sharpen.select_rows(w)  # only trajectories with w > 0 need a forward
-            rows, live = p_idx * n + n_idx, int((w.sum(1) > 0).sum())  # prompts with a scored trajectory
-            info["w_max"] = w.max(1).values.mean().item()
 
-            def loss_fn():  # Eq. 9 as a mean over the live prompts (sft_loss's mean is over all P)
-                if live == 0:
-                    return idle(), info
-                return sharpen.sft_loss(recompute(rows, unet), target[rows], w, rows=(p_idx, n_idx)) * (P / live), info
-            return live, loss_fn, None
-        iw, il = sharpen.best_worst(R)
-        ar = torch.arange(P, device=R.device)
-        ar = ar[R[ar, iw] > R[ar, il]]  # ties (or < 2 scored trajectories) state no preference: skip
-        K = len(ar)
-        rows = torch.cat([ar * n + iw[ar], ar * n + il[ar]])  # (2K,): winners then losers
-        info.update(pairs=K / P)
+def ddpo_loss(it, micro):
+    """DDPO (Black et al. 2023, arXiv 2305.13301), PPO-clip on per-step DDIM log-probabilities: every
+    ppo_epochs steps the current model samples n trajectories per prompt (eta = ddpo_eta); advantages
+    are the rewards normalised within each prompt; each step trains on m_steps random timesteps."""
+    n, key = n_traj, (it // ppo_epochs, micro)
+    if key not in ddpo_batches:  # sample a new batch with the current (old) policy
+        for old in [k for k in ddpo_batches if k[0] != key[0]]:
+            del ddpo_batches[old]
+        first = first_index(it // ppo_epochs, micro)
+        prompts = [train_prompt(g) for g in range(first, first + P) for _ in range(n)]
+        traj, r = scored_samples(prompts, [seed_for("noise", first, j) for j in range(P * n)], ddpo_eta)
+        x_next = torch.cat([traj.x[:, 1:], traj.x_final[:, None]], 1)  # (B, steps, C, H, W)
+        with torch.no_grad():  # the last step lands on x0 with sigma = 0: no density, left out
+            lp = torch.stack([S.ddim_logprob(pipe, traj.x[:, k], traj.model_out[:, k], ts[k].expand(P * n),
+                                             ts[k + 1].expand(P * n), ddpo_eta, x_next[:, k])
+                              for k in range(num_steps - 1)], 1)
+        ddpo_batches[key] = dict(x=traj.x, x_next=x_next, lp=lp, prompts=prompts, reward=r,
+                                 adv=sharpen.group_advantages(r.view(P, n)).flatten())
+    b = ddpo_batches[key]
+    ks = torch.randperm(num_steps - 1, generator=torch.Generator().manual_seed(seed_for("ddpo t", it, micro)))[:m_steps]
+    B, cond = len(b["prompts"]), S.encode(pipe, b["prompts"])
+    loss = clipped = 0.0
+    for k in ks.tolist():
+        out = S.predict(pipe, b["x"][:, k], ts[k], cond, uncond, guidance, unet)
+        lp = S.ddim_logprob(pipe, b["x"][:, k], out, ts[k].expand(B), ts[k + 1].expand(B), ddpo_eta, b["x_next"][:, k])
+        l_k, c_k = sharpen.ppo_clip_loss(lp, b["lp"][:, k], b["adv"], ppo_clip)
+        loss, clipped = loss + l_k / len(ks), clipped + c_k.item() / len(ks)
+    return loss, dict(reward=b["reward"].nanmean().item(), clipfrac=clipped)
 
-        def loss_fn():
-            if K == 0:  # nothing to learn on this rank this micro-step
-                return idle(), dict(info, acc=math.nan, gap=math.nan)  # undefined: left out of the log's means
-            mse = sharpen.trajectory_mse(recompute(rows, unet), target[rows])
-            with torch.no_grad():
-                ref = sharpen.trajectory_mse(recompute(rows, ref_unet), target[rows])
-            loss, dpo = sharpen.rlhf_loss(mse[:K], mse[K:], ref[:K], ref[K:], R[ar, iw[ar]], R[ar, il[ar]],
-                                          beta, reward_in_sigmoid)
-            return loss, dict(info, acc=dpo["implicit_acc"].item(), gap=dpo["reward_gap"].item())
 
-        @torch.no_grad()
-        def h_fn():  # Diffusion-DPO's implicit accuracy and mean h of the pairs now (rlhf_loss without the gap)
-            mse = sharpen.trajectory_mse(recompute(rows, pipe.unet), target[rows])
-            ref = sharpen.trajectory_mse(recompute(rows, ref_unet), target[rows])
-            zero = torch.zeros(K, device=dev)
-            dpo = sharpen.rlhf_loss(mse[:K], mse[K:], ref[:K], ref[K:], zero, zero, beta, False)[1]
-            return dpo["implicit_acc"].item(), dpo["inside"].item()
-        return K, loss_fn, h_fn
+def batch(it, micro):
+    """This rank's part of optimizer step it, micro-step micro: (count, loss_fn)."""
+    if method in ("sharpen_sft", "sharpen_rlhf"):
+        first = first_index(it, micro)
+        return {"sharpen_sft": sharpen_sft, "sharpen_rlhf": sharpen_rlhf}[method](range(first, first + P))[:2]
+    loss = {"pretrain": pretrain_loss, "sft": pretrain_loss, "diffusion_dpo": dpo_loss, "ddpo": ddpo_loss}[method]
+    return P, lambda: loss(it, micro)  # these average over all P items
 
-    def sharpen_step(it, micro):
-        first = (it * grad_accum + micro) * per_step + rank * P  # global index of this rank's first prompt
-        count, loss_fn, _ = sharpen_batch(range(first, first + P))
-        return count, loss_fn
 
-    def export(folder):
-        """The trained (or EMA) weights as a diffusers folder (save_model writes it atomically)."""
-        out = copy.deepcopy(pipe)
-        out.unet._forward_pre_hooks.clear()  # the copy's passes (evaluation) are not training compute
-        if ema_params is not None:  # the copy's parameters in the order of `params`
-            copies = L.lora_parameters(out.unet) if lora_rank else \
-                [p for m in (out.unet, out.text_encoder)[:len(trained)] for p in m.parameters()]
-            for p, e in zip(copies, ema_params):
-                p.data.copy_(e)
-        if lora_rank:  # a plain diffusers UNet with the adapters folded in
-            L.merge(out.unet)
-        out.unet.eval(), out.text_encoder.eval()
-        S.save_model(out, folder)
-        return out
+# -----------------------------------------------------------------------------
+# export, evaluation, logging, checkpoints
 
-    def evaluate(tag):
-        import eval as E
-        res = E.gold_eval(export(os.path.join(out_dir, "model")), split=eval_split, seeds=eval_seeds, num_steps=num_steps,
-                          guidance=guidance)
-        proxy = "" if reward == "compositional" or reward_fn is None else \
-            f" | {eval_split} {reward} {reward_fn(res['images'], res['prompts'])[0].nanmean().item():.4f}"
-        log(f"eval {tag} | step {step} | nfe {nfe[0] * world} | {eval_split} gold {res['overall']:.4f} | n {res['n']} | " +
-            " | ".join(f"{k} {v:.4f}" for k, v in res["per_skill"].items()) + proxy)
+def export(folder):
+    """The trained (or EMA) weights as a diffusers folder (save_model writes it atomically)."""
+    out = copy.deepcopy(pipe)
+    out.unet._forward_pre_hooks.clear()  # the copy's passes (evaluation) are not training compute
+    if ema_params is not None:  # the copy's parameters in the order of `params`
+        copies = L.lora_parameters(out.unet) if lora_rank else \
+            [p for m in (out.unet, out.text_encoder)[:len(trained)] for p in m.parameters()]
+        for p, e in zip(copies, ema_params):
+            p.data.copy_(e)
+    if lora_rank:  # a plain diffusers UNet with the adapters folded in
+        L.merge(out.unet)
+    out.unet.eval(), out.text_encoder.eval()
+    S.save_model(out, folder)
+    return out
 
-    def log(line):
-        tqdm.write(line)
-        with open(os.path.join(out_dir, "log.txt"), "a") as f:
-            f.write(line + "\n")
 
-    def checkpoint():
-        if not all(p.isfinite().all() for p in params):  # never write a poisoned state
-            fail(f"non-finite weights at step {step}; not writing {ckpt_path} (it holds the last good state)")
-        ck = dict(models=[{k: v for k, v in m.state_dict().items() if not lora_rank or ".lora_" in k} for m in trained],
-                  optimizer=opt.state_dict(), ema=ema_params,
-                  step=step, config=config, nfe=nfe[0], scored=nscored[0], ddpo_batch=ddpo_batch)
-        try:
-            with open(ckpt_path + ".tmp", "wb") as f:
-                torch.save(ck, f)
-                if os.environ.get("TRAIN_FAIL_CKPT_AT_STEP") == str(step):  # fault injection: a full disk
-                    raise OSError(28, "No space left on device")
-                if os.environ.get("TRAIN_KILL_IN_CKPT_AT_STEP") == str(step):  # fault injection: killed mid-write
-                    f.truncate(f.tell() // 2)
-                    os._exit(9)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash leaves the old or the new one
-            saved[0] = step
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(ckpt_path + ".tmp")
-            old = f"the previous checkpoint (step {saved[0]}) is intact" if os.path.exists(ckpt_path) \
-                else "there is no earlier checkpoint"
-            fail(f"writing {ckpt_path} at step {step} failed ({e.strerror or e}); {old}")
+def evaluate(tag):
+    import eval as E
+    res = E.gold_eval(export(os.path.join(out_dir, "model")), split=eval_split, seeds=eval_seeds,
+                      num_steps=num_steps, guidance=guidance)
+    proxy = "" if reward == "compositional" or reward_fn is None else \
+        f" | {eval_split} {reward} {reward_fn(res['images'], res['prompts'])[0].nanmean().item():.4f}"
+    log(f"eval {tag} | step {step} | nfe {spent['nfe'] * world} | {eval_split} gold {res['overall']:.4f} | n {res['n']} | " +
+        " | ".join(f"{k} {v:.4f}" for k, v in res["per_skill"].items()) + proxy)
 
-    if master and eval_seeds and step == 0 and not pretrain:
-        evaluate("start")
-    bar = tqdm(total=steps, initial=step, disable=not master, desc=method, mininterval=5)
-    _bar.append(bar)
-    if method in ("sharpen_rlhf", "sharpen_sft"):
-        step_batch = sharpen_step
-    else:  # these average over all P items of every micro-step
-        fn = {"pretrain": pretrain_loss, "sft": pretrain_loss, "diffusion_dpo": dpo_loss, "ddpo": ddpo_loss}[method]
-        step_batch = lambda it, micro: (P, lambda: fn(it, micro))
-    probe = None  # sharpen_rlhf: fixed pairs that are never trained on (negative global indices), to see
-    if method == "sharpen_rlhf" and probe_pairs and master:  # whether the preference is learned at all
-        counts = nfe[0], nscored[0]
-        with amp():  # after a resume: pairs of the resumed model
-            probe = sharpen_batch(range(-probe_pairs, 0))
-        nfe[0], nscored[0] = counts  # not training compute
 
-    def probe_stats():
-        """Implicit accuracy (fraction of h > 0) and mean h on the probe pairs, with the current weights."""
-        if probe is None or probe[0] == 0:
-            return ""
-        n0 = nfe[0]
-        with amp():
-            acc, h = probe[2]()
-        nfe[0] = n0  # not training compute
-        return f" | probe_acc {acc:.4f} | probe_h {h:.4f}"
-    bad_in_row = skipped = 0
-    saved = [step]  # the step of the checkpoint on disk (resume: the one loaded)
-    if master and probe is not None and step == 0:
-        log(f"probe {probe[0]} pairs of {probe_pairs} prompts (never trained on), base model{probe_stats()}")
-    while step < steps:
-        if os.environ.get("TRAIN_KILL_RANK") == f"{rank}:{step}":  # fault injection (tests): a rank dies
-            os._exit(9)
-        t0 = time.time()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        # first every micro-step's rollouts, rewards and selection (no graph), then the count of what they
-        # train on over all ranks and micro-steps, so that the loss is one mean over the whole optimizer step
-        with amp():
-            batches = [step_batch(step, micro) for micro in range(grad_accum)]
-        units = torch.tensor([float(sum(c for c, _ in batches)), float(sum(c == 0 for c, _ in batches))])
+def log(line):
+    tqdm.write(line)
+    with open(os.path.join(out_dir, "log.txt"), "a") as f:
+        f.write(line + "\n")
+
+
+def checkpoint():
+    """out_dir/ckpt.pt, written beside and renamed into place: a crash leaves the old or the new one."""
+    if not all(p.isfinite().all() for p in params):  # never write a poisoned state
+        fail(f"non-finite weights at step {step}; not writing {ckpt_path} (it holds the last good state)")
+    ck = dict(models=[{k: v for k, v in m.state_dict().items() if not lora_rank or ".lora_" in k} for m in trained],
+              optimizer=opt.state_dict(), ema=ema_params, step=step, config=config, nfe=spent["nfe"],
+              scored=spent["scored"], ddpo_batch=ddpo_batches)
+    try:
+        with open(ckpt_path + ".tmp", "wb") as f:
+            torch.save(ck, f)
+            if fault("FAIL_CKPT_AT_STEP", step):
+                raise OSError(28, "No space left on device")
+            if fault("KILL_IN_CKPT_AT_STEP", step):
+                f.truncate(f.tell() // 2)
+                os._exit(9)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(ckpt_path + ".tmp", ckpt_path)
+        saved[0] = step
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(ckpt_path + ".tmp")
+        old = f"the previous checkpoint (step {saved[0]}) is intact" if os.path.exists(ckpt_path) \
+            else "there is no earlier checkpoint"
+        fail(f"writing {ckpt_path} at step {step} failed ({e.strerror or e}); {old}")
+
+
+quiet = not master or not sys.stderr.isatty()  # no progress bar in a redirected log
+probe = None  # sharpen_rlhf: fixed pairs never trained on (negative global indices): is the preference learned?
+if method == "sharpen_rlhf" and probe_pairs and master:
+    counts = dict(spent)
+    with amp():  # after a resume: pairs of the resumed model
+        probe = sharpen_rlhf(range(-probe_pairs, 0))
+    spent.update(counts)  # not training compute
+
+
+def probe_stats():
+    """Implicit accuracy (fraction of h > 0) and mean h on the probe pairs, with the current weights."""
+    if probe is None or probe[0] == 0:
+        return ""
+    counts = dict(spent)
+    with amp():
+        acc, h = probe[2]()
+    spent.update(counts)
+    return f" | probe_acc {acc:.4f} | probe_h {h:.4f}"
+
+
+# -----------------------------------------------------------------------------
+# the loop
+if master and eval_seeds and step == 0 and not pretrain:
+    evaluate("start")
+if master and probe is not None and step == 0:
+    log(f"probe {probe[0]} pairs of {probe_pairs} prompts (never trained on), base model{probe_stats()}")
+bar = tqdm(total=steps, initial=step, disable=quiet, desc=method, mininterval=5)
+bad_in_row = skipped = 0
+saved = [step]  # the step of the checkpoint on disk (resume: the one loaded)
+while step < steps:
+    if fault("KILL_RANK", f"{rank}:{step}"):
+        os._exit(9)
+    t0 = time.time()
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step)
+    opt.zero_grad(set_to_none=True)
+    # first every micro-step's rollouts, rewards and selection (no graph), then the count of what they train
+    # on over all ranks and micro-steps, so that the loss is one mean over the whole optimizer step
+    with amp():
+        batches = [batch(step, micro) for micro in range(grad_accum)]
+    units = torch.tensor([float(sum(c for c, _ in batches)), float(sum(c == 0 for c, _ in batches))])
+    if ddp:
+        torch.distributed.all_reduce(units)  # [pairs or items, rank-micro-steps with none], every rank, every step
+    kept, idle_micro = int(units[0].item()), int(units[1].item())
+    infos, total = [], 0.0
+    for micro, (count, loss_fn) in enumerate(batches):
+        with contextlib.ExitStack() as no_sync:  # DDP all-reduces only on the last micro-step
+            if ddp and micro < grad_accum - 1:
+                for net in nets:
+                    no_sync.enter_context(net.no_sync())
+            with amp():
+                loss, info = loss_fn()
+            if fault("NAN_STEPS", step + 1):
+                loss = loss * float("nan")
+            # DDP averages gradients over ranks: this weight makes the sum over ranks and micro-steps
+            # sum_pairs loss_pair / (pairs in the whole step), whatever each rank kept
+            scale = count * world / max(kept, 1)
+            with timed("unet bwd"):
+                scaler.scale(loss.float() * scale).backward()
+        total += loss.item() * scale
+        infos.append(info)
+    del batches
+    with timed("optim"):
+        scaler.unscale_(opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        # a non-finite loss or gradient (on any rank: grads are all-reduced, the flag is too) skips the
+        # update; fp16's inf gradients are the GradScaler's business (it skips and lowers the scale)
+        bad = torch.tensor(float(not math.isfinite(total) or (dtype != "fp16" and not gnorm.isfinite())))
         if ddp:
-            torch.distributed.all_reduce(units)  # [pairs or items, rank-micro-steps with none], every rank, every step
-        kept, idle_micro = int(units[0].item()), int(units[1].item())
-        infos, total = [], 0.0
-        for micro, (count, loss_fn) in enumerate(batches):
-            with contextlib.ExitStack() as no_sync:  # DDP all-reduces only on the last micro-step
-                if ddp and micro < grad_accum - 1:
-                    for net in nets:
-                        no_sync.enter_context(net.no_sync())
-                with amp():
-                    loss, info = loss_fn()
-                if str(step + 1) in os.environ.get("TRAIN_NAN_STEPS", "").split(","):  # fault injection (tests)
-                    loss = loss * float("nan")
-                # DDP averages gradients over ranks: this weight makes the sum over ranks and micro-steps
-                # sum_pairs loss_pair / (pairs in the whole step), whatever each rank kept
-                scale = count * world / max(kept, 1)
-                with timed("unet bwd"):
-                    scaler.scale(loss.float() * scale).backward()
-            total += loss.item() * scale
-            infos.append(info)
-        del batches
-        with timed("optim"):
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            # a non-finite loss or gradient (on any rank: grads are all-reduced, the flag is too) skips the
-            # update; fp16's inf gradients are the GradScaler's business (it skips and lowers the scale)
-            bad = torch.tensor(float(not math.isfinite(total) or (dtype != "fp16" and not gnorm.isfinite())))
-            nothing = kept == 0  # every prompt of the step tied (or failed) on every rank: no update
-            if ddp:
-                torch.distributed.all_reduce(bad)
-            bad = bad.item() > 0
-            bad_in_row = bad_in_row + 1 if bad else 0
-            skipped += bad
-            if bad:
-                opt.zero_grad(set_to_none=True)
-                scaler.update()
-                if master:
-                    log(f"step {step + 1} skipped: non-finite loss or gradient ({bad_in_row} in a row, {skipped} in all)")
-                if bad_in_row >= max_bad_steps:
-                    fail(f"{bad_in_row} steps in a row had a non-finite loss or gradient (max_bad_steps={max_bad_steps}); "
-                         f"stopping without saving: {ckpt_path} holds the last good state")
-            elif nothing:
-                opt.zero_grad(set_to_none=True)
-                if master:
-                    log(f"step {step + 1}: nothing to train on (every prompt tied or failed), no update")
-            else:
-                scaler.step(opt)
-                scaler.update()
-            if ema_params is not None and not bad and not nothing:
+            torch.distributed.all_reduce(bad)
+        bad, nothing = bad.item() > 0, kept == 0  # nothing: every prompt tied (or failed) on every rank
+        bad_in_row, skipped = (bad_in_row + 1 if bad else 0), skipped + bad
+        if bad or nothing:
+            opt.zero_grad(set_to_none=True)
+        if bad:
+            scaler.update()
+            if master:
+                log(f"step {step + 1} skipped: non-finite loss or gradient ({bad_in_row} in a row, {skipped} in all)")
+            if bad_in_row >= max_bad_steps:
+                fail(f"{bad_in_row} steps in a row had a non-finite loss or gradient (max_bad_steps={max_bad_steps}); "
+                     f"stopping without saving: {ckpt_path} holds the last good state")
+        elif nothing:
+            if master:
+                log(f"step {step + 1}: nothing to train on (every prompt tied or failed), no update")
+        else:
+            scaler.step(opt)
+            scaler.update()
+            if ema_params is not None:
                 with torch.no_grad():
                     for e, p in zip(ema_params, params):
                         e.lerp_(p.detach(), 1 - ema)
-        step += 1
-        bar.update(1)
-        if step % log_interval == 0 or step == steps:
-            # the loss, then each info column's mean over micro-steps and ranks, leaving out where it is undefined
-            # (NaN: a rank with no pair has no implicit accuracy, one whose scores all failed no reward)
-            stats = torch.tensor([[i[k] for k in sorted(infos[0])] for i in infos]).nanmean(0)
-            sums = torch.tensor([total / world, nfe[0], nscored[0]], dtype=torch.float64)
-            if ddp:  # only logging scalars cross ranks
-                torch.distributed.all_reduce(sums)  # the step's loss; UNet image-passes and reward calls so far
-                if len(stats):  # (the same on every rank: the method's columns)
-                    every = [torch.zeros_like(stats) for _ in range(world)]
-                    torch.distributed.all_gather(every, stats)
-                    stats = torch.stack(every).nanmean(0)
-            stats, total_nfe = torch.cat([sums[:1].float(), stats]), sums[1:].long()
-            if master:
-                extra = "".join(f" | {k} {v:.4f}" for k, v in zip(sorted(infos[0]), stats[1:].tolist()))
-                extra += f" | kept {kept} | idle {idle_micro}" + (probe_stats() if step % probe_interval == 0 or step == steps else "")
-                log(f"step {step} | loss {stats[0]:.6f}{extra} | gnorm {gnorm.item():.3f} | nfe {total_nfe[0].item()} | "
-                    f"scored {total_nfe[1].item()} | "
-                    f"lr {lr_at(step - 1):.2e} | dt {(time.time() - t0) * 1000:.0f}ms" +
-                    (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device == "cuda" else ""))
-        if master and (step % ckpt_interval == 0 or step == steps):
-            checkpoint()
-            if os.environ.get("TRAIN_CRASH_AFTER_STEP") == str(step):  # fault injection for the tests
-                os._exit(3)
-        if master and profile:  # where this step's time went (the unet phases include autocast's casts)
-            total = time.time() - t0
-            timing["other"] = total - sum(timing.values())  # sampler bookkeeping, encodes, data, logging, ckpt
-            log(f"profile {step} | total {total * 1000:.0f}ms | " + " | ".join(
-                f"{k} {100 * v / total:.1f}%" for k, v in timing.items()))
-        timing.clear()
-        every = eval_interval or (max(1, steps // (eval_count + 1)) if eval_count else 0)
-        if master and eval_seeds and ((every and step % every == 0) or step == steps):
-            evaluate("end" if step == steps else "mid")
-    bar.close()
-    if master:
-        path = save_to or os.path.join(out_dir, "model")
-        export(path)
-        print(f"saved model to {path}")
-    if ddp and os.environ.get("TRAIN_COUNT_SYNCS"):
+    step += 1
+    bar.update(1)
+    if step % log_interval == 0 or step == steps:
+        # the loss, then each info column's mean over micro-steps and ranks, leaving out where it is undefined
+        # (NaN: a rank with no pair has no implicit accuracy, one whose scores all failed no reward)
+        stats = torch.tensor([[i[k] for k in sorted(infos[0])] for i in infos]).nanmean(0)
+        sums = torch.tensor([total / world, spent["nfe"], spent["scored"]], dtype=torch.float64)
+        if ddp:  # only logging scalars cross ranks
+            torch.distributed.all_reduce(sums)  # the step's loss; UNet image-passes and reward calls so far
+            if len(stats):  # (the same on every rank: the method's columns)
+                every = [torch.zeros_like(stats) for _ in range(world)]
+                torch.distributed.all_gather(every, stats)
+                stats = torch.stack(every).nanmean(0)
+        if master:
+            cols = "".join(f" | {k} {v:.4f}" for k, v in zip(sorted(infos[0]), stats.tolist()))
+            cols += f" | kept {kept} | idle {idle_micro}" + (probe_stats() if step % probe_interval == 0 or step == steps else "")
+            log(f"step {step} | loss {sums[0].float():.6f}{cols} | gnorm {gnorm.item():.3f} | nfe {int(sums[1])} | "
+                f"scored {int(sums[2])} | lr {lr_at(step - 1):.2e} | dt {(time.time() - t0) * 1000:.0f}ms" +
+                (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device == "cuda" else ""))
+    if master and (step % ckpt_interval == 0 or step == steps):
+        checkpoint()
+        if fault("CRASH_AFTER_STEP", step):
+            os._exit(3)
+    if master and profile:  # where this step's time went (the unet phases include autocast's casts)
+        total = time.time() - t0
+        timing["other"] = total - sum(timing.values())  # sampler bookkeeping, encodes, data, logging, ckpt
+        log(f"profile {step} | total {total * 1000:.0f}ms | " + " | ".join(
+            f"{k} {100 * v / total:.1f}%" for k, v in timing.items()))
+    timing.clear()
+    every = eval_interval or (max(1, steps // (eval_count + 1)) if eval_count else 0)
+    if master and eval_seeds and ((every and step % every == 0) or step == steps):
+        evaluate("end" if step == steps else "mid")
+bar.close()
+if master:
+    export(save_to or os.path.join(out_dir, "model"))
+    print(f"saved model to {save_to or os.path.join(out_dir, 'model')}")
+if ddp:
+    if fault("COUNT_SYNCS", 1):
         print(f"rank {rank}: {syncs[0]} gradient all-reduces")
-    if ddp:  # teardown order that avoids gloo's abort at exit (CPU-FACTS.md)
-        del nets, unet, opt
-        gc.collect()
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+    del nets, unet, opt  # teardown order that avoids gloo's abort at exit
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
