@@ -19,7 +19,6 @@ import math
 import os
 import random
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -221,8 +220,6 @@ if ddp:
         torch.cuda.set_device(dev)
 torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
 if master:
-    print("config: " + textwrap.fill(" ".join(f"{k}={v!r}" for k, v in config.items()), 118,
-                                     subsequent_indent="  ", break_on_hyphens=False))
     print(f"batch: {P} images x {grad_accum} micro-steps x {world} ranks = {per_step} per step" if pretrain else
           f"batch: {P} prompts x {n_traj} trajectories x {m_steps} steps per micro-step per rank; "
           f"{grad_accum} micro-steps x {world} ranks = {per_step} prompts = "
@@ -251,10 +248,7 @@ spent = dict(nfe=0, scored=0)  # UNet image-passes (grad x3) and images scored o
 timing, t_fwd = collections.defaultdict(float), []  # --profile: seconds per phase this step
 
 
-def clock():
-    if profile and device == "cuda":  # GPU phases end where their kernels end
-        torch.cuda.synchronize()
-    return time.perf_counter()
+clock = lambda: (profile and device == "cuda" and torch.cuda.synchronize()) or time.perf_counter()  # GPU: kernels end
 
 
 @contextlib.contextmanager
@@ -264,15 +258,13 @@ def timed(key):
     timing[key] += clock() - t
 
 
-def count_pass(mod, args, kw):
+def count_pass(mod, args, kw):  # every UNet call, where it happens: image-passes, a pass with grad x3
     spent["nfe"] += len(args[0] if args else kw["sample"]) * (3 if torch.is_grad_enabled() else 1)
-    if profile:
-        t_fwd.append(clock())
+    t_fwd.append(clock())
 
 
 def time_pass(mod, args, kw, out):
-    if profile:
-        timing["unet fwd"] += clock() - t_fwd.pop()
+    timing["unet fwd"] += clock() - t_fwd.pop()
 
 
 for net in (pipe.unet, None if lora_rank else ref_unet):  # LoRA's reference passes run through pipe.unet
@@ -631,6 +623,8 @@ def checkpoint():
 
 
 quiet = not master or not sys.stderr.isatty()  # no progress bar in a redirected log
+if master:  # the resolved config, on screen and at the top of this run's part of the log
+    log("config " + " ".join(f"{k}={v!r}" for k, v in config.items()))
 probe = None  # sharpen_rlhf: fixed pairs never trained on (negative global indices): is the preference learned?
 if method == "sharpen_rlhf" and probe_pairs and master:
     counts = dict(spent)
