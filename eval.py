@@ -10,17 +10,26 @@ Evaluation: models and inference-time search on fixed held-out prompts and seeds
 Every model and search method sees the same (prompt, seed) pairs, so numbers and grids compare like
 for like. Writes out_dir/results.json, results.md, grid.png (one column per row of the table) and,
 with search, reward_vs_nfe.png.
+
+Inference-time search is what Diffusion-Sharpening competes with: more UNet passes (NFE) per image,
+with a reward as verifier, instead of training. Each method returns the NFE it spent per image.
+
+    best_of_n      N full samples from N seeds, keep the best (N=1 is plain sampling)
+    noise_search   zero-order search over the initial noise (Ma et al. 2025, arXiv 2501.09732): a pivot
+                   noise, K neighbours per round on the sphere around it, move to the best, R rounds
+    greedy_search  per-step search in the spirit of Demon (Yeh et al. 2024, arXiv 2410.05760): at every
+                   step branch K stochastic DDIM steps, keep the one whose next x0 prediction scores best
 """
 import json
 import math
 import os
 import sys
+import textwrap
 import time
 
 import torch
 
 import sample as S
-import search as Q
 import toyworld
 from reward import make_reward
 
@@ -69,17 +78,104 @@ def gold_eval(pipe, split="heldout", per_skill=16, seeds=8, num_steps=20, guidan
     return dict(gold(images, prompts), images=images, prompts=prompts)
 
 
+# -----------------------------------------------------------------------------
+# inference-time search: the same (prompt, seed) pairs as sample.sample, deterministic in them
+
+def candidate_noise(pipe, seed, j):
+    """Candidate j's initial noise for a (prompt, seed) pair; candidate 0 is sample.sample's own."""
+    C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    return torch.randn((C, H, H), generator=torch.Generator().manual_seed(int(seed) + 1_000_003 * j))
+
+
+def sample_from(pipe, noises, prompts, ts, guidance, eta, seeds):
+    """Full DDIM samples from given noises (B,C,H,W) -> images in [0,1]."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    for g in gens:  # advance past the initial draw, as sample.sample's generators are (eta > 0 steps)
+        torch.randn(noises.shape[1:], generator=g)
+    x = S.rollout(pipe, noises.to(pipe.device), ts, S.encode(pipe, prompts), S.encode(pipe, [""]),
+                  guidance, eta, gens, record=False)
+    return S.to_images(pipe, x)
+
+
+@torch.no_grad()
+def best_of_n(pipe, prompts, seeds, reward_fn, N, num_steps=20, guidance=1.0, eta=0.0):
+    """-> (images (B,3,H,W), nfe per image, info with the chosen candidate and all rewards (B, N))."""
+    ts, B = S.timesteps(pipe, num_steps), len(prompts)
+    best, rewards = None, []
+    for j in range(N):  # one candidate of every prompt per batch: memory stays that of plain sampling
+        noises = torch.stack([candidate_noise(pipe, s, j) for s in seeds])
+        images = sample_from(pipe, noises, prompts, ts, guidance, eta, [int(s) + 1_000_003 * j for s in seeds])
+        r = reward_fn(images, prompts)[0].float().nan_to_num(-float("inf"))  # a failed score never wins
+        if best is None:
+            best, best_r, idx = images, r, torch.zeros(B, dtype=torch.long)
+        else:
+            better = r > best_r  # ties keep the earlier candidate
+            best = torch.where(better.view(-1, 1, 1, 1), images, best)
+            best_r, idx = torch.where(better, r, best_r), torch.where(better, j, idx)
+        rewards.append(r)
+    return best, N * num_steps * S.passes_per_call(guidance), dict(choice=idx, rewards=torch.stack(rewards, 1))
+
+
+@torch.no_grad()
+def noise_search(pipe, prompts, seeds, reward_fn, rounds, K, radius=0.5, num_steps=20, guidance=1.0):
+    """Zero-order search: neighbour = (pivot + radius * z) / sqrt(1 + radius^2), still N(0, I) marginally.
+    NFE per image = (1 + rounds * K) * num_steps (* 2 with guidance)."""
+    ts = S.timesteps(pipe, num_steps)
+    pivot = torch.stack([candidate_noise(pipe, s, 0) for s in seeds])
+    best = sample_from(pipe, pivot, prompts, ts, guidance, 0.0, seeds)
+    best_r = reward_fn(best, prompts)[0].float().nan_to_num(-float("inf"))
+    for rnd in range(rounds):
+        cand_noise, cand_img, cand_r = [], [], []
+        for k in range(K):
+            z = torch.stack([candidate_noise(pipe, s, 1 + rnd * K + k) for s in seeds])
+            noise = (pivot + radius * z) / (1 + radius ** 2) ** 0.5
+            images = sample_from(pipe, noise, prompts, ts, guidance, 0.0, seeds)
+            cand_noise.append(noise), cand_img.append(images)
+            cand_r.append(reward_fn(images, prompts)[0].float().nan_to_num(-float("inf")))
+        r, k = torch.stack(cand_r, 1).max(1)  # the best neighbour of each prompt
+        better = r > best_r  # move only when it improves: the pivot's own score is kept
+        ar = torch.arange(len(prompts))
+        pivot = torch.where(better.view(-1, 1, 1, 1), torch.stack(cand_noise, 1)[ar, k], pivot)
+        best = torch.where(better.view(-1, 1, 1, 1), torch.stack(cand_img, 1)[ar, k], best)
+        best_r = torch.where(better, r, best_r)
+    return best, (1 + rounds * K) * num_steps * S.passes_per_call(guidance), dict(rewards=best_r)
+
+
+@torch.no_grad()
+def greedy_search(pipe, prompts, seeds, reward_fn, K, num_steps=20, guidance=1.0, eta=1.0):
+    """At each step, K stochastic DDIM steps (eta > 0) branch from the kept state; each branch's x0
+    prediction at its new state (one UNet pass, reused by the next step) is scored; the best is kept.
+    NFE per image = (1 + (num_steps - 1) * K) * (1 or 2): the last step lands on the clean image."""
+    ts, B = S.timesteps(pipe, num_steps), len(prompts)
+    cond, uncond = S.encode(pipe, prompts), S.encode(pipe, [""])
+    x = torch.stack([candidate_noise(pipe, s, 0) for s in seeds]).to(pipe.device)
+    out = S.predict(pipe, x, ts[0], cond, uncond, guidance)
+    gens = [torch.Generator().manual_seed(int(s) + 7) for s in seeds for _ in range(K)]
+    ar = torch.arange(B)
+    for i in range(num_steps - 1):
+        t, t_prev = ts[i], ts[i + 1]
+        xs = x.repeat_interleave(K, 0)  # (B*K, C, H, W): K branches per prompt
+        noise = S.randn(x.shape[1:], gens, x.device)
+        x_new, _, _ = S.ddim_step(pipe, xs, out.repeat_interleave(K, 0), t.expand(B * K), t_prev.expand(B * K), eta, noise)
+        out_new = S.predict(pipe, x_new, t_prev, cond.repeat_interleave(K, 0), uncond, guidance)
+        _, x0, _ = S.ddim_step(pipe, x_new, out_new, t_prev.expand(B * K), ts[-1].expand(B * K))  # x0 prediction
+        r = reward_fn(S.to_images(pipe, x0), [p for p in prompts for _ in range(K)])[0].float()
+        k = r.nan_to_num(-float("inf")).view(B, K).argmax(1)  # ties: the first branch
+        x, out = x_new.view(B, K, *x.shape[1:])[ar, k], out_new.view(B, K, *out.shape[1:])[ar, k]
+    x, _, _ = S.ddim_step(pipe, x, out, ts[-2].expand(B), ts[-1].expand(B))
+    return S.to_images(pipe, x), (1 + (num_steps - 1) * K) * S.passes_per_call(guidance), {}
+
+
 def run_search(pipe, name, prompts, seed_list, verifier):
     """A search row by name: bonN | noiseRxK | greedyK -> (images, NFE per image)."""
     try:
         if name.startswith("bon"):
-            images, nfe, _ = Q.best_of_n(pipe, prompts, seed_list, verifier, int(name[3:]), num_steps, guidance, eta)
+            images, nfe, _ = best_of_n(pipe, prompts, seed_list, verifier, int(name[3:]), num_steps, guidance, eta)
         elif name.startswith("noise"):
             r, k = (int(v) for v in name[5:].split("x"))
-            images, nfe, _ = Q.noise_search(pipe, prompts, seed_list, verifier, r, k, num_steps=num_steps,
-                                            guidance=guidance)
+            images, nfe, _ = noise_search(pipe, prompts, seed_list, verifier, r, k, num_steps=num_steps, guidance=guidance)
         elif name.startswith("greedy"):
-            images, nfe, _ = Q.greedy_search(pipe, prompts, seed_list, verifier, int(name[6:]), num_steps, guidance)
+            images, nfe, _ = greedy_search(pipe, prompts, seed_list, verifier, int(name[6:]), num_steps, guidance)
         else:
             raise ValueError
     except ValueError:
@@ -87,49 +183,106 @@ def run_search(pipe, name, prompts, seed_list, verifier):
     return images, nfe
 
 
-def plot(path, series, xlabel, ylabel, logx=True, size=(560, 380)):
-    """A line plot as PNG with PIL alone: series {label: [(x, y), ...]} (one point: a marker)."""
-    from PIL import Image, ImageDraw
-    W, H, L, B = *size, 56, 40
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    pts = [p for s in series.values() for p in s]
-    fx = (lambda v: math.log2(v)) if logx else (lambda v: v)
-    x0, x1 = min(fx(p[0]) for p in pts), max(fx(p[0]) for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    x1, y0, y1 = x1 + (x1 == x0), y0 - 0.02, y1 + 0.02
-    X = lambda v: L + (fx(v) - x0) / (x1 - x0) * (W - L - 150)  # noqa: E731
-    Y = lambda v: H - B - (v - y0) / (y1 - y0) * (H - B - 20)  # noqa: E731
-    d.line([(L, 20), (L, H - B), (W - 140, H - B)], fill="black")
-    for i in range(5):  # y: 5 ticks; x: 5 ticks, or the powers of two in range on a log axis
-        yv = y0 + (y1 - y0) * i / 4
-        d.text((4, Y(yv) - 6), f"{yv:.3f}", fill="black")
-    step = max(1, math.ceil((x1 - x0) / 8))
-    xs = range(math.ceil(x0), math.floor(x1) + 1, step) if logx else [x0 + (x1 - x0) * i / 4 for i in range(5)]
-    for xv in xs:
-        d.text((L + (xv - x0) / (x1 - x0) * (W - L - 150) - 10, H - B + 4), f"{2 ** xv if logx else xv:.0f}", fill="black")
-    d.text((W // 2 - 60, H - 16), xlabel, fill="black"), d.text((4, 2), ylabel, fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
-    for i, (label, s) in enumerate(series.items()):
-        c, s = colours[i % len(colours)], sorted(s)
-        if len(s) > 1:
-            d.line([(X(x), Y(y)) for x, y in s], fill=c, width=2)
-        for x, y in s:
-            d.ellipse([X(x) - 3, Y(y) - 3, X(x) + 3, Y(y) + 3], fill=c)
-        d.text((W - 132, 24 + 14 * i), label[:22], fill=c)
-    img.save(path)
+# -----------------------------------------------------------------------------
+# figures (matplotlib): one colour per method in every figure
+
+COLOURS = {  # method -> colour; a name is coloured by the longest method it contains
+    "toy-model": "#7f7f7f", "pretrain": "#bcbd22",
+    "sharpen_rlhf": "#1f77b4", "sharpen_sft": "#d62728", "sft": "#2ca02c", "diffusion_dpo": "#ff7f0e",
+    "ddpo": "#9467bd", "bon": "#17becf", "noise": "#8c564b", "greedy": "#e377c2",
+}
+NAMES = {"bon": "best-of-N", "noise": "noise search", "greedy": "greedy search"}
 
 
-def amortised_n(bon, target):
-    """The N at which best-of-N (points (N, reward), increasing N) first reaches `target`, log-linearly
-    interpolated; None if it never does."""
-    for (n0, r0), (n1, r1) in zip(bon, bon[1:]):
-        if r0 >= target:
-            return n0
-        if r1 >= target:
-            return 2 ** (math.log2(n0) + (target - r0) / (r1 - r0) * (math.log2(n1) - math.log2(n0)))
-    return bon[0][0] if bon and bon[0][1] >= target else None
+def colour(name):
+    """The fixed colour of the method in `name` (e.g. hack_ddpo -> ddpo's); black if none."""
+    keys = [k for k in COLOURS if k in name]
+    return COLOURS[max(keys, key=len)] if keys else "black"
 
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def line_plot(path, series, xlabel, ylabel, xticks=None, levels=None, top_axis=None):
+    """series {name: [(x, y), ...]} as lines with markers (one point: a marker) on a log2 x axis with ticks
+    at xticks (or a linear axis if xticks is None); levels {name: y} as horizontal dashed lines; top_axis
+    (label, scale, ticks): a second x axis on top reading x / scale. The legend sits right of the axes."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, pts in series.items():
+        xs, ys = zip(*sorted(pts))
+        ax.plot(xs, ys, "o-", color=colour(name), label=NAMES.get(name, name), markersize=5)
+    for name, y in (levels or {}).items():
+        ax.axhline(y, color=colour(name), linestyle="--", linewidth=1.2, label=NAMES.get(name, name))
+    if xticks:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xticks, [f"{v:g}" for v in xticks])
+        ax.minorticks_off()
+        xs = [x for pts in series.values() for x, _ in pts] + list(xticks)
+        ax.set_xlim(min(xs) / 1.15, max(xs) * 1.15)
+    if top_axis:
+        label, scale, ticks = top_axis
+        top = ax.secondary_xaxis("top", functions=(lambda x: x / scale, lambda n: n * scale))
+        top.set_xticks(ticks, [f"{v:g}" for v in ticks])
+        top.minorticks_off()
+        top.set_xlabel(label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def nfe_ticks(nfes):
+    """Ticks for an NFE axis: the smallest NFE times powers of two, up to the largest (20, 40, 80, 160)."""
+    lo, hi = min(nfes), max(nfes)
+    return [lo * 2 ** k for k in range(int(math.log2(hi / lo) + 1e-9) + 1)] or [lo]
+
+
+def wrap(text, width):
+    """Each line of text wrapped at width (words kept whole), joined by newlines."""
+    return "\n".join(w for line in text.split("\n") for w in textwrap.wrap(line, width, break_long_words=False))
+
+
+def comparison_grid(path, columns, names, prompts, tile=1.0):
+    """columns: one (k,3,H,W) image tensor in [0,1] per method, row i the same prompt in each; names: the
+    column headers (method and NFE); prompts: the k row labels. Tiles of `tile` inches at 96 dpi."""
+    plt = pyplot()
+    k, (_, H, W), gap = len(prompts), columns[0].shape[1:], 2
+    canvas = torch.ones(3, k * (H + gap) - gap, len(columns) * (W + gap) - gap)  # white between the tiles
+    for j, col in enumerate(columns):
+        for i in range(k):
+            canvas[:, i * (H + gap):i * (H + gap) + H, j * (W + gap):j * (W + gap) + W] = col[i].float().clamp(0, 1)
+    fig, ax = plt.subplots(figsize=(len(columns) * tile + 2.6, k * tile + 0.9))
+    ax.imshow(canvas.permute(1, 2, 0).cpu().numpy(), interpolation="nearest" if W <= 96 * tile else "antialiased")
+    ax.xaxis.tick_top()
+    ax.set_xticks([j * (W + gap) + W / 2 for j in range(len(columns))], [wrap(n, 13) for n in names], fontsize=8)
+    ax.set_yticks([i * (H + gap) + H / 2 for i in range(k)], [wrap(p, 30) for p in prompts], fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=96, bbox_inches="tight")
+    plt.close(fig)
+
+
+def reward_vs_nfe_figure(path, rows):
+    """Held-out gold against NFE per image: search rows as one curve per method, models as points."""
+    series = {}
+    for r in rows:
+        name = r["search"].rstrip("0123456789x") if r["search"] else r["name"]
+        series.setdefault(name, []).append((r["nfe_per_image"], r["overall"]))
+    line_plot(path, series, "NFE per image (UNet passes, log scale)", "held-out gold reward",
+              xticks=nfe_ticks([r["nfe_per_image"] for r in rows]))
+
+
+# -----------------------------------------------------------------------------
 
 def train_nfe(folder):
     """The UNet cost train.py spent on a model (the last `nfe` of out_dir/log.txt beside out_dir/model)."""
@@ -147,17 +300,21 @@ def label(folder):
 
 def main():
     config = S.configure(globals(), sys.argv[1:])
+    for key in ("per_skill", "seeds", "num_steps"):
+        if config[key] < 1:
+            raise SystemExit(f"error: --{key} must be >= 1, got {config[key]}")
+    if split not in ("heldout", "train"):
+        raise SystemExit(f"error: --split must be heldout or train, got {split!r}")
     torch.set_num_threads(os.cpu_count())
     try:  # every reward and model folder is checked before any sampling
         extra = {spec: make_reward(spec, device) for spec in str(rewards).split("+") if spec}
         verifier = make_reward(search_reward, device) if search else None
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    prompts, seed_list = prompts_and_seeds(split, per_skill, seeds)
     folders = [m for m in str(models or model).split("+") if m]
     for f in folders:
         S.check_model_folder(f)
-    prompts, seed_list = prompts_and_seeds(split, per_skill, seeds)
-    c = 1 + (guidance != 1)
     rows, grids = [], []
     jobs = [(f, None) for f in folders] + [(folders[0], s) for s in str(search).split("+") if s]
     for folder, how in jobs:
@@ -166,7 +323,8 @@ def main():
         if how:
             images, nfe = run_search(pipe, how, prompts, seed_list, verifier)
         else:
-            images, nfe = S.sample(pipe, prompts, seed_list, num_steps, guidance, eta), num_steps * c
+            images = S.sample(pipe, prompts, seed_list, num_steps, guidance, eta)
+            nfe = num_steps * S.passes_per_call(guidance)
         dt = time.time() - t0
         g = gold(images, prompts)
         scores = {spec: fn(images, prompts)[0].nanmean().item() for spec, fn in extra.items()}  # NaN: failed
@@ -179,7 +337,7 @@ def main():
                          train_nfe=None if how else train_nfe(folder)))
         grids.append(images[::seeds][:16])  # the first seed of up to 16 prompts
         r = rows[-1]
-        print(f"{r['name']}: gold {r['overall']:.3f} | NFE/image {nfe} | {r['ms_per_image']:.0f} ms/image")
+        print(f"{r['name']}: gold {r['overall']:.3f} | NFE/image {nfe} | {r['ms_per_image']:.0f} ms/image", flush=True)
     skills = list(rows[0]["per_skill"])
     head = ["model", "gold", "Δ vs first ± SE"] + skills + list(extra) + ["diversity", "NFE/image", "ms/image", "training UNet passes"]
     table = "| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|\n"
@@ -200,15 +358,10 @@ def main():
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     k = min(len(g) for g in grids)  # one column per row of the table, the same prompts down each column
-    grid = torch.stack([g[:k] for g in grids], 1).flatten(0, 1)
-    S.save_grid(grid, [f"{i % len(rows)}: {prompts[(i // len(rows)) * seeds]}" for i in range(len(grid))],
-                os.path.join(out_dir, "grid.png"), ncol=len(rows))
+    comparison_grid(os.path.join(out_dir, "grid.png"), [g[:k] for g in grids],
+                    [f"{r['name']}\nNFE {r['nfe_per_image']}" for r in rows], prompts[::seeds][:k])
     if search:
-        series = {}
-        for r in rows:
-            name = r["search"].rstrip("0123456789x") if r["search"] else r["name"]
-            series.setdefault(name, []).append((r["nfe_per_image"], r["overall"]))
-        plot(os.path.join(out_dir, "reward_vs_nfe.png"), series, "NFE per image (log)", "held-out gold")
+        reward_vs_nfe_figure(os.path.join(out_dir, "reward_vs_nfe.png"), rows)
     print(f"wrote {out_dir}/results.json, results.md, grid.png" + (", reward_vs_nfe.png" if search else ""))
 
 

@@ -7,7 +7,7 @@ chosen by a string through make_reward(spec, device). A spec is `name`, `name@pa
 folder or URL instead of the default in WEIGHTS) or a weighted sum `toyclip:0.7,compositional:0.3`.
 
     compositional  the exact toy-world judge, GenEval-style (arXiv 2310.11513)         in [0, 1]
-    toyclip        the toy world's learned CLIP (toyclip.py), cosine similarity          in [-1, 1]
+    toyclip        the toy world's learned CLIP (dev/toyclip.py), cosine similarity      in [-1, 1]
     clip           CLIPScore (arXiv 2104.08718): 2.5 * max(cos, 0), any CLIPModel folder   ~[0, 1]
     pickscore      PickScore (arXiv 2305.01569): logit_scale * cos, a CLIPModel folder     ~[15, 25]
     aesthetic      LAION aesthetic predictor: MLP head on CLIP ViT-L/14 image embeddings  ~[1, 10]
@@ -42,7 +42,7 @@ WEIGHTS = {  # default locations, relative to the working directory; override wi
     "mllm": os.environ.get("MLLM_BASE_URL", "https://api.openai.com/v1"),
 }
 WHAT = {  # what belongs at each location, for the one-line error when it is missing
-    "toyclip": "the toy CLIP folder that `python toyclip.py` writes",
+    "toyclip": "the toy CLIP folder that `python dev/toyclip.py` writes",
     "clip": "a transformers CLIPModel folder (config.json, weights, tokenizer files, preprocessor_config.json), "
             "e.g. openai/clip-vit-large-patch14",
     "pickscore": "the yuvalkirstain/PickScore_v1 CLIPModel folder plus the tokenizer and preprocessor files of "
@@ -72,7 +72,7 @@ def _check(images, prompts):
 
 def _relation_holds(rel, a, b):
     """Object a stands in `rel` to object b: the relation's axis dominates (toyworld's own test)."""
-    return toyworld._relation_ok(rel, (a["cx"], a["cy"]), (b["cx"], b["cy"]))
+    return toyworld.relation_ok(rel, (a["cx"], a["cy"]), (b["cx"], b["cy"]))
 
 
 def constraints(spec, objects):
@@ -108,9 +108,12 @@ def compositional(images, prompts):
 
 def load_clip(folder, device="cpu", dtype=torch.float32):
     """A CLIPModel folder -> (model, tokenizer, image processor), frozen, on device."""
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    import transformers
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar between our log lines
     model = CLIPModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval().requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
+    # preprocess reads the processor's settings alone; the PIL class, named, spares the torchvision warning
+    return model, AutoTokenizer.from_pretrained(folder), CLIPImageProcessorPil.from_pretrained(folder)
 
 
 def preprocess(images, proc):
@@ -130,7 +133,7 @@ def preprocess(images, proc):
     return x
 
 
-def _features(out):
+def clip_features(out):
     """get_*_features returns a tensor (transformers 4) or an output whose pooler_output it is (5)."""
     return out if torch.is_tensor(out) else out.pooler_output
 
@@ -138,11 +141,11 @@ def _features(out):
 def clip_embed(model, tokenizer, proc, images, prompts):
     """Unit image and text embeddings (B, D) each."""
     dev, dtype = model.device, model.dtype
-    img = _features(model.get_image_features(pixel_values=preprocess(images, proc).to(dev, dtype)))
+    img = clip_features(model.get_image_features(pixel_values=preprocess(images, proc).to(dev, dtype)))
     max_len = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
     ids = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_len,
                     return_tensors="pt").input_ids.to(dev)
-    txt = _features(model.get_text_features(input_ids=ids))
+    txt = clip_features(model.get_text_features(input_ids=ids))
     return F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
 
 
@@ -174,7 +177,7 @@ def aesthetic_reward(folder, device="cpu"):
     def reward_fn(images, prompts):
         _check(images, prompts)
         pix = preprocess(images, proc).to(model.device, model.dtype)
-        x = F.normalize(_features(model.get_image_features(pixel_values=pix)).float(), dim=-1)
+        x = F.normalize(clip_features(model.get_image_features(pixel_values=pix)).float(), dim=-1)
         for w, b in layers:  # Dropout is identity at inference
             x = F.linear(x, w, b)
         return x.squeeze(-1).cpu(), {}

@@ -1,12 +1,10 @@
 """
-Sampling: load a diffusers-style model folder, step DDIM, roll out trajectories, write image grids.
+Sampling, the lowest layer: load a diffusers-style folder, the DDIM step with its x0 prediction and
+per-step targets, the batched rollout, image grids, and configure() (every script's config helper).
 
     python sample.py --prompt="two red circles" --num_images=16           # built-in toy model, CPU
     python sample.py --model=out/sharpen_rlhf/model --prompt="a red circle left of a blue square"
     python sample.py --device=cuda --model=/path/to/local/diffusers/folder --prompt="..."
-
-Also the lowest layer of the project: the model folder loader, the DDIM step that returns the x0
-prediction and the per-step noise target, the batched rollout, and the `--key=value` config helper.
 """
 import ast
 import math
@@ -103,8 +101,7 @@ class Pipe:
         return next(self.unet.parameters()).device
 
     @property
-    def image_size(self):
-        """Pixels per side of the images the model makes (latent size x the VAE's downsampling)."""
+    def image_size(self):  # pixels per side of its images: latent size x the VAE's downsampling
         return self.unet.config.sample_size * (2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1)
 
 
@@ -118,9 +115,9 @@ def check_model_folder(folder):
 
 
 def load_model(folder, device="cpu", dtype=torch.float32):
-    """Load unet/, text_encoder/, tokenizer/, scheduler/ and, if present, vae/ (latent space) and
-    text_encoder_2/ + tokenizer_2/ (SDXL) from a local folder, all in `dtype`, frozen. Any scheduler
-    config (PNDM, Euler, DDIM) gives its noise schedule and prediction type to our DDIM sampler."""
+    """A local folder's unet/ text_encoder/ tokenizer/ scheduler/ [vae/: latent space] [text_encoder_2/
+    tokenizer_2/: SDXL], in `dtype`, frozen. Any scheduler (PNDM, Euler, DDIM) lends our DDIM sampler its
+    noise schedule and prediction type."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
     _quiet()
@@ -154,8 +151,7 @@ def _load(cls, path, config=False, **kw):
         raise SystemExit(f"error: cannot load {path} ({type(e).__name__}: {msg[0][:200] if msg else ''})") from None
 
 
-def _quiet():
-    """diffusers/transformers chatter (accelerate hints, shard progress bars) hides our own output."""
+def _quiet():  # diffusers/transformers chatter (accelerate hints, shard progress bars) hides our output
     import diffusers, transformers
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
@@ -163,8 +159,8 @@ def _quiet():
 
 
 def save_model(pipe, folder):
-    """Write the pipe as a diffusers-style folder (safetensors) that load_model reads back bit-exactly.
-    Written beside the target and renamed into place, so a crash never leaves a half-written folder."""
+    """The pipe as a diffusers-style folder that load_model reads back bit-exactly; written beside the
+    target and renamed into place, so a crash never leaves a half-written folder."""
     import shutil
     _quiet()
     folder = os.path.abspath(folder)
@@ -179,43 +175,6 @@ def save_model(pipe, folder):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def new_toy_tokenizer(max_length=12):
-    """Word-level tokenizer over every toy-world caption word: <bos> words <eos>, padded to max_length."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    import toyworld
-    words = sorted({w for c in toyworld.train_prompts() + toyworld.heldout_prompts() for w in c.split()})
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "<bos>", "<eos>"] + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
-                                                       special_tokens=[("<bos>", 2), ("<eos>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="<bos>", eos_token="<eos>", model_max_length=max_length)
-
-
-def new_toy_model(seed=0):
-    """A fresh, random-init toy pipe: pixel-space 32x32x3 UNet, word-level tokenizer, tiny CLIP text
-    encoder, v-prediction cosine-schedule DDIM (v-prediction measured better here: CPU-FACTS.md)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    torch.manual_seed(seed)
-    tokenizer = new_toy_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=12, projection_dim=64,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3))
-    unet = UNet2DConditionModel(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8)  # cross-attention at 8x8 only: half the cost
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                              prediction_type="v_prediction", clip_sample=True,
-                              timestep_spacing="trailing", set_alpha_to_one=True)
-    return Pipe(unet, text_encoder.eval().requires_grad_(False), tokenizer, scheduler)
-
-
 def tokenize(pipe, prompts, tokenizer=None):
     """prompts (list of B str) -> token ids (B, L), padded to the tokenizer's max length."""
     tok = tokenizer or pipe.tokenizer
@@ -225,10 +184,9 @@ def tokenize(pipe, prompts, tokenizer=None):
 
 @torch.no_grad()
 def encode(pipe, prompts):
-    """prompts (list of B str) -> cond (B, L, E), one tensor whatever the model, so that a prompt's
-    trajectories share it by repeat. SD: the text encoder's last hidden state. SDXL (as diffusers'
-    pipeline): both encoders' penultimate states side by side (B, L, E1+E2), plus one extra row
-    holding encoder 2's pooled projection, zero-padded to E: (B, L+1, E). unet_call unpacks it."""
+    """prompts (list of B str) -> cond (B, L, E), one tensor for any model. SD: the text encoder's last
+    hidden state. SDXL (as diffusers' pipeline): both encoders' penultimate states side by side, plus a row
+    with encoder 2's pooled projection, zero-padded: (B, L+1, E1+E2). unet_call unpacks it."""
     ids = tokenize(pipe, prompts).to(pipe.device)
     if pipe.text_encoder_2 is None:
         return pipe.text_encoder(ids)[0]
@@ -254,8 +212,7 @@ def unet_call(pipe, unet, x, t, cond):
 
 @torch.no_grad()
 def to_images(pipe, x0, batch_size=16):
-    """The model's clean space -> images (B,3,H,W) in [0,1], float32. Latents are decoded by the VAE
-    in its own dtype, `batch_size` at a time, without a graph (rewards score images, not latents)."""
+    """The model's clean space -> images (B,3,H,W) in [0,1], float32 (latents: VAE-decoded, no graph)."""
     if pipe.vae is None:
         return ((x0.float() + 1) / 2).clamp(0, 1)
     v = pipe.vae
@@ -265,8 +222,8 @@ def to_images(pipe, x0, batch_size=16):
 
 @torch.no_grad()
 def from_images(pipe, images):
-    """Images (B,3,H,W) in [0,1] -> the model's clean space: resized to the model's image size and, for a
-    latent model, encoded by the VAE (posterior mean x scaling factor). Dataset images enter this way."""
+    """Images (B,3,H,W) in [0,1] -> the model's clean space: resized to its size, for a latent model
+    VAE-encoded (posterior mean x scaling factor). Dataset images enter this way."""
     x = images.float().to(pipe.device) * 2 - 1
     if x.shape[-1] != pipe.image_size:
         x = torch.nn.functional.interpolate(x, size=(pipe.image_size,) * 2, mode="bilinear", antialias=True)
@@ -277,8 +234,7 @@ def from_images(pipe, images):
 
 
 def randn(shape, generators, device="cpu"):
-    """One N(0,1) draw of `shape` (item shape) per generator, stacked: (len(generators), *shape).
-    Drawing per item makes a batch equal to the same items drawn one by one."""
+    """One N(0, I) draw of `shape` per generator, stacked: a batch equals its items drawn one by one."""
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
@@ -323,22 +279,21 @@ def param_target(pipe, eps, x0, t):
 
 
 def training_target(pipe, x_t, x0, t):
-    """The exact per-step targets for x_t reached from the clean x0: eps = (x_t - a*x0)/s, and its
-    parameterisation for the model (param_target). Returns (target, eps)."""
+    """The exact targets for x_t reached from the clean x0: (param_target of eps, eps = (x_t - a*x0)/s)."""
     ab = alpha_bars(pipe, t).view(-1, *[1] * (x_t.dim() - 1))
     eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
     return param_target(pipe, eps, x0, t), eps
 
 
 def ddim_sigma(pipe, t, t_prev, eta, shape=(-1, 1, 1, 1)):
-    """sigma_t = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev), broadcastable."""
+    """sigma_t = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev), broadcastable; and ab_prev."""
     ab, ab_prev = alpha_bars(pipe, t).view(shape), alpha_bars(pipe, t_prev).view(shape)
     return eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt(), ab_prev
 
 
 def ddim_step(pipe, x_t, model_out, t, t_prev, eta=0.0, noise=None):
-    """x_t -> x_{t_prev}: x_prev = a_prev*x0 + sqrt(1 - ab_prev - sigma^2)*eps + sigma*z (ddim_sigma).
-    x0 is clipped as the config says, eps is not (diffusers' default). Returns (x_prev, x0_pred, eps_pred)."""
+    """x_prev = sqrt(ab_prev)*x0 + sqrt(1 - ab_prev - sigma^2)*eps + sigma*noise -> (x_prev, x0_pred, eps_pred);
+    x0 clipped as the config says, eps not (diffusers' default)."""
     x0, eps = split_prediction(pipe, x_t, model_out, t)
     cfg = pipe.scheduler.config
     if cfg.clip_sample:
@@ -351,8 +306,8 @@ def ddim_step(pipe, x_t, model_out, t, t_prev, eta=0.0, noise=None):
 
 
 def ddim_logprob(pipe, x_t, model_out, t, t_prev, eta, x_prev):
-    """log N(x_prev; mean, sigma^2 I) of a stochastic DDIM step, averaged over pixels (DDPO, arXiv
-    2305.13301, does the same): (B,), differentiable in model_out. sigma = 0 (the clean end): -inf/NaN."""
+    """log N(x_prev; mean, sigma^2 I) of a stochastic DDIM step, averaged over pixels as DDPO (arXiv
+    2305.13301) does: (B,), differentiable in model_out. sigma = 0 (the clean end): -inf/NaN."""
     mean, _, _ = ddim_step(pipe, x_t, model_out, t, t_prev, eta, torch.zeros_like(x_t))
     sigma, _ = ddim_sigma(pipe, t, t_prev, eta, (-1, *[1] * (x_t.dim() - 1)))
     lp = -(x_prev.detach() - mean) ** 2 / (2 * sigma ** 2) - sigma.log() - 0.5 * math.log(2 * math.pi)
@@ -366,9 +321,8 @@ def timesteps(pipe, num_steps):
 
 
 def predict(pipe, x_t, t, cond, uncond=None, guidance=1.0, unet=None):
-    """One UNet call for the batch; with guidance != 1 the unconditional half rides in the same call.
-    x_t (B,C,H,W), t int or (B,) per sample, cond (B,L,E), uncond (1,L,E) -> guided model output (B,C,H,W).
-    unet: another network with the pipe's interface (a DDP wrapper, a frozen reference)."""
+    """x_t (B,C,H,W) at t (int or (B,)), cond (B,L,E), uncond (1,L,E) -> guided output (B,C,H,W), in one UNet
+    call (with guidance != 1 the unconditional half rides along). unet: a DDP wrapper, a frozen reference."""
     B, unet = x_t.shape[0], unet or pipe.unet
     tt = torch.as_tensor(t, device=x_t.device).expand(B)
     if guidance == 1.0:
@@ -383,23 +337,17 @@ class Trajectory:
     """m DDIM steps of B trajectories. x is the state fed to each step; x_final the state after the last."""
     x: torch.Tensor           # (B, m, C, H, W)  x_{t_k}
     t: torch.Tensor           # (m,) or (B, m)   t_k, noisiest first (per trajectory where rollout got (B, m+1))
-    t_prev: torch.Tensor      # like t           where each step lands (-1: the clean end)
     model_out: torch.Tensor   # (B, m, C, H, W)  guided UNet output (eps or v)
     eps_pred: torch.Tensor    # (B, m, C, H, W)
     x0_pred: torch.Tensor     # (B, m, C, H, W)  clipped, in model space
     x_final: torch.Tensor     # (B, C, H, W)
-    target: torch.Tensor = None      # (B, m, C, H, W)  exact training target for model_out, given x0
-    eps_target: torch.Tensor = None  # (B, m, C, H, W)  exact eps from x0: (x_t - a*x0)/s
 
 
-def rollout(pipe, x, ts, cond, uncond=None, guidance=1.0, eta=0.0, generators=None, x0=None, record=True,
-            grad=False, unet=None):
-    """Run DDIM from x at ts[0] through ts[1], ..., ts[-1]; ts (m+1,) is shared, ts (B, m+1) gives each
-    trajectory its own timesteps (Alg. 2 draws the noise level per sample). All B trajectories go in one UNet call
-    per step (K trajectories of a prompt: repeat its cond K times, no re-encoding). With eta > 0 the
-    step noise comes from `generators` (one per trajectory), so any trajectory can be regenerated alone.
-    x0 (B,C,H,W), the clean image that was noised to x, adds the exact per-step training targets.
-    grad=True keeps the graph through the whole chain (where grad is enabled); the default is no_grad."""
+def rollout(pipe, x, ts, cond, uncond=None, guidance=1.0, eta=0.0, generators=None, record=True, grad=False, unet=None):
+    """DDIM from x at ts[0] through ts[-1] -> Trajectory (record=False: the final state). ts (m+1,) shared,
+    or (B, m+1) per trajectory (Alg. 2 draws the noise level per sample). One UNet call per step for all B
+    (K trajectories of a prompt: its cond repeated). eta > 0: step noise from `generators`, one per
+    trajectory, so any one can be regenerated alone. grad=True keeps the graph through the chain."""
     rec = []
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         for i in range(ts.shape[-1] - 1):
@@ -413,17 +361,13 @@ def rollout(pipe, x, ts, cond, uncond=None, guidance=1.0, eta=0.0, generators=No
     if not record:
         return x
     x_t, out, eps, x0_pred = (torch.stack(r, 1) for r in zip(*rec))
-    traj = Trajectory(x_t, ts[..., :-1], ts[..., 1:], out, eps, x0_pred, x)
-    if x0 is not None:
-        traj.target, traj.eps_target = state_targets(pipe, traj, x0)
-    return traj
+    return Trajectory(x_t, ts[..., :-1], out, eps, x0_pred, x)
 
 
 def state_targets(pipe, traj, x0):
-    """The exact per-step targets of traj's states (B, m, C, H, W) when x0 (B, C, H, W) is the clean image
-    each trajectory aims at: (target, eps), constants (no graph). rollout's x0 is the image that was noised;
-    x0 = traj.x0_pred[:, -1], each trajectory's own outcome, gives at the last state the model's own
-    output wherever x0 was not clipped."""
+    """The exact (target, eps) of traj's states (B, m, C, H, W), no graph, towards x0 (B, C, H, W): the image
+    noised to the start, or traj.x0_pred[:, -1], each trajectory's outcome (whose target at the last state
+    is the model's own output wherever x0 was not clipped)."""
     B, m = traj.x.shape[:2]
     tgt, eps = training_target(pipe, traj.x.flatten(0, 1).detach(), x0.detach().repeat_interleave(m, 0),
                                traj.t.expand(B, m).reshape(-1))
@@ -432,26 +376,25 @@ def state_targets(pipe, traj, x0):
 
 @torch.no_grad()
 def sample(pipe, prompts, seeds, num_steps=20, guidance=1.0, eta=0.0, batch_size=64, progress=False):
-    """Images (B,3,H,W) in [0,1] for prompts[i] from seed seeds[i]: the same (prompt, seed) gives the
-    same image whatever else is in the batch."""
+    """Images (B,3,H,W) in [0,1], prompts[i] from seeds[i], each the same whatever else is in the batch.
+    progress: a bar, on a terminal only."""
     from tqdm import tqdm
     ts, uncond = timesteps(pipe, num_steps), encode(pipe, [""])
     C, S = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     images = []
-    for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="sampling"):
+    for i in tqdm(range(0, len(prompts), batch_size), disable=not (progress and sys.stderr.isatty()), desc="sampling"):
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
         x = randn((C, S, S), gens, pipe.device)
-        x = rollout(pipe, x, ts, encode(pipe, prompts[i:i + batch_size]), uncond, guidance, eta, gens,
-                    record=False)
+        x = rollout(pipe, x, ts, encode(pipe, prompts[i:i + batch_size]), uncond, guidance, eta, gens, record=False)
         images.append(to_images(pipe, x))
     return torch.cat(images)
 
 
-def save_grid(images, captions, path, scale=4, ncol=None):
+def save_grid(images, captions, path, scale=4, ncol=8):
     """images (B,3,H,W) in [0,1] -> a PNG grid, each tile upscaled and captioned underneath."""
     from PIL import Image, ImageDraw
     B, _, H, W = images.shape
-    ncol = ncol or min(B, 8)
+    ncol = min(B, ncol)
     nrow = (B + ncol - 1) // ncol
     tw, th, cap = W * scale, H * scale, 24  # tile size and caption band (two lines of the default font)
     canvas = Image.new("RGB", (ncol * (tw + 4), nrow * (th + cap + 4)), "white")
@@ -468,10 +411,17 @@ def save_grid(images, captions, path, scale=4, ncol=None):
 
 if __name__ == "__main__":
     configure(globals(), sys.argv[1:])
+    for key, low in (("num_images", 1), ("num_steps", 1), ("eta", 0)):
+        if globals()[key] < low:
+            raise SystemExit(f"error: --{key} must be >= {low}, got {globals()[key]}")
+    if os.path.splitext(out)[1].lower() not in (".png", ".jpg", ".jpeg"):
+        raise SystemExit(f"error: --out must end in .png or .jpg, got {out!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device=cuda but no CUDA device is available")
     torch.set_num_threads(os.cpu_count())
     pipe = load_model(model, device)
     images = sample(pipe, [prompt] * num_images, [seed + i for i in range(num_images)],
                     num_steps, guidance, eta, progress=True)
     save_grid(images, [prompt] * num_images, out)
     print(f"wrote {num_images} images of {prompt!r} to {out} "
-          f"({num_steps} DDIM steps, guidance {guidance}, NFE/image {num_steps * (1 + (guidance != 1))})")
+          f"({num_steps} DDIM steps, guidance {guidance}, NFE/image {num_steps * passes_per_call(guidance)})")

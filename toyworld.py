@@ -1,5 +1,6 @@
 """
-The toy world: procedural 32x32 scenes of coloured shapes, their captions, and a detector.
+The toy world: procedural 32x32 scenes of coloured shapes, their captions, a detector, and the
+builders of the built-in toy model (its word-level tokenizer and a random-init pipe to pretrain).
 
 It stands in for the web images + GenEval of the paper (arXiv 2502.12146) so that everything runs
 on a CPU with no downloads: scenes are drawn from a caption grammar covering the three skills of
@@ -179,7 +180,7 @@ def _mask(shape, x0, y0, s):
     return inside & (np.abs(u - 0.5) <= 0.5 * v)  # upright triangle, apex at top
 
 
-def _relation_ok(rel, a, b, margin=0):
+def relation_ok(rel, a, b, margin=0):
     """Does box-centre a stand in `rel` to b? The relation's axis must dominate the other axis."""
     dx, dy = b[0] - a[0], b[1] - a[1]
     d = {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[rel]
@@ -206,7 +207,7 @@ def render(spec, rng):
         if len(boxes) < len(objects):
             continue
         centres = [(x + s / 2, y + s / 2) for x, y, s in boxes]
-        if spec.relation and not _relation_ok(spec.relation, centres[0], centres[1], margin=4):
+        if spec.relation and not relation_ok(spec.relation, centres[0], centres[1], margin=4):
             continue
         break
     else:
@@ -281,3 +282,43 @@ def detect(images):
                              cx=(xs.min() + xs.max() + 1).item() / 2, cy=(ys.min() + ys.max() + 1).item() / 2))
         out.append(objs)
     return out
+
+
+# -----------------------------------------------------------------------------
+# the built-in toy model: its tokenizer and a fresh random-init pipe (train.py --method=pretrain)
+
+def new_toy_tokenizer(max_length=12):
+    """Word-level tokenizer over every toy-world caption word: <bos> words <eos>, padded to max_length."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w for c in train_prompts() + heldout_prompts() for w in c.split()})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "<bos>", "<eos>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                       special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="<bos>", eos_token="<eos>", model_max_length=max_length)
+
+
+def new_toy_model(seed=0):
+    """A fresh, random-init toy pipe: pixel-space 32x32x3 UNet, word-level tokenizer, tiny CLIP text
+    encoder, v-prediction cosine-schedule DDIM (v-prediction measured better than epsilon here)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from sample import Pipe  # lazy: sample.py never imports this file
+    torch.manual_seed(seed)
+    tokenizer = new_toy_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=12, projection_dim=64,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8)  # cross-attention at 8x8 only: half the cost
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                              prediction_type="v_prediction", clip_sample=True,
+                              timestep_spacing="trailing", set_alpha_to_one=True)
+    return Pipe(unet, text_encoder.eval().requires_grad_(False), tokenizer, scheduler)

@@ -566,7 +566,7 @@ def batch(it, micro):
 def export(folder):
     """The trained (or EMA) weights as a diffusers folder (save_model writes it atomically)."""
     out = copy.deepcopy(pipe)
-    out.unet._forward_pre_hooks.clear()  # the copy's passes (evaluation) are not training compute
+    out.unet._forward_pre_hooks.clear(), out.unet._forward_hooks.clear()  # its passes are not training compute
     if ema_params is not None:  # the copy's parameters in the order of `params`
         copies = L.lora_parameters(out.unet) if lora_rank else \
             [p for m in (out.unet, out.text_encoder)[:len(trained)] for p in m.parameters()]

@@ -6,8 +6,8 @@ negatives. reward.py scores with it through the same loader a real CLIP folder g
 toy world has a learned reward to optimise and the exact `compositional` judge to check it against:
 that is how reward hacking becomes measurable.
 
-    python toyclip.py                                   # writes assets/toyclip (minutes on 2 CPU cores)
-    python toyclip.py --steps=200 --out=/tmp/toyclip    # a quick one
+    python dev/toyclip.py                                   # writes assets/toyclip (minutes on 2 CPU cores)
+    python dev/toyclip.py --steps=200 --out=/tmp/toyclip    # a quick one
 
 The folder is laid out like openai/clip-vit-large-patch14: config.json, model.safetensors, tokenizer
 files, preprocessor_config.json.
@@ -17,14 +17,16 @@ import random
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python dev/toyclip.py
 
-import reward
-import sample as S
-import toyworld
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import reward  # noqa: E402
+import sample as S  # noqa: E402
+import toyworld  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "assets/toyclip"   # the CLIP folder written at the end (atomically)
@@ -41,7 +43,7 @@ def new_toyclip(seed=0):
     """A random-init tiny CLIP folder's contents: (model, tokenizer, image processor)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
     torch.manual_seed(seed)
-    tokenizer = S.new_toy_tokenizer()
+    tokenizer = toyworld.new_toy_tokenizer()
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12,
@@ -92,15 +94,15 @@ def main():
     model, tokenizer, processor = new_toyclip(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)
-    bar, t0 = tqdm(range(steps), desc="toyclip", mininterval=5), time.time()
+    bar, t0 = tqdm(range(steps), desc="toyclip", mininterval=5, disable=not sys.stderr.isatty()), time.time()
     for it in bar:
         for g in opt.param_groups:
             g["lr"] = lr * min(1, (it + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * it / steps)))
         images, captions, negatives = batch(rng, np_rng, batch_size)
         texts = captions + negatives
         ids = tokenizer(texts, padding="max_length", max_length=12, return_tensors="pt").input_ids
-        img = F.normalize(reward._features(model.get_image_features(pixel_values=(images - 0.5) / 0.5)), dim=-1)
-        txt = F.normalize(reward._features(model.get_text_features(input_ids=ids)), dim=-1)
+        img = F.normalize(reward.clip_features(model.get_image_features(pixel_values=(images - 0.5) / 0.5)), dim=-1)
+        txt = F.normalize(reward.clip_features(model.get_text_features(input_ids=ids)), dim=-1)
         loss = contrastive_loss(img, txt, captions, texts, model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -6,14 +6,18 @@ with the real schedulers' configs (PNDM for SD1.5, Euler for SDXL), so load_mode
 treats real local weights. The tokenizers are the toy world's word-level one (CLIP's BPE vocabulary
 cannot be fetched here); the models only see token ids, so the compute is the real model's.
 
-    python sdconfigs.py --kind=sdxl --out=out/sdxl-random            # full size (SDXL: ~7 GB fp32)
-    python sdconfigs.py --kind=sd15 --tiny=True --out=out/sd15-tiny
+    python dev/sdconfigs.py --kind=sdxl --out=out/sdxl-random            # full size (SDXL: ~7 GB fp32)
+    python dev/sdconfigs.py --kind=sd15 --tiny=True --out=out/sd15-tiny
 """
+import os
 import sys
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python dev/sdconfigs.py
 
-import sample as S
+import torch  # noqa: E402
+
+import sample as S  # noqa: E402
+import toyworld  # noqa: E402
 
 # -----------------------------------------------------------------------------
 kind = "sd15"            # sd15 | sdxl
@@ -71,7 +75,7 @@ def build(kind="sd15", tiny=True, prediction="", seed=0):
         te2 = CLIPTextModelWithProjection(text_config(*((32, 2, 2) if tiny else (1280, 32, 20)), L,
                                                       32 if tiny else 1280, "gelu"))
         sched = EulerDiscreteScheduler(**SCHED, timestep_spacing="leading", prediction_type=prediction or "epsilon")
-    tok = S.new_toy_tokenizer(L)
+    tok = toyworld.new_toy_tokenizer(L)
     # the scheduler as the real model ships it (PNDM / Euler); load_model turns it into DDIM
     return S.Pipe(unet, te.eval(), tok, sched, vae.eval(), te2.eval() if te2 else None, tok if te2 else None)
 

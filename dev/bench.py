@@ -1,8 +1,8 @@
 """
 Where the time goes, as ratios measured side by side in one run (README: Performance).
 
-    python bench.py                  # CPU, built-in toy model, a few minutes
-    python bench.py --device=cuda    # adds the fused Triton loss (kernels/weighted_mse.py) on a GPU
+    python dev/bench.py                  # CPU, built-in toy model, a few minutes
+    python dev/bench.py --device=cuda    # adds the fused Triton loss (kernels/weighted_mse.py) on a GPU
 
 1. a training step split into UNet forward / backward, decode, reward, optimizer and the rest
    (train.py --profile), for sharpen_rlhf and sharpen_sft; goal: the rest + optimizer + decode <= 10 %
@@ -22,10 +22,14 @@ import sys
 import tempfile
 import time
 
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # python dev/bench.py from anywhere
 
-import sample as S
-import toyworld
+import torch  # noqa: E402
+
+import sample as S  # noqa: E402
+import toyworld  # noqa: E402
+from dev.stub_grader import StubGrader  # noqa: E402
 
 # -----------------------------------------------------------------------------
 device = "cpu"
@@ -51,9 +55,10 @@ def median_time(fn, n=None):
 def step_split(method):
     """Mean share of each phase over the profiled steps after the first: {phase: percent}, ms per step."""
     with tempfile.TemporaryDirectory() as d:
-        subprocess.run([sys.executable, "train.py", f"--method={method}", f"--steps={train_steps}", "--profile",
+        config = ["config/sharpen_sft.py"] if method == "sharpen_sft" else []  # its tuned lr and start_range
+        subprocess.run([sys.executable, "train.py", *config, f"--method={method}", f"--steps={train_steps}", "--profile",
                         "--prompts_per_step=8", "--m_steps=3", "--eval_seeds=0", f"--device={device}", f"--out_dir={d}", f"--ckpt_interval={10**6}"],
-                       check=True, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                       check=True, capture_output=True, cwd=ROOT)
         rows = [dict((k, float(v)) for k, v in re.findall(r"\| ([\w ]+?) ([\d.]+)%", l))
                 | {"ms": float(re.search(r"total (\d+)ms", l).group(1))}
                 for l in open(f"{d}/log.txt") if l.startswith("profile")][1:]
@@ -107,7 +112,6 @@ def main():
         fn(images[:4], ps[:4])  # load
         t = median_time(lambda: fn(images, ps * 8))
         print(f"   {name:13s} {len(images) / t:8.0f} images/s")
-    from test_all import StubGrader
     stub = StubGrader()
     try:
         rates = {}
@@ -124,11 +128,10 @@ def main():
         stub.server.shutdown()
 
     if device == "cuda":
-        from kernels.weighted_mse import _bench
-        print("\n5. fused weighted-MSE loss (Triton) vs eager and torch.compile")
-        _bench()
+        print("\n5. fused weighted-MSE loss (Triton) vs eager and torch.compile", flush=True)
+        subprocess.run([sys.executable, "-m", "kernels.weighted_mse"], check=True, cwd=ROOT)  # its own benchmark
     else:
-        print("\n5. the fused Triton loss needs a GPU: python bench.py --device=cuda")
+        print("\n5. the fused Triton loss needs a GPU: python dev/bench.py --device=cuda")
 
 
 if __name__ == "__main__":

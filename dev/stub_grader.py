@@ -1,0 +1,89 @@
+"""
+A loopback OpenAI-compatible chat-completions server standing in for an MLLM grader (reward.MLLMGrader):
+test_all.py checks the grader against it, dev/bench.py measures the grader's concurrency with it.
+What it answers depends on the first word of the prompt in the rubric (and on the URL path):
+
+    good / free / garbage / flaky / slow / vary   a rubric JSON, free text, no score, two 500s then a score,
+                                                  1 s late, a score from the image's brightness
+    conc / lat50                                  200 ms / 50 ms late (concurrency and throughput)
+    /half/...   toy captions: a score from the image, or (about half of the captions) no score
+    /flaky/...  a third of the first answers fail (500 or garbage)
+    anything else: {"overall": 5}
+
+    stub = StubGrader(); grader = reward.MLLMGrader(stub.url, ...); ...; stub.server.shutdown()
+"""
+import time
+from collections import Counter
+
+import numpy as np
+
+
+def image_score(data_url):
+    """1..10 from the image's mean brightness in steps of 1e-3: different images score differently, while
+    float noise in an image (a pixel that rounds the other way) almost never changes its score."""
+    import base64
+    import io
+    from PIL import Image
+    png = base64.b64decode(data_url.split(",", 1)[1])
+    return 1 + int(np.asarray(Image.open(io.BytesIO(png))).mean() / 255 * 1000) % 10
+
+
+class StubGrader:
+    """A loopback OpenAI-compatible server; what it answers depends on the prompt in the rubric."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        stub = self
+        self.calls, self.inflight, self.max_inflight, self.auth = Counter(), 0, 0, set()
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                import json
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = body["messages"][0]["content"][0]["text"]
+                assert body["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+                prompt = text.split('prompt: "')[1].split('"')[0]
+                with stub.lock:
+                    stub.calls[prompt] += 1
+                    stub.inflight += 1
+                    stub.max_inflight = max(stub.max_inflight, stub.inflight)
+                    stub.auth.add(self.headers.get("Authorization"))
+                    n = stub.calls[prompt]
+                try:
+                    kind = prompt.split()[0]
+                    if self.path.startswith("/half/"):  # toy captions: a score from the image, or (about half
+                        kind = "garbage" if len(prompt) % 2 else "vary"  # of the captions) no score at all
+                    if self.path.startswith("/flaky/") and n % 3 == 1:  # a third of the first answers fail
+                        kind = ("garbage", "500")[len(prompt) % 2]
+                        if kind == "500":
+                            return self.send_error(500)
+                    if kind in ("slow", "conc", "lat50"):  # lat50: bench.py's throughput stub
+                        time.sleep({"slow": 1.0, "conc": 0.2, "lat50": 0.05}[kind])
+                    if kind == "flaky" and n <= 2:
+                        return self.send_error(500)
+                    answer = {"good": '```json\n{"prompt_fidelity": 9, "creativity": 7, "visual_quality": 8, '
+                                      '"consistency": 8, "emotional_resonance": 8, "overall": 8}\n```',
+                              "free": "Overall I would give this image 7/10.", "garbage": "lorem ipsum",
+                              "flaky": '{"overall": 6}', "slow": '{"overall": 9}',
+                              "vary": '{"overall": %d}' % image_score(body["messages"][0]["content"][1]["image_url"]["url"]),
+                              }.get(kind, '{"overall": 5}')  # any other prompt: the same score for every image
+                    data = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out first
+                finally:
+                    with stub.lock:
+                        stub.inflight -= 1
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
