@@ -324,8 +324,9 @@ def train_prompt(g, rng=None):
 
 
 def first_index(it, micro):
-    """Global index of this rank's first prompt in optimizer step it, micro-step micro."""
-    return (it * grad_accum + micro) * per_step + rank * P
+    """Global index of this rank's first prompt in optimizer step it, micro-step micro: step it trains prompts
+    it * per_step .. (it + 1) * per_step - 1 whatever the ranks and micro-steps."""
+    return it * per_step + (micro * world + rank) * P
 
 
 def scored_samples(prompts, seeds, eta_=0.0, net=None):
