@@ -7,18 +7,16 @@ Evaluation: models and inference-time search on fixed held-out prompts and seeds
     python eval.py --rewards=toyclip+clip@/path/to/clip-vit-large-patch14   # more rewards beside gold
     python eval.py --device=cuda --models=/path/to/folder
 
-Every model and search method sees the same (prompt, seed) pairs, so numbers and grids compare like
-for like. Writes out_dir/results.json, results.md, grid.png (one column per row of the table) and,
-with search, reward_vs_nfe.png.
-
-Inference-time search is what Diffusion-Sharpening competes with: more UNet passes (NFE) per image,
-with a reward as verifier, instead of training. Each method returns the NFE it spent per image.
+Every model and search method sees the same (prompt, seed) pairs, so numbers and grids compare like for like.
+Writes out_dir/results.json, results.md, grid.png (one column per row of the table) and, with search,
+reward_vs_nfe.png. Inference-time search is what Diffusion-Sharpening competes with: more UNet passes (NFE) per
+image, with a reward as verifier, instead of training. Each method returns the NFE it spent per image.
 
     best_of_n      N full samples from N seeds, keep the best (N=1 is plain sampling)
-    noise_search   zero-order search over the initial noise (Ma et al. 2025, arXiv 2501.09732): a pivot
-                   noise, K neighbours per round on the sphere around it, move to the best, R rounds
-    greedy_search  per-step search in the spirit of Demon (Yeh et al. 2024, arXiv 2410.05760): at every
-                   step branch K stochastic DDIM steps, keep the one whose next x0 prediction scores best
+    noise_search   zero-order search over the initial noise (Ma et al. 2025, arXiv 2501.09732): a pivot noise,
+                   K neighbours per round on the sphere around it, move to the best, R rounds
+    greedy_search  per-step search in the spirit of Demon (Yeh et al. 2024, arXiv 2410.05760): at every step
+                   branch K stochastic DDIM steps, keep the one whose next x0 prediction scores best
 """
 import json
 import math
@@ -101,17 +99,16 @@ def sample_from(pipe, noises, prompts, ts, guidance, eta, seeds):
 def best_of_n(pipe, prompts, seeds, reward_fn, N, num_steps=20, guidance=1.0, eta=0.0):
     """-> (images (B,3,H,W), nfe per image, info with the chosen candidate and all rewards (B, N))."""
     ts, B = S.timesteps(pipe, num_steps), len(prompts)
-    best, rewards = None, []
+    rewards = []
     for j in range(N):  # one candidate of every prompt per batch: memory stays that of plain sampling
         noises = torch.stack([candidate_noise(pipe, s, j) for s in seeds])
         images = sample_from(pipe, noises, prompts, ts, guidance, eta, [int(s) + 1_000_003 * j for s in seeds])
         r = reward_fn(images, prompts)[0].float().nan_to_num(-float("inf"))  # a failed score never wins
-        if best is None:
+        if j == 0:
             best, best_r, idx = images, r, torch.zeros(B, dtype=torch.long)
-        else:
-            better = r > best_r  # ties keep the earlier candidate
-            best = torch.where(better.view(-1, 1, 1, 1), images, best)
-            best_r, idx = torch.where(better, r, best_r), torch.where(better, j, idx)
+        better = r > best_r  # ties keep the earlier candidate (all False for j = 0)
+        best = torch.where(better.view(-1, 1, 1, 1), images, best)
+        best_r, idx = torch.where(better, r, best_r), torch.where(better, j, idx)
         rewards.append(r)
     return best, N * num_steps * S.passes_per_call(guidance), dict(choice=idx, rewards=torch.stack(rewards, 1))
 
@@ -167,30 +164,29 @@ def greedy_search(pipe, prompts, seeds, reward_fn, K, num_steps=20, guidance=1.0
 
 
 def run_search(pipe, name, prompts, seed_list, verifier):
-    """A search row by name: bonN | noiseRxK | greedyK -> (images, NFE per image)."""
+    """A row by name: None (plain sampling) | bonN | noiseRxK | greedyK -> (images, NFE per image)."""
+    if not name:
+        return S.sample(pipe, prompts, seed_list, num_steps, guidance, eta), num_steps * S.passes_per_call(guidance)
     try:
         if name.startswith("bon"):
-            images, nfe, _ = best_of_n(pipe, prompts, seed_list, verifier, int(name[3:]), num_steps, guidance, eta)
-        elif name.startswith("noise"):
+            return best_of_n(pipe, prompts, seed_list, verifier, int(name[3:]), num_steps, guidance, eta)[:2]
+        if name.startswith("noise"):
             r, k = (int(v) for v in name[5:].split("x"))
-            images, nfe, _ = noise_search(pipe, prompts, seed_list, verifier, r, k, num_steps=num_steps, guidance=guidance)
-        elif name.startswith("greedy"):
-            images, nfe, _ = greedy_search(pipe, prompts, seed_list, verifier, int(name[6:]), num_steps, guidance)
-        else:
-            raise ValueError
+            return noise_search(pipe, prompts, seed_list, verifier, r, k, num_steps=num_steps, guidance=guidance)[:2]
+        if name.startswith("greedy"):
+            return greedy_search(pipe, prompts, seed_list, verifier, int(name[6:]), num_steps, guidance)[:2]
     except ValueError:
-        raise SystemExit(f"error: unknown search {name!r} (expected bonN, noiseRxK or greedyK, e.g. bon4)")
-    return images, nfe
+        pass
+    raise SystemExit(f"error: unknown search {name!r} (expected bonN, noiseRxK or greedyK, e.g. bon4)")
 
 
 # -----------------------------------------------------------------------------
 # figures (matplotlib): one colour per method in every figure
 
 COLOURS = {  # method -> colour; a name is coloured by the longest method it contains
-    "toy-model": "#7f7f7f", "pretrain": "#bcbd22",
-    "sharpen_rlhf": "#1f77b4", "sharpen_sft": "#d62728", "sft": "#2ca02c", "diffusion_dpo": "#ff7f0e",
-    "ddpo": "#9467bd", "bon": "#17becf", "noise": "#8c564b", "greedy": "#e377c2",
-}
+    "toy-model": "#7f7f7f", "pretrain": "#bcbd22", "sharpen_rlhf": "#1f77b4", "sharpen_sft": "#d62728",
+    "sft": "#2ca02c", "diffusion_dpo": "#ff7f0e", "ddpo": "#9467bd", "bon": "#17becf", "noise": "#8c564b",
+    "greedy": "#e377c2"}
 NAMES = {"bon": "best-of-N", "noise": "noise search", "greedy": "greedy search"}
 
 
@@ -230,8 +226,7 @@ def line_plot(path, series, xlabel, ylabel, xticks=None, levels=None, top_axis=N
         top.set_xticks(ticks, [f"{v:g}" for v in ticks])
         top.minorticks_off()
         top.set_xlabel(label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -265,8 +260,7 @@ def comparison_grid(path, columns, names, prompts, tile=1.0):
     ax.set_xticks([j * (W + gap) + W / 2 for j in range(len(columns))], [wrap(n, 13) for n in names], fontsize=8)
     ax.set_yticks([i * (H + gap) + H / 2 for i in range(k)], [wrap(p, 30) for p in prompts], fontsize=8)
     ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
+    ax.spines[:].set_visible(False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=96, bbox_inches="tight")
     plt.close(fig)
@@ -320,23 +314,18 @@ def main():
     for folder, how in jobs:
         pipe = S.load_model(folder, device)
         t0 = time.time()
-        if how:
-            images, nfe = run_search(pipe, how, prompts, seed_list, verifier)
-        else:
-            images = S.sample(pipe, prompts, seed_list, num_steps, guidance, eta)
-            nfe = num_steps * S.passes_per_call(guidance)
+        images, nfe = run_search(pipe, how, prompts, seed_list, verifier)
         dt = time.time() - t0
         g = gold(images, prompts)
         scores = {spec: fn(images, prompts)[0].nanmean().item() for spec, fn in extra.items()}  # NaN: failed
         d = g["rewards"] - rows[0]["gold_per_image"] if rows else None  # paired: same (prompt, seed) pairs
-        rows.append(dict(name=f"{label(folder)} {how}" if how else label(folder), search=how, overall=g["overall"],
-                         gold_per_image=g["rewards"], delta=None if d is None else d.mean().item(),
-                         delta_se=None if d is None else (d.std() / math.sqrt(len(d))).item(),
-                         per_skill=g["per_skill"], rewards=scores, diversity=diversity(images, seeds),
-                         nfe_per_image=nfe, ms_per_image=dt / len(prompts) * 1000, n=len(prompts),
-                         train_nfe=None if how else train_nfe(folder)))
+        rows.append(r := dict(
+            name=f"{label(folder)} {how}" if how else label(folder), search=how, overall=g["overall"],
+            gold_per_image=g["rewards"], delta=None if d is None else d.mean().item(),
+            delta_se=None if d is None else (d.std() / math.sqrt(len(d))).item(), per_skill=g["per_skill"],
+            rewards=scores, diversity=diversity(images, seeds), nfe_per_image=nfe,
+            ms_per_image=dt / len(prompts) * 1000, n=len(prompts), train_nfe=None if how else train_nfe(folder)))
         grids.append(images[::seeds][:16])  # the first seed of up to 16 prompts
-        r = rows[-1]
         print(f"{r['name']}: gold {r['overall']:.3f} | NFE/image {nfe} | {r['ms_per_image']:.0f} ms/image", flush=True)
     skills = list(rows[0]["per_skill"])
     head = ["model", "gold", "Δ vs first ± SE"] + skills + list(extra) + ["diversity", "NFE/image", "ms/image", "training UNet passes"]
@@ -351,10 +340,9 @@ def main():
              f"gold from the first row over the same (prompt, seed) pairs, ± its standard error."
     print(table)
     os.makedirs(out_dir, exist_ok=True)
-    for r in rows:
-        r["gold_per_image"] = r["gold_per_image"].tolist()
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(dict(config=config, rows=rows), f, indent=1)
+        json.dump(dict(config=config, rows=[dict(r, gold_per_image=r["gold_per_image"].tolist()) for r in rows]),
+                  f, indent=1)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     k = min(len(g) for g in grids)  # one column per row of the table, the same prompts down each column

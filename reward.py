@@ -70,24 +70,18 @@ def _check(images, prompts):
 #   counting "three green triangles"            object present, exact count
 #   spatial  "a red circle left of a blue sq."  each object present, relation holds for some pair
 
-def _relation_holds(rel, a, b):
-    """Object a stands in `rel` to object b: the relation's axis dominates (toyworld's own test)."""
-    return toyworld.relation_ok(rel, (a["cx"], a["cy"]), (b["cx"], b["cy"]))
-
-
 def constraints(spec, objects):
     """Spec + detected objects -> {constraint name: 0.0 or 1.0}."""
-    out = {}
-    matches = []
+    out, centres = {}, []
     for n, colour, shape in spec.items:
         found = [o for o in objects if o["colour"] == colour and o["shape"] == shape]
-        matches.append(found)
+        centres.append([(o["cx"], o["cy"]) for o in found])
         out[f"present:{colour} {shape}"] = float(len(found) > 0)
         if spec.skill == "counting":
             out[f"count:{n} {colour} {shape}"] = float(len(found) == n)
-    if spec.skill == "spatial":
-        out[f"relation:{spec.relation}"] = float(any(_relation_holds(spec.relation, a, b)
-                                                     for a in matches[0] for b in matches[1]))
+    if spec.skill == "spatial":  # some pair whose relation's axis dominates (toyworld's own test)
+        out[f"relation:{spec.relation}"] = float(any(toyworld.relation_ok(spec.relation, a, b)
+                                                     for a in centres[0] for b in centres[1]))
     return out
 
 

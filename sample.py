@@ -18,8 +18,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for the hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TOY_MODEL = os.path.join(HERE, "assets", "toy-model")
+TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy-model")
 
 # -----------------------------------------------------------------------------
 # defaults for the CLI (override with --key=value)
@@ -36,10 +35,9 @@ device = "cpu"
 
 
 def configure(config, argv):
-    """Apply overrides to the dict `config` (a script's globals) in place, nanoGPT's way, in argv order
-    (later ones win): `path/to/file.py` runs the file and takes the names it sets, `--key=value` parses
-    value as a Python literal, else a string; a bare `--flag` sets a bool key to True. Only the lowercase
-    names config already holds can be set, each with its type. Returns {key: value} of those keys."""
+    """Override the dict `config` (a script's globals) in place, nanoGPT's way, in argv order (later win): `path/x.py`
+    runs the file and takes the names it sets, `--key=value` parses value as a Python literal, else a string, a bare
+    `--flag` sets a bool True. Settable: lowercase names config holds, each with its type. Returns those {k: v}."""
     keys = {k for k, v in config.items() if not k.startswith("_") and k.islower()
             and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
 
@@ -47,9 +45,7 @@ def configure(config, argv):
         if key not in keys:
             raise SystemExit(f"error: unknown config key {key!r}{where} (known: {', '.join(sorted(keys))})")
         old = config[key]
-        if isinstance(old, float) and type(val) is int:
-            val = float(val)
-        if isinstance(old, float) and val in ("inf", "-inf", "nan"):  # not Python literals
+        if isinstance(old, float) and (type(val) is int or val in ("inf", "-inf", "nan")):  # strings: not literals
             val = float(val)
         if old is not None and type(val) is not type(old):
             raise SystemExit(f"error: --{key}{where} expects {type(old).__name__}, got {type(val).__name__} {val!r}")
@@ -64,8 +60,7 @@ def configure(config, argv):
                 raise SystemExit(f"error: cannot read config file {arg!r} ({e.strerror})") from None
             except SyntaxError as e:
                 raise SystemExit(f"error: config file {arg!r} line {e.lineno}: {e.msg}") from None
-            ns = {}
-            exec(code, ns)
+            exec(code, ns := {})
             for key, val in ns.items():
                 if not key.startswith("_") and not isinstance(val, type(os)):
                     put(key, val, f" (from {arg})")
@@ -115,15 +110,13 @@ def check_model_folder(folder):
 
 
 def load_model(folder, device="cpu", dtype=torch.float32):
-    """A local folder's unet/ text_encoder/ tokenizer/ scheduler/ [vae/: latent space] [text_encoder_2/
-    tokenizer_2/: SDXL], in `dtype`, frozen. Any scheduler (PNDM, Euler, DDIM) lends our DDIM sampler its
-    noise schedule and prediction type."""
+    """A local folder's unet/ text_encoder/ tokenizer/ scheduler/ [vae/: latent space] [text_encoder_2/ tokenizer_2/:
+    SDXL], in `dtype`, frozen. Any scheduler (PNDM, Euler, DDIM) lends our DDIM its schedule and prediction type."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
     _quiet()
     check_model_folder(folder)
-    sub = lambda d: os.path.join(folder, d)
-    has = lambda d: os.path.isdir(sub(d))
+    sub, has = (lambda d: os.path.join(folder, d)), (lambda d: os.path.isdir(os.path.join(folder, d)))
     unet = _load(UNet2DConditionModel, sub("unet"), torch_dtype=dtype)
     if unet.config.addition_embed_type == "text_time" and not (has("text_encoder_2") and has("tokenizer_2")):
         raise SystemExit(f"error: {sub('unet')} is an SDXL UNet (addition_embed_type text_time) but "
@@ -376,8 +369,7 @@ def state_targets(pipe, traj, x0):
 
 @torch.no_grad()
 def sample(pipe, prompts, seeds, num_steps=20, guidance=1.0, eta=0.0, batch_size=64, progress=False):
-    """Images (B,3,H,W) in [0,1], prompts[i] from seeds[i], each the same whatever else is in the batch.
-    progress: a bar, on a terminal only."""
+    """Images (B,3,H,W) in [0,1], prompts[i] from seeds[i], each the same whatever the batch; progress: a tty bar."""
     from tqdm import tqdm
     ts, uncond = timesteps(pipe, num_steps), encode(pipe, [""])
     C, S = pipe.unet.config.in_channels, pipe.unet.config.sample_size
@@ -403,8 +395,7 @@ def save_grid(images, captions, path, scale=4, ncol=8):
     for i in range(B):
         x, y = (i % ncol) * (tw + 4), (i // ncol) * (th + cap + 4)
         canvas.paste(Image.fromarray(arr[i]).resize((tw, th), Image.NEAREST), (x + 2, y + 2))
-        lines = textwrap.wrap(captions[i], width=tw // 6)
-        draw.text((x + 2, y + th + 3), "\n".join(lines[:2]), fill="black")  # wrapped to the tile width
+        draw.text((x + 2, y + th + 3), "\n".join(textwrap.wrap(captions[i], width=tw // 6)[:2]), fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
 

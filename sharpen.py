@@ -42,10 +42,8 @@ def trajectory_rewards(per_step, agg="sum"):
     "sum": R_j = sum_k r_jk, the path integral of Eq. 8. "mean": R_j / m, the same ranking (the
     official code's choice; use it when lam should not scale with m). "last": r_jm, the final-step
     (outcome) reward only, an ablation that ignores the path."""
-    if agg == "sum":
-        return reduce(per_step, "p n m -> p n", "sum")
-    if agg == "mean":
-        return reduce(per_step, "p n m -> p n", "mean")
+    if agg in ("sum", "mean"):
+        return reduce(per_step, "p n m -> p n", agg)
     if agg == "last":
         return per_step[:, :, -1]
     raise ValueError(f"unknown agg {agg!r}; expected one of {AGGREGATES}")

@@ -1,20 +1,19 @@
 """
-The toy world: procedural 32x32 scenes of coloured shapes, their captions, a detector, and the
-builders of the built-in toy model (its word-level tokenizer and a random-init pipe to pretrain).
+The toy world: procedural 32x32 scenes of coloured shapes, their captions, a detector, and the builders of the
+built-in toy model (its word-level tokenizer and a random-init pipe to pretrain).
 
-It stands in for the web images + GenEval of the paper (arXiv 2502.12146) so that everything runs
-on a CPU with no downloads: scenes are drawn from a caption grammar covering the three skills of
-compositional benchmarks, and a detector reads any image back into objects, so a reward can check
-a caption exactly.
+It stands in for the web images + GenEval of the paper (arXiv 2502.12146) so that everything runs on a CPU with no
+downloads: scenes are drawn from a caption grammar covering the three skills of compositional benchmarks, and a
+detector reads any image back into objects, so a reward can check a caption exactly.
 
     single    "a red circle"
     binding   "a red circle and a blue square"
     counting  "three green triangles"                       (2..4 objects)
     spatial   "a red circle left of a blue square"          (left of / right of / above / below)
 
-Held-out prompts: some unordered (colour shape, colour shape) pairs never appear together in a
-training caption (neither bound nor in a relation), and some (count, colour, shape) triples are never
-counted. Every word is seen in training, only the combinations are new.
+Held-out prompts: some unordered (colour shape, colour shape) pairs never appear together in a training caption
+(neither bound nor in a relation), and some (count, colour, shape) triples are never counted. Every word is seen in
+training, only the combinations are new.
 """
 import itertools
 import random
@@ -48,9 +47,7 @@ class Spec:
 # captions <-> specs
 
 def caption(spec):
-    def phrase(n, c, s):
-        return f"{NUMBERS[n]} {c} {s}" + ("s" if n > 1 else "")
-    parts = [phrase(*it) for it in spec.items]
+    parts = [f"{NUMBERS[n]} {c} {s}" + ("s" if n > 1 else "") for n, c, s in spec.items]
     if spec.skill == "spatial":
         return f"{parts[0]} {spec.relation} {parts[1]}"
     return " and ".join(parts)
@@ -87,20 +84,16 @@ def all_specs():
     specs = [Spec("single", ((1, c, s),)) for c, s in objs]
     specs += [Spec("binding", ((1, *a), (1, *b))) for a, b in itertools.permutations(objs, 2)]
     specs += [Spec("counting", ((n, c, s),)) for n in (2, 3, 4) for c, s in objs]
-    specs += [Spec("spatial", ((1, *a), (1, *b)), r) for a, b in itertools.permutations(objs, 2)
-              for r in RELATIONS]
+    specs += [Spec("spatial", ((1, *a), (1, *b)), r) for a, b in itertools.permutations(objs, 2) for r in RELATIONS]
     return specs
 
 
 def _heldout_sets():
     rng = random.Random(1234)  # fixed forever: changing it changes what "held-out" means
     objs = list(itertools.product(COLORS, SHAPES))
-    pairs = sorted(frozenset(p) for p in itertools.combinations(objs, 2))
-    pairs = sorted(pairs, key=lambda p: sorted(p))
-    held_pairs = set(rng.sample(pairs, 16))  # 16 of 153 unordered pairs
-    triples = [(n, c, s) for n in (2, 3, 4) for c, s in objs]
-    held_triples = set(rng.sample(triples, 9))  # 9 of 54 counted objects
-    return held_pairs, held_triples
+    pairs = sorted((frozenset(p) for p in itertools.combinations(objs, 2)), key=sorted)
+    held_pairs = set(rng.sample(pairs, 16))  # 16 of 153 unordered pairs, then 9 of 54 counted objects
+    return held_pairs, set(rng.sample([(n, c, s) for n in (2, 3, 4) for c, s in objs], 9))
 
 HELD_PAIRS, HELD_TRIPLES = _heldout_sets()
 
@@ -113,12 +106,7 @@ def is_heldout(spec):
     return False
 
 
-def _split(split):
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    return [s for s in all_specs() if is_heldout(s) == (split == "heldout")]
-
-_SPECS = {"train": _split("train"), "heldout": _split("heldout")}
+_SPECS = {k: [s for s in all_specs() if is_heldout(s) == (k == "heldout")] for k in ("train", "heldout")}
 
 
 def train_prompts():
@@ -146,8 +134,7 @@ def random_spec(rng, split="train"):
 
 def corrupt(spec, rng):
     """A caption that describes its image imperfectly (web alt-text noise): one field changed."""
-    fields = ["colour", "shape"] + (["count"] if spec.skill == "counting" else []) \
-        + (["relation"] if spec.relation else [])
+    fields = ["colour", "shape"] + ["count"] * (spec.skill == "counting") + ["relation"] * bool(spec.relation)
     while True:
         items = [list(it) for it in spec.items]
         i, what = rng.randrange(len(items)), rng.choice(fields)
@@ -193,8 +180,7 @@ def render(spec, rng):
     objects = [(c, s) for n, c, s in spec.items for _ in range(n)]
     hi = 12 if len(objects) <= 2 else 11 - (len(objects) == 4)  # box sizes 8..hi-1 pixels
     def clear(a, b):  # a 2-pixel gap between boxes keeps objects (even of one colour) separate blobs
-        return a[0] >= b[0] + b[2] + 2 or b[0] >= a[0] + a[2] + 2 or a[1] >= b[1] + b[2] + 2 \
-            or b[1] >= a[1] + a[2] + 2
+        return a[0] >= b[0] + b[2] + 2 or b[0] >= a[0] + a[2] + 2 or a[1] >= b[1] + b[2] + 2 or b[1] >= a[1] + a[2] + 2
     for _ in range(1000):  # place objects one by one; start over if one finds no room
         boxes = []
         for _obj in objects:
@@ -204,19 +190,14 @@ def render(spec, rng):
                 if all(clear(box, b) for b in boxes):
                     boxes.append(box)
                     break
-        if len(boxes) < len(objects):
-            continue
         centres = [(x + s / 2, y + s / 2) for x, y, s in boxes]
-        if spec.relation and not relation_ok(spec.relation, centres[0], centres[1], margin=4):
-            continue
-        break
+        if len(boxes) == len(objects) and (not spec.relation or relation_ok(spec.relation, *centres[:2], margin=4)):
+            break
     else:
         raise RuntimeError(f"could not place {caption(spec)!r}")  # not reached for this grammar
-    image = np.empty((3, SIZE, SIZE), np.float32)
-    image[:] = np.array(BACKGROUND, np.float32)[:, None, None]
+    image = np.tile(np.array(BACKGROUND, np.float32)[:, None, None], (1, SIZE, SIZE))
     for (c, s), (x, y, sz) in zip(objects, boxes):
-        m = _mask(s, x, y, sz)
-        image[:, m] = np.array(COLORS[c], np.float32)[:, None]
+        image[:, _mask(s, x, y, sz)] = np.array(COLORS[c], np.float32)[:, None]
     return image, [(c, s, x + sz / 2, y + sz / 2) for (c, s), (x, y, sz) in zip(objects, boxes)]
 
 
@@ -247,10 +228,7 @@ def _components(cls):
         for dim, shift in ((1, 1), (1, -1), (2, 1), (2, -1)):
             nb, nb_cls = torch.roll(labels, shift, dim), torch.roll(cls, shift, dim)
             edge = torch.zeros_like(fg)  # torch.roll wraps around: forbid the wrapped row/column
-            if dim == 1:
-                edge[:, 0 if shift == 1 else H - 1, :] = True
-            else:
-                edge[:, :, 0 if shift == 1 else W - 1] = True
+            edge.select(dim, 0 if shift == 1 else cls.shape[dim] - 1).fill_(True)
             ok = fg & (nb_cls == cls) & ~edge
             new = torch.where(ok, torch.maximum(new, nb), new)
         if torch.equal(new, labels):
@@ -268,9 +246,7 @@ def detect(images):
     out = []
     for b in range(images.shape[0]):
         objs = []
-        for lab in labels[b].unique():
-            if lab == 0:
-                continue
+        for lab in labels[b][labels[b] > 0].unique():  # 0: background
             ys, xs = torch.nonzero(labels[b] == lab, as_tuple=True)
             area = len(xs)
             if area < MIN_AREA:
@@ -310,15 +286,13 @@ def new_toy_model(seed=0):
     torch.manual_seed(seed)
     tokenizer = new_toy_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=12, projection_dim=64,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3))
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=12, projection_dim=64, pad_token_id=0, bos_token_id=2, eos_token_id=3))
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8)  # cross-attention at 8x8 only: half the cost
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                              prediction_type="v_prediction", clip_sample=True,
-                              timestep_spacing="trailing", set_alpha_to_one=True)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                              prediction_type="v_prediction", timestep_spacing="trailing", set_alpha_to_one=True)
     return Pipe(unet, text_encoder.eval().requires_grad_(False), tokenizer, scheduler)
