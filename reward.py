@@ -12,7 +12,7 @@ folder or URL instead of the default in WEIGHTS) or a weighted sum `toyclip:0.7,
     pickscore      PickScore (arXiv 2305.01569): logit_scale * cos, a CLIPModel folder     ~[15, 25]
     aesthetic      LAION aesthetic predictor: MLP head on CLIP ViT-L/14 image embeddings  ~[1, 10]
     mllm           an MLLM grader over OpenAI-compatible chat completions, 5-aspect rubric  in [0, 1]
-    imagereward, hpsv2   adapter points: their packages pin versions that clash with ours (README)
+    imagereward, hpsv2   adapter points: their packages pin versions that clash with ours (docs/results.md)
 
 A score that could not be computed (a grader that failed) is NaN and counted in info["failed"]; it is
 never replaced by a made-up value. Learned models load when their factory is called, on `device`.

@@ -5,7 +5,7 @@ The defaults are the variables below; config files and --key=value override them
 
     python train.py                                               # sharpen_rlhf, built-in toy model, CPU
     python train.py config/sharpen_sft.py --lam=0.1                # the SFT variant
-    python train.py --device=cuda --model=/path/to/diffusers/folder --lora_rank=16 --dtype=bf16   # README: Real models
+    python train.py --device=cuda --model=/path/to/diffusers/folder --lora_rank=16 --dtype=bf16   # README, real models
     torchrun --standalone --nproc_per_node=8 train.py --device=cuda   # 8 GPUs (on CPU: 2 processes, gloo)
     python train.py --init_from=resume --out_dir=out/sharpen_rlhf    # continue out_dir/ckpt.pt
     torchrun --standalone --nproc_per_node=2 train.py config/pretrain_toy.py   # the built-in model
@@ -91,7 +91,7 @@ probe_pairs = 32         # sharpen_rlhf: prompts of a fixed set of pairs never t
 probe_interval = 10      # steps between those probes
 profile = False          # add each phase's share of the step time to the log lines (dev/bench.py reads them)
 ckpt_interval = 20
-# real models (README: Real models)
+# real models (README, real models and 8 GPUs)
 lora_rank = 0            # > 0: train LoRA adapters on the UNet's attention instead of all its weights
 lora_alpha = 0.0         # LoRA scale alpha / rank (0 = rank)
 dtype = "fp32"           # fp32 | bf16 | fp16: autocast dtype, and the dtype of every frozen module (fp16: CUDA + GradScaler)

@@ -1,5 +1,5 @@
 """
-Where the time goes, as ratios measured side by side in one run (README: Performance).
+Where the time goes, as ratios measured side by side in one run (docs/performance.md).
 
     python dev/bench.py                  # CPU, built-in toy model, a few minutes
     python dev/bench.py --device=cuda    # adds the fused Triton loss (kernels/weighted_mse.py) on a GPU
