@@ -107,6 +107,24 @@ def test_heldout_split():
     assert ev == toyworld.eval_prompts("heldout") and set(ev) <= held
 
 
+def test_alt_text_rates_and_no_heldout_leak():
+    """Pretraining captions under-specify their scenes at the rates of toyworld.ALT_TEXT (each form where it
+    applies to the skill, the rest exact; 3 standard errors), and never name a held-out composition."""
+    rng, held, forms, n = random.Random(0), set(toyworld.heldout_prompts()), Counter(), Counter()
+    for _ in range(6000):
+        spec = toyworld.random_spec(rng)
+        cap, form = toyworld.alt_text(spec, rng)
+        forms[spec.skill, form], n[spec.skill] = forms[spec.skill, form] + 1, n[spec.skill] + 1
+        assert cap not in held and (form == "no count" or not toyworld.is_heldout(toyworld.parse(cap))), cap
+        assert form != "no count" or cap == f"{spec.items[0][1]} {spec.items[0][2]}s", cap
+        assert form != "one object" or toyworld.parse(cap).items[0] in spec.items, cap
+    for skill, applies in toyworld.ALT_FORMS.items():
+        for form in applies:
+            p = toyworld.ALT_TEXT[form]
+            assert abs(forms[skill, form] / n[skill] - p) < 3 * (p * (1 - p) / n[skill]) ** 0.5, (skill, form)
+        assert forms[skill, "exact"] + sum(forms[skill, f] for f in applies) == n[skill]
+
+
 def test_detector_accuracy_1000_scenes():
     specs, images, truth = [], [], []
     for seed in range(1000):
@@ -1046,8 +1064,9 @@ def test_sharpen_options_change_the_first_step_as_documented():
 
 def test_baseline_methods_train_count_nfe_and_resume():
     with tempfile.TemporaryDirectory() as d:
-        for method, per_step in (("sft", 3 * 4), ("diffusion_dpo", 4 * 8), ("ddpo", 4 * 2 * (4 / 2 + 3 * 2))):
-            _, log = run("train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}", *SHARPEN_TINY,
+        for method, per_step in (("sft", 3 * 4), ("continued", 3 * 4), ("diffusion_dpo", 4 * 8),
+                                 ("ddpo", 4 * 2 * (4 / 2 + 3 * 2))):
+            _, log = run("train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}", *SHARPEN_TINY, "--captions=alttext",
                          "--dpo_pool=8", "--nfe_budget=" + str(int(2 * per_step) + (64 if method == "diffusion_dpo" else 0)))
             assert f"compute: {per_step:.0f} UNet passes per step planned (grad x3) x 2 steps" in log, log
             nfe = [s["nfe"] for s in step_lines(f"{d}/{method}")]

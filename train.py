@@ -34,7 +34,7 @@ from reward import make_reward
 
 # -----------------------------------------------------------------------------
 # run
-method = "sharpen_rlhf"  # sharpen_rlhf | sharpen_sft | pretrain | baselines: sft | diffusion_dpo | ddpo
+method = "sharpen_rlhf"  # sharpen_rlhf | sharpen_sft | pretrain | baselines: sft | diffusion_dpo | ddpo | continued
 model = S.TOY_MODEL      # the diffusers folder training starts from
 out_dir = ""             # ckpt.pt, log.txt, model/ ("" = out/<method>)
 save_to = ""             # where the final diffusers folder goes ("" = out_dir/model)
@@ -68,8 +68,10 @@ dpo_k = 2                # the best and worst of them make the prompt's preferen
 ppo_clip = 1e-4          # ddpo: ratio clip range (ddpo-pytorch's default)
 ppo_epochs = 2           # ddpo: optimizer steps per sampled batch (the second sees a ratio != 1)
 ddpo_eta = 1.0           # ddpo: DDIM eta of its sampler (the policy needs step noise to have a density)
-# pretraining (toy world)
-caption_noise = 0.1      # fraction of captions changed in one field (web alt-text noise)
+# pretraining (toy world) and its continuation (method continued: the UNet alone, from `model`)
+captions = "noisy"       # pretraining captions: noisy (exact, caption_noise of them with one field wrong: assets/toy-model)
+                         # | alttext (web-like, under-specified: toyworld.ALT_TEXT)
+caption_noise = 0.1      # noisy: fraction of captions changed in one field
 caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-free guidance)
 # optim
 steps = 120              # optimizer steps (the default run: 11 min on 2 CPU cores, docs/results.md)
@@ -104,7 +106,7 @@ ddp_timeout = 300        # seconds a rank waits for the others in a collective b
 # -----------------------------------------------------------------------------
 config = S.configure(globals(), sys.argv[1:])  # config files and --key=value, in order
 out_dir = config["out_dir"] = out_dir or os.path.join("out", method)
-METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain", "sft", "diffusion_dpo", "ddpo")
+METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain", "sft", "diffusion_dpo", "ddpo", "continued")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fault injection for the tests, all of it (env TRAIN_<KIND>=a,b,..: a rank dies at "rank:step", the loss of these
 # steps is NaN, the checkpoint write at these steps fails (full disk) or is killed halfway, the run crashes after
@@ -125,7 +127,7 @@ def nfe_per_step():
     """Planned UNet cost per optimizer step, all ranks, in image forward passes: CFG counts 2, a pass with
     grad counts 3 (forward + backward). The run also counts what it does (the `nfe` log column)."""
     c, P, n, m = S.passes_per_call(guidance), prompts_per_step, n_traj, m_steps
-    return {"pretrain": 3 * batch_size, "sft": 3 * P,
+    return {"pretrain": 3 * batch_size, "sft": 3 * P, "continued": 3 * P,
             "sharpen_sft": P * (n * m * c + 3 * (1 if lam == 0 else n) * m),  # rollouts + selected, with grad
             "sharpen_rlhf": P * (num_steps * c + n * m * c + 3 * 2 * m + 2 * m),  # sample, rollouts, w/l x policy/ref
             "diffusion_dpo": P * (3 * 2 + 2),  # winner and loser through policy and reference (+ the pool, once)
@@ -137,7 +139,7 @@ if method not in METHODS:
     fail(f"unknown method {method!r} (known: {', '.join(METHODS)})")
 for key, options in (("init_from", ("scratch", "resume")), ("eval_split", ("heldout", "train")), ("dtype", tuple(DTYPES)),
                      ("dpo_target", ("start", "outcome")), ("sft_target", ("exact", "official")),
-                     ("score_steps", ("all", "last"))):
+                     ("score_steps", ("all", "last")), ("captions", ("noisy", "alttext"))):
     if globals()[key] not in options:
         fail(f"{key} must be {' or '.join(map(repr, options))}, got {globals()[key]!r}")
 if device == "cuda" and not torch.cuda.is_available():
@@ -161,7 +163,7 @@ if lora_rank < 0 or (lora_rank and method == "pretrain"):
     fail(f"lora_rank={lora_rank}: must be >= 0, and 0 for pretrain (LoRA adapts a trained UNet)")
 file_prompts = []
 if prompt_file:
-    if method in ("pretrain", "sft", "sharpen_sft"):
+    if method in ("pretrain", "sft", "continued", "sharpen_sft"):
         fail(f"--prompt_file with method {method}: it trains on dataset images, which only the toy world "
              "provides here; use sharpen_rlhf, ddpo or diffusion_dpo (they need prompts only)")
     try:
@@ -176,7 +178,7 @@ if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
     steps = config["steps"] = max(1, int((nfe_budget - pool_cost) // nfe_per_step()))
 if not pretrain:
     S.check_model_folder(model)
-if method not in ("pretrain", "sft"):
+if method not in ("pretrain", "sft", "continued"):
     try:
         reward_fn = make_reward(reward, device)
     except ValueError as e:
@@ -347,18 +349,21 @@ def scored_samples(prompts, seeds, eta_=0.0, net=None):
 # images its loss averages over; loss_fn() -> (mean loss with grad, {log column: value})
 
 def pretrain_loss(it, micro):
-    """Denoising loss on toy-world scenes at uniform t. pretrain: noisy captions, the text encoder trains
-    too; sft (the plain fine-tuning baseline): exact captions, the UNet alone."""
-    images, prompts = [], []
+    """Denoising loss on toy-world scenes at uniform t. pretrain: the pretraining captions (`captions`, 10 %
+    dropped for CFG), the text encoder trains too; continued: the same captions, the UNet alone (the control
+    for "more training"); sft (the plain fine-tuning baseline): exact captions, the UNet alone."""
+    images, prompts, web = [], [], method in ("pretrain", "continued")
     first = (micro * world + rank) * P
     for i in range(first, first + P):
         s = seed_for("scene", it, i)
         image, cap = toyworld.sample_scene(s)
         rng = random.Random(s)
-        if pretrain and rng.random() < caption_noise:
+        if web and captions == "alttext":
+            cap = toyworld.alt_text(toyworld.parse(cap), rng)[0]
+        elif web and rng.random() < caption_noise:
             cap = toyworld.caption(toyworld.corrupt(toyworld.parse(cap), rng))
         images.append(image)
-        prompts.append("" if pretrain and rng.random() < caption_dropout else cap)
+        prompts.append("" if web and rng.random() < caption_dropout else cap)
     x0 = torch.stack(images).to(dev) * 2 - 1  # model space: [-1, 1]
     gen = torch.Generator().manual_seed(seed_for("t noise", (it * grad_accum + micro) * world + rank))
     t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (P,), generator=gen).to(dev)
@@ -557,7 +562,8 @@ def batch(it, micro):
     if method in ("sharpen_sft", "sharpen_rlhf"):
         first = first_index(it, micro)
         return {"sharpen_sft": sharpen_sft, "sharpen_rlhf": sharpen_rlhf}[method](range(first, first + P))[:2]
-    loss = {"pretrain": pretrain_loss, "sft": pretrain_loss, "diffusion_dpo": dpo_loss, "ddpo": ddpo_loss}[method]
+    loss = {"pretrain": pretrain_loss, "sft": pretrain_loss, "continued": pretrain_loss, "diffusion_dpo": dpo_loss,
+            "ddpo": ddpo_loss}[method]
     return P, lambda: loss(it, micro)  # these average over all P items
 
 
