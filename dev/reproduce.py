@@ -90,7 +90,7 @@ def evaluate(name, models, extra=()):
 
 
 def main():
-    global out, budget, ablation_steps, eval_seeds, search, curve_evals
+    global out, budget, ablation_steps, eval_seeds, search, curve_evals, methods
     S.configure(globals(), sys.argv[1:])
     if redraw:
         return redraw_figures(redraw, fig_dir or os.path.dirname(os.path.abspath(redraw)))
@@ -99,6 +99,7 @@ def main():
     if quick:
         budget, ablation_steps, eval_seeds, ns, ms, curve_evals = 400, 2, 1, (2,), (1,), 1
         search = "bon1+bon2+noise1x2+greedy2"
+        methods = "sharpen_rlhf+ddpo"  # one of each kind: the other methods share their code paths here
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     print(f"1/4 training methods at equal compute ({budget} UNet passes each, grad x3)")
