@@ -152,9 +152,9 @@ def corrupt(spec, rng):
             return new
 
 
-# how pretraining captions describe their scene, as web alt-text does: under-specified more than wrong. Per
-# scene, one form is drawn with these probabilities (where it applies to the skill; the rest stays exact)
-ALT_TEXT = {"one object": 0.3,   # binding, spatial: only one of the two objects is named ("a red circle")
+# pretraining captions as web alt-text describes a scene: under-specified more than wrong. Per scene one form is
+# drawn with these probabilities, among those that apply to its skill (ALT_FORMS); the rest stays exact
+ALT_TEXT = {"one object": 0.3,   # binding, spatial: one of the two objects is named ("a red circle")
             "no count": 0.5,     # counting: the number is dropped ("red circles")
             "no relation": 0.4,  # spatial: the relation is dropped ("a red circle and a blue square")
             "wrong field": 0.1}  # any skill: one colour, shape, count or relation is wrong (corrupt)
@@ -163,24 +163,17 @@ ALT_FORMS = {"single": ("wrong field",), "binding": ("one object", "wrong field"
 
 
 def alt_text(spec, rng):
-    """(caption, form) for a pretraining scene of `spec`: form in ALT_FORMS[spec.skill] or "exact". Only train
-    compositions are ever named: a held-out pair or counted object never appears in the text."""
-    u = rng.random()
+    """(caption, form) of a pretraining scene: form in ALT_FORMS[spec.skill] or "exact". Held-out pairs and
+    counted objects are never named."""
+    u, (n, c, s) = rng.random(), spec.items[0]
     for form in ALT_FORMS[spec.skill]:
-        if u < ALT_TEXT[form]:
+        if (u := u - ALT_TEXT[form]) < 0:
             break
-        u -= ALT_TEXT[form]
     else:
         return caption(spec), "exact"
-    if form == "wrong field":
-        return caption(corrupt(spec, rng)), form
-    if form == "one object":
-        n, c, s = spec.items[rng.randrange(2)]
-        return caption(Spec("single", ((n, c, s),))), form
-    if form == "no count":
-        n, c, s = spec.items[0]
-        return f"{c} {s}s", form
-    return caption(Spec("binding", spec.items)), form  # no relation
+    return {"wrong field": lambda: caption(corrupt(spec, rng)), "no count": lambda: f"{c} {s}s",
+            "one object": lambda: caption(Spec("single", (spec.items[rng.randrange(2)],))),
+            "no relation": lambda: caption(Spec("binding", spec.items))}[form](), form
 
 
 # -----------------------------------------------------------------------------
