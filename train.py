@@ -349,8 +349,8 @@ def scored_samples(prompts, seeds, eta_=0.0, net=None):
 # images its loss averages over; loss_fn() -> (mean loss with grad, {log column: value})
 
 def pretrain_loss(it, micro):
-    """Denoising loss on toy-world scenes at uniform t. pretrain: the pretraining captions (`captions`, 10 %
-    dropped for CFG), the text encoder trains too; continued: the same captions, the UNet alone (the control
+    """Denoising loss on toy-world scenes at uniform t. pretrain: the pretraining captions (`captions`, some
+    empty for CFG), the text encoder trains too; continued: the same captions, the UNet alone (the control
     for "more training"); sft (the plain fine-tuning baseline): exact captions, the UNet alone."""
     images, prompts, web = [], [], method in ("pretrain", "continued")
     first = (micro * world + rank) * P
