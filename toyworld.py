@@ -165,15 +165,19 @@ ALT_FORMS = {"single": ("wrong field",), "binding": ("one object", "wrong field"
 def alt_text(spec, rng):
     """(caption, form) of a pretraining scene: form in ALT_FORMS[spec.skill] or "exact". Held-out pairs and
     counted objects are never named."""
-    u, (n, c, s) = rng.random(), spec.items[0]
+    u = rng.random()
     for form in ALT_FORMS[spec.skill]:
         if (u := u - ALT_TEXT[form]) < 0:
             break
     else:
         return caption(spec), "exact"
-    return {"wrong field": lambda: caption(corrupt(spec, rng)), "no count": lambda: f"{c} {s}s",
-            "one object": lambda: caption(Spec("single", (spec.items[rng.randrange(2)],))),
-            "no relation": lambda: caption(Spec("binding", spec.items))}[form](), form
+    if form == "wrong field":
+        return caption(corrupt(spec, rng)), form
+    if form == "one object":
+        return caption(Spec("single", (spec.items[rng.randrange(2)],))), form
+    if form == "no count":
+        return f"{spec.items[0][1]} {spec.items[0][2]}s", form
+    return caption(Spec("binding", spec.items)), form  # no relation
 
 
 # -----------------------------------------------------------------------------

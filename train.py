@@ -250,11 +250,17 @@ spent = dict(nfe=0, scored=0)  # UNet image-passes (grad x3) and images scored o
 timing, t_fwd = collections.defaultdict(float), []  # --profile: seconds per phase this step
 
 
-clock = lambda: (profile and device == "cuda" and torch.cuda.synchronize()) or time.perf_counter()  # GPU: kernels end
+def clock():
+    if device == "cuda":  # (profile only) GPU phases end where their kernels end
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 @contextlib.contextmanager
 def timed(key):
+    if not profile:
+        yield
+        return
     t = clock()
     yield
     timing[key] += clock() - t
@@ -262,7 +268,8 @@ def timed(key):
 
 def count_pass(mod, args, kw):  # every UNet call, where it happens: image-passes, a pass with grad x3
     spent["nfe"] += len(args[0] if args else kw["sample"]) * (3 if torch.is_grad_enabled() else 1)
-    t_fwd.append(clock())
+    if profile:
+        t_fwd.append(clock())
 
 
 def time_pass(mod, args, kw, out):
@@ -272,7 +279,8 @@ def time_pass(mod, args, kw, out):
 for net in (pipe.unet, None if lora_rank else ref_unet):  # LoRA's reference passes run through pipe.unet
     if net is not None:
         net.register_forward_pre_hook(count_pass, with_kwargs=True)
-        net.register_forward_hook(time_pass, with_kwargs=True)
+        if profile:
+            net.register_forward_hook(time_pass, with_kwargs=True)
 opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 ema_params = [p.detach().clone() for p in params] if ema else None
 step, pool, ddpo_batches = 0, [], {}  # diffusion_dpo's offline pairs; ddpo's batch of the old policy
