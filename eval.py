@@ -41,6 +41,7 @@ per_skill = 16           # prompts per skill (fewer where a skill has fewer)
 seeds = 8                # seeds per prompt: images = prompts x seeds
 num_steps = 20           # DDIM steps
 guidance = 1.0           # classifier-free guidance scale (1.0 measured best on train prompts)
+uncond_embed = "auto"    # CFG's unconditional input: auto (the folder's pipeline: zeros for SDXL, else "") | zeros | empty
 eta = 0.0
 rewards = "toyclip"      # more rewards to score the same images with, '+'-separated reward specs (reward.py)
 out_dir = "out/eval"     # results.json, results.md, grid.png, reward_vs_nfe.png
@@ -90,7 +91,7 @@ def sample_from(pipe, noises, prompts, ts, guidance, eta, seeds):
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     for g in gens:  # advance past the initial draw, as sample.sample's generators are (eta > 0 steps)
         torch.randn(noises.shape[1:], generator=g)
-    x = S.rollout(pipe, noises.to(pipe.device), ts, S.encode(pipe, prompts), S.encode(pipe, [""]),
+    x = S.rollout(pipe, noises.to(pipe.device), ts, S.encode(pipe, prompts), S.uncond(pipe),
                   guidance, eta, gens, record=False)
     return S.to_images(pipe, x)
 
@@ -144,7 +145,7 @@ def greedy_search(pipe, prompts, seeds, reward_fn, K, num_steps=20, guidance=1.0
     prediction at its new state (one UNet pass, reused by the next step) is scored; the best is kept.
     NFE per image = (1 + (num_steps - 1) * K) * (1 or 2): the last step lands on the clean image."""
     ts, B = S.timesteps(pipe, num_steps), len(prompts)
-    cond, uncond = S.encode(pipe, prompts), S.encode(pipe, [""])
+    cond, uncond = S.encode(pipe, prompts), S.uncond(pipe)
     x = torch.stack([candidate_noise(pipe, s, 0) for s in seeds]).to(pipe.device)
     out = S.predict(pipe, x, ts[0], cond, uncond, guidance)
     gens = [torch.Generator().manual_seed(int(s) + 7) for s in seeds for _ in range(K)]
@@ -312,7 +313,7 @@ def main():
     rows, grids = [], []
     jobs = [(f, None) for f in folders] + [(folders[0], s) for s in str(search).split("+") if s]
     for folder, how in jobs:
-        pipe = S.load_model(folder, device)
+        pipe = S.load_model(folder, device, uncond=uncond_embed)
         t0 = time.time()
         images, nfe = run_search(pipe, how, prompts, seed_list, verifier)
         dt = time.time() - t0

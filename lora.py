@@ -70,6 +70,14 @@ def merge(model):
     return model
 
 
+def diffusers_state_dict(model, prefix="unet"):
+    """The adapters as diffusers' LoRA training scripts save them (pytorch_lora_weights.safetensors, which
+    pipe.load_lora_weights reads): '<prefix>.<module>.lora.down.weight' = A and '.lora.up.weight' = (alpha / r) B,
+    fp32. The scale is folded into B, so the file needs no alpha: loaded at scale 1 it is this model."""
+    return {f"{prefix}.{name}.lora.{k}.weight": w.detach().float().cpu().clone() for name, m in model.named_modules()
+            if isinstance(m, LoRALinear) for k, w in (("down", m.lora_A), ("up", m.lora_B * m.scale))}
+
+
 @contextlib.contextmanager
 def disabled(model):
     """The base model inside the block: every adapter of `model` off."""

@@ -7,6 +7,7 @@ per-step targets, the batched rollout, image grids, and configure() (every scrip
     python sample.py --device=cuda --model=/path/to/local/diffusers/folder --prompt="..."
 """
 import ast
+import json
 import math
 import os
 import sys
@@ -27,6 +28,7 @@ prompt = "two red circles"
 num_images = 16          # images of the prompt, in one grid
 num_steps = 20           # DDIM steps
 guidance = 1.0           # classifier-free guidance scale; 1.0 = conditional only (half the NFE; best for the toy model on train prompts)
+uncond_embed = "auto"    # CFG's unconditional input: auto (the folder's pipeline: zeros for SDXL, else "") | zeros | empty
 eta = 0.0                # DDIM eta: 0 deterministic, 1 DDPM-like
 seed = 0
 out = "samples.png"
@@ -90,6 +92,7 @@ class Pipe:
     vae: object = None         # None: the UNet works in image space, [-1, 1]
     text_encoder_2: object = None  # SDXL: CLIPTextModelWithProjection (penultimate states + pooled)
     tokenizer_2: object = None
+    zero_uncond: bool = False  # CFG's unconditional input is zeros, not the encoded "" (SDXL's pipeline default)
 
     @property
     def device(self):
@@ -109,9 +112,12 @@ def check_model_folder(folder):
                          "(expected a diffusers-style folder: unet/ text_encoder/ tokenizer/ scheduler/ [vae/])")
 
 
-def load_model(folder, device="cpu", dtype=torch.float32):
+def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto"):
     """A local folder's unet/ text_encoder/ tokenizer/ scheduler/ [vae/: latent space] [text_encoder_2/ tokenizer_2/:
-    SDXL], in `dtype`, frozen. Any scheduler (PNDM, Euler, DDIM) lends our DDIM its schedule and prediction type."""
+    SDXL], in `dtype`, frozen. Any scheduler (PNDM, Euler, DDIM) lends our DDIM its config: schedule, spacing,
+    offset, set_alpha_to_one, clip_sample, prediction type. uncond: CFG's unconditional input, "zeros" or "empty"
+    (the encoded ""); "auto" follows model_index.json's force_zeros_for_empty_prompt, else the pipeline's default
+    (zeros for SDXL, the encoded "" for SD)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
     _quiet()
@@ -123,12 +129,20 @@ def load_model(folder, device="cpu", dtype=torch.float32):
                          f"{folder!r} lacks text_encoder_2/ or tokenizer_2/")
     sched = _load(DDIMScheduler, sub("scheduler"), config=True)  # SD/SDXL ship PNDM/Euler configs: no clip_sample there
     sched = DDIMScheduler.from_config(sched, **({} if "clip_sample" in sched else {"clip_sample": False}))
+    if sched.config.thresholding:
+        raise SystemExit(f"error: {sub('scheduler')} sets thresholding (dynamic thresholding is not supported)")
+    if uncond not in ("auto", "zeros", "empty"):
+        raise SystemExit(f"error: uncond must be 'auto', 'zeros' or 'empty', got {uncond!r}")
     pipe = Pipe(unet=unet, text_encoder=_load(CLIPTextModel, sub("text_encoder"), dtype=dtype),
                 tokenizer=_load(AutoTokenizer, sub("tokenizer")), scheduler=sched,
                 vae=_load(AutoencoderKL, sub("vae"), torch_dtype=dtype) if has("vae") else None)
     if has("text_encoder_2"):
         pipe.text_encoder_2 = _load(CLIPTextModelWithProjection, sub("text_encoder_2"), dtype=dtype)
         pipe.tokenizer_2 = _load(AutoTokenizer, sub("tokenizer_2"))
+    index = os.path.join(folder, "model_index.json")
+    index = json.load(open(index)) if os.path.isfile(index) else {}
+    pipe.zero_uncond = uncond == "zeros" or (uncond == "auto" and index.get(
+        "force_zeros_for_empty_prompt", pipe.text_encoder_2 is not None))
     for m in (pipe.unet, pipe.text_encoder, pipe.vae, pipe.text_encoder_2):
         if m is not None:
             m.to(device).eval().requires_grad_(False)
@@ -151,17 +165,38 @@ def _quiet():  # diffusers/transformers chatter (accelerate hints, shard progres
     transformers.utils.logging.disable_progress_bar()
 
 
-def save_model(pipe, folder):
-    """The pipe as a diffusers-style folder that load_model reads back bit-exactly; written beside the
-    target and renamed into place, so a crash never leaves a half-written folder."""
+COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae", "text_encoder_2", "tokenizer_2")
+
+
+def save_model(pipe, folder, lora=None):
+    """The pipe as a diffusers-style folder that load_model reads back bit-exactly, every component copied in,
+    and with a VAE a complete diffusers pipeline (model_index.json: StableDiffusion[XL]Pipeline, its scheduler, the
+    uncond convention). The pixel-space toy model gets none: StableDiffusionPipeline would run it without a VAE
+    (vae=None, output_type="latent"), but it turns clip_sample off, and the toy model's DDIM clips x0.
+    lora: {name: tensor}, written as pytorch_lora_weights.safetensors (lora.diffusers_state_dict).
+    Written beside the target and renamed into place: a crash never leaves a half-written folder."""
     import shutil
+    import diffusers
     _quiet()
     folder = os.path.abspath(folder)
     tmp, old = f"{folder}.tmp{os.getpid()}", f"{folder}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    for name in ("unet", "text_encoder", "tokenizer", "scheduler", "vae", "text_encoder_2", "tokenizer_2"):
+    index = {"_class_name": "StableDiffusionXLPipeline" if pipe.text_encoder_2 else "StableDiffusionPipeline",
+             "_diffusers_version": diffusers.__version__, "feature_extractor": [None, None]}
+    index.update({"force_zeros_for_empty_prompt": pipe.zero_uncond, "image_encoder": [None, None]}
+                 if pipe.text_encoder_2 else {"safety_checker": [None, None], "requires_safety_checker": False})
+    for name in COMPONENTS:
         if getattr(pipe, name) is not None:
             getattr(pipe, name).save_pretrained(os.path.join(tmp, name))
+            cls = type(getattr(pipe, name))
+            index[name] = [cls.__module__.split(".")[0], cls.__name__]
+    if pipe.vae is not None:
+        with open(os.path.join(tmp, "model_index.json"), "w") as f:
+            json.dump(dict(sorted(index.items())), f, indent=2)
+    if lora:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in lora.items()}, os.path.join(tmp, "pytorch_lora_weights.safetensors"),
+                  metadata={"format": "pt"})
     if os.path.exists(folder):
         os.rename(folder, old)
     os.rename(tmp, folder)
@@ -188,6 +223,12 @@ def encode(pipe, prompts):
     h = torch.cat([h1, out.hidden_states[-2].to(h1.dtype)], -1)
     pooled = torch.nn.functional.pad(out.text_embeds.to(h.dtype), (0, h.shape[-1] - out.text_embeds.shape[-1]))
     return torch.cat([h, pooled[:, None]], 1)
+
+
+def uncond(pipe):
+    """CFG's unconditional input (1, L, E): the encoded "" or, where the pipeline zeroes it (SDXL), zeros."""
+    u = encode(pipe, [""])
+    return torch.zeros_like(u) if pipe.zero_uncond else u
 
 
 def unet_call(pipe, unet, x, t, cond):
@@ -235,9 +276,11 @@ def randn(shape, generators, device="cpu"):
 # the DDIM step (Song et al. 2020, arXiv 2010.02502, Eq. 12) and the per-step targets
 
 def alpha_bars(pipe, t):
-    """alpha_bar at integer timesteps t (tensor); t = -1 means the clean end (alpha_bar = 1)."""
+    """alpha_bar at integer timesteps t (tensor); t < 0 is the end of sampling: alpha_bar 1 where the config sets
+    set_alpha_to_one, else alphas_cumprod[0] (the last step keeps a trace of noise, as diffusers' DDIM)."""
     ab = pipe.scheduler.alphas_cumprod.to(pipe.device)
-    return torch.where(t >= 0, ab[t.clamp(min=0)], torch.ones((), device=pipe.device))
+    end = torch.as_tensor(pipe.scheduler.final_alpha_cumprod, dtype=ab.dtype, device=pipe.device)
+    return torch.where(t >= 0, ab[t.clamp(min=0)], end)
 
 
 def add_noise(pipe, x0, t, eps):
@@ -308,7 +351,9 @@ def ddim_logprob(pipe, x_t, model_out, t, t_prev, eta, x_prev):
 
 
 def timesteps(pipe, num_steps):
-    """The sampler's timesteps, noisiest first, plus -1 for the clean end: (num_steps + 1,) long."""
+    """The sampler's timesteps, noisiest first (the config's spacing and offset), plus -1 for the end: (num_steps +
+    1,) long. Each step goes to the next timestep, as diffusers' DDIM does wherever the spacing is even (leading,
+    trailing); for linspace, diffusers steps to t - 1000 // num_steps, off its own grid."""
     pipe.scheduler.set_timesteps(num_steps)
     return torch.cat([pipe.scheduler.timesteps.long(), torch.tensor([-1])]).to(pipe.device)
 
@@ -371,13 +416,13 @@ def state_targets(pipe, traj, x0):
 def sample(pipe, prompts, seeds, num_steps=20, guidance=1.0, eta=0.0, batch_size=64, progress=False):
     """Images (B,3,H,W) in [0,1], prompts[i] from seeds[i], each the same whatever the batch; progress: a tty bar."""
     from tqdm import tqdm
-    ts, uncond = timesteps(pipe, num_steps), encode(pipe, [""])
+    ts, u = timesteps(pipe, num_steps), uncond(pipe)
     C, S = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     images = []
     for i in tqdm(range(0, len(prompts), batch_size), disable=not (progress and sys.stderr.isatty()), desc="sampling"):
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
         x = randn((C, S, S), gens, pipe.device)
-        x = rollout(pipe, x, ts, encode(pipe, prompts[i:i + batch_size]), uncond, guidance, eta, gens, record=False)
+        x = rollout(pipe, x, ts, encode(pipe, prompts[i:i + batch_size]), u, guidance, eta, gens, record=False)
         images.append(to_images(pipe, x))
     return torch.cat(images)
 
@@ -410,7 +455,7 @@ if __name__ == "__main__":
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device=cuda but no CUDA device is available")
     torch.set_num_threads(os.cpu_count())
-    pipe = load_model(model, device)
+    pipe = load_model(model, device, uncond=uncond_embed)
     images = sample(pipe, [prompt] * num_images, [seed + i for i in range(num_images)],
                     num_steps, guidance, eta, progress=True)
     save_grid(images, [prompt] * num_images, out)

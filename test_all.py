@@ -118,9 +118,8 @@ def test_alt_text_rates_and_no_heldout_leak():
         assert cap not in held and (form == "no count" or not toyworld.is_heldout(toyworld.parse(cap))), cap
         assert form != "no count" or cap == f"{spec.items[0][1]} {spec.items[0][2]}s", cap
         assert form != "one object" or toyworld.parse(cap).items[0] in spec.items, cap
-    for skill, applies in toyworld.ALT_FORMS.items():
-        for form in applies:
-            p = toyworld.ALT_TEXT[form]
+    for skill, applies in toyworld.ALT_TEXT.items():
+        for form, p in applies.items():
             assert abs(forms[skill, form] / n[skill] - p) < 3 * (p * (1 - p) / n[skill]) ** 0.5, (skill, form)
         assert forms[skill, "exact"] + sum(forms[skill, f] for f in applies) == n[skill]
 
@@ -841,6 +840,43 @@ def test_lora_identity_disable_and_merge():
     raises(lambda: L.add_lora(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)), 2), "nothing to adapt")
 
 
+def test_lora_file_is_what_diffusers_loads():
+    """pytorch_lora_weights.safetensors as diffusers' LoRA scripts write it: 'unet.<module>.lora.down/up.weight',
+    which diffusers' own converter maps onto every adapted Linear with the right shapes, and whose B A (scale
+    folded in) is the merged weight. Where peft is installed, pipe.load_lora_weights(dir) reproduces our UNet."""
+    import lora as L
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file
+    from dev import sdconfigs
+    with tempfile.TemporaryDirectory() as d:
+        base = sdconfigs.make(f"{d}/base", "sd15", tiny=True)
+        pipe = S.load_model(base)
+        x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([500]), S.encode(pipe, ["a red circle"])
+        before = S.unet_call(pipe, pipe.unet, x, t, cond)
+        L.add_lora(pipe.unet, 2, alpha=6)
+        for p in L.lora_parameters(pipe.unet):
+            p.data.normal_(0, 0.3)
+        want = S.unet_call(pipe, pipe.unet, x, t, cond)
+        assert (want - before).abs().max() > 0.1  # the adapters matter: a wrong scale or key would show
+        S.save_model(pipe, f"{d}/lora", lora=L.diffusers_state_dict(pipe.unet))
+        sd = load_file(f"{d}/lora/pytorch_lora_weights.safetensors")
+        peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in sd.items()})
+        lins = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, L.LoRALinear)}
+        assert len(lins) > 0 and set(peft) == {f"{n}.lora_{ab}.weight" for n in lins for ab in "AB"}
+        for n, m in lins.items():
+            A, B = peft[f"{n}.lora_A.weight"], peft[f"{n}.lora_B.weight"]
+            assert A.shape == (2, m.base.in_features) and B.shape == (m.base.out_features, 2)
+            torch.testing.assert_close(m.base.weight + B @ A, m.merged().weight)
+        try:
+            import peft  # noqa: F401  (diffusers' LoRA backend; not a requirement of this project)
+        except ImportError:
+            return print("  (peft is not installed: load_lora_weights round trip not run)")
+        from diffusers import StableDiffusionPipeline
+        ref = StableDiffusionPipeline.from_pretrained(base)
+        ref.load_lora_weights(f"{d}/lora")
+        assert (ref.unet(x, t, cond).sample - want).abs().max() < 5e-4  # float order (merged vs unmerged: 5e-5)
+
+
 def test_sd_and_sdxl_folders_load_encode_and_sample():
     """The loader on SD1.5-like (PNDM config, epsilon) and SDXL-like (two encoders, text_time UNet, Euler
     config, v-prediction) folders: DDIM without clipping, latent shapes, pooled row, VAE round trip."""
@@ -878,6 +914,41 @@ SHARPEN_TINY = ["--prompts_per_step=4", "--n_traj=2", "--m_steps=2", "--num_step
                 "--threads=1", "--lr=1e-3", "--probe_pairs=0"]  # (sharpen_rlhf's probe: its own test)
 REAL_TINY = ["--prompts_per_step=2", "--n_traj=2", "--m_steps=2", "--num_steps=4", "--eval_seeds=0",
              "--threads=1", "--lr=1e-3", "--reward=toyclip"]
+
+
+def test_sampler_equals_diffusers_pipeline_every_step():
+    """Our DDIM rollout == the diffusers pipeline of the same folder (its scheduler swapped for DDIM, as a user
+    runs DDIM), from the same latents, at every one of 10 steps: SD1.5 (eps; set_alpha_to_one false, leading
+    spacing, offset 1), SDXL (eps; zero uncond) and SDXL (v), guidance 1 and 5. The exported folder is a
+    complete pipeline (model_index.json, DDIM) that reproduces our samples without any swap."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+    from dev import sdconfigs
+    with tempfile.TemporaryDirectory() as d:
+        for kind, pred in (("sd15", ""), ("sdxl", ""), ("sdxl", "v_prediction")):
+            folder = sdconfigs.make(f"{d}/{kind}{pred}", kind, tiny=True, prediction=pred)
+            ours, ref = S.load_model(folder), DiffusionPipeline.from_pretrained(folder)
+            ref.set_progress_bar_config(disable=True)
+            assert ours.zero_uncond == (kind == "sdxl") and not ours.scheduler.config.set_alpha_to_one
+            ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+            prompts, x = ["a red circle", "two blue squares"], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+            for g in (1.0, 5.0):
+                traj = S.rollout(ours, x, S.timesteps(ours, 10), S.encode(ours, prompts), S.uncond(ours), g)
+                mine, theirs = [*traj.x[:, 1:].unbind(1), traj.x_final], []
+                ref(prompts, latents=x.clone(), num_inference_steps=10, guidance_scale=g, height=32, width=32,
+                    output_type="latent", callback_on_step_end=lambda p, i, t, kw: theirs.append(kw["latents"]) or kw)
+                assert len(theirs) == 10
+                for i, (a, b) in enumerate(zip(mine, theirs)):
+                    assert (a - b).abs().max() <= 1e-4, (kind, pred, g, i, (a - b).abs().max().item())
+            S.save_model(ours, f"{d}/export")
+            back = DiffusionPipeline.from_pretrained(f"{d}/export")
+            back.set_progress_bar_config(disable=True)
+            assert type(back).__name__ == ("StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline")
+            assert type(back.scheduler).__name__ == "DDIMScheduler"
+            img = back(prompts, latents=x.clone(), num_inference_steps=10, guidance_scale=5.0, height=32, width=32,
+                       output_type="pt").images
+            want = S.to_images(ours, S.rollout(ours, x, S.timesteps(ours, 10), S.encode(ours, prompts), S.uncond(ours),
+                                               5.0, record=False))
+            assert (img - want).abs().max() <= 1e-4
 
 
 def step_lines(out_dir):
@@ -1178,7 +1249,8 @@ def test_ddp_dead_rank_stops_the_run():
 
 def test_sd_and_sdxl_sharpen_full_and_lora_export_reload():
     """sharpen_sft and sharpen_rlhf steps on both tiny folders, full fine-tuning and LoRA: the exported
-    folder is a plain diffusers folder that reloads and samples, two Adam steps from the base."""
+    folder is a plain diffusers folder that reloads and samples, two Adam steps from the base; LoRA runs
+    also write the adapters' file; the SDXL export loads as StableDiffusionXLPipeline and samples as we do."""
     from dev import sdconfigs
     with tempfile.TemporaryDirectory() as d:
         for kind in ("sd15", "sdxl"):
@@ -1194,6 +1266,23 @@ def test_sd_and_sdxl_sharpen_full_and_lora_export_reload():
                     pipe = S.load_model(f"{out}/model")
                     assert not any(".lora_" in k for k in pipe.unet.state_dict())
                     assert S.sample(pipe, ["a red circle"], [0], num_steps=2).isfinite().all()
+                    if lora:  # the adapters' file: merged weight = base weight + up @ down
+                        from safetensors.torch import load_file
+                        sd, w0 = load_file(f"{out}/model/pytorch_lora_weights.safetensors"), S.load_model(base).unet
+                        name = next(k for k in sd if k.endswith("attn2.to_k.lora.up.weight")).removeprefix("unet.")
+                        name = name.removesuffix(".lora.up.weight")
+                        torch.testing.assert_close(pipe.unet.get_submodule(name).weight, w0.get_submodule(name).weight
+                                                   + sd[f"unet.{name}.lora.up.weight"] @ sd[f"unet.{name}.lora.down.weight"])
+                    if kind == "sdxl" and method == "sharpen_rlhf":  # a diffusers pipeline loads and samples it
+                        from diffusers import StableDiffusionXLPipeline
+                        ref = StableDiffusionXLPipeline.from_pretrained(f"{out}/model")
+                        ref.set_progress_bar_config(disable=True)
+                        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+                        img = ref(["a red circle"], latents=x.clone(), num_inference_steps=2, guidance_scale=5.0,
+                                  height=32, width=32, output_type="pt").images
+                        want = S.to_images(pipe, S.rollout(pipe, x, S.timesteps(pipe, 2), S.encode(pipe, ["a red circle"]),
+                                                           S.uncond(pipe), 5.0, record=False))
+                        assert (img - want).abs().max() <= 1e-4
                     if kind == "sd15" and method == "sharpen_sft" and not lora:  # checkpointing changes no result
                         run("train.py", f"--model={base}", f"--method={method}", "--steps=2", "--grad_ckpt",
                             f"--out_dir={out}-ckpt", *REAL_TINY)

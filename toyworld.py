@@ -152,22 +152,24 @@ def corrupt(spec, rng):
             return new
 
 
-# pretraining captions as web alt-text describes a scene: under-specified more than wrong. Per scene one form is
-# drawn with these probabilities, among those that apply to its skill (ALT_FORMS); the rest stays exact
-ALT_TEXT = {"one object": 0.3,   # binding, spatial: one of the two objects is named ("a red circle")
-            "no count": 0.5,     # counting: the number is dropped ("red circles")
-            "no relation": 0.4,  # spatial: the relation is dropped ("a red circle and a blue square")
-            "wrong field": 0.1}  # any skill: one colour, shape, count or relation is wrong (corrupt)
-ALT_FORMS = {"single": ("wrong field",), "binding": ("one object", "wrong field"),
-             "counting": ("no count", "wrong field"), "spatial": ("one object", "no relation", "wrong field")}
+# pretraining captions as web alt-text describes a scene: under-specified more than wrong, exact captions rare
+# (counts and relations most of all). Per scene one form is drawn with these probabilities for its skill; the
+# rest of the captions are exact. Chosen so that the converged model is misaligned (docs/notes.md, 2026-12-01).
+ALT_TEXT = {"single": {"wrong field": 0.15},                       # exact 0.85
+            "binding": {"one object": 0.7, "wrong field": 0.15},   # exact 0.15
+            "counting": {"no count": 0.75, "wrong field": 0.15},   # exact 0.10
+            "spatial": {"one object": 0.3, "no relation": 0.45, "wrong field": 0.15}}  # exact 0.10
+# one object: one of the two objects is named ("a red circle"); no count: "red circles"; no relation: a spatial
+# scene as a binding caption ("a red circle and a blue square"); wrong field: one colour, shape, count or
+# relation is wrong (corrupt)
 
 
 def alt_text(spec, rng):
-    """(caption, form) of a pretraining scene: form in ALT_FORMS[spec.skill] or "exact". Held-out pairs and
+    """(caption, form) of a pretraining scene: form in ALT_TEXT[spec.skill] or "exact". Held-out pairs and
     counted objects are never named."""
     u = rng.random()
-    for form in ALT_FORMS[spec.skill]:
-        if (u := u - ALT_TEXT[form]) < 0:
+    for form, p in ALT_TEXT[spec.skill].items():
+        if (u := u - p) < 0:
             break
     else:
         return caption(spec), "exact"

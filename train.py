@@ -61,6 +61,7 @@ start_range = "0.05:0.45"  # "a:b": rollouts start at DDIM step k, a <= k / num_
                          # not from pure noise (k = 0: blurry x0 predictions, uninformative rewards), and before content settles
 num_steps = 20           # sampler schedule the trajectories follow (and RLHF's own samples use)
 guidance = 1.0           # CFG scale of rollouts and samples (1.0: best for the toy model, half the NFE)
+uncond_embed = "auto"    # CFG's unconditional input: auto (the folder's pipeline: zeros for SDXL, else "") | zeros | empty
 eta = 0.0                # DDIM eta of rollouts
 # baselines (at equal compute: nfe_budget)
 dpo_pool = 256           # diffusion_dpo: train prompts the base model samples once, dpo_k images each
@@ -87,7 +88,7 @@ ema = 0.0                # EMA of the weights, exported instead of them (0 = off
 eval_interval = 0        # steps between held-out gold evaluations (0 = at start and end only)
 eval_count = 0           # or this many evenly spaced ones during the run (convergence curves)
 eval_seeds = 8           # seeds per held-out eval prompt (41 prompts x 8 = 328 images; 0 = no eval)
-eval_split = "heldout"   # heldout | train: tune hyperparameters on train prompts, report held-out ones
+eval_split = "heldout"   # heldout | train | heldout,train: tune hyperparameters on train prompts, report held-out ones
 log_interval = 1
 probe_pairs = 32         # sharpen_rlhf: prompts of a fixed set of pairs never trained on; their implicit accuracy is logged
 probe_interval = 10      # steps between those probes
@@ -137,7 +138,9 @@ def nfe_per_step():
 # every check that can fail runs here, before any heavy work
 if method not in METHODS:
     fail(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-for key, options in (("init_from", ("scratch", "resume")), ("eval_split", ("heldout", "train")), ("dtype", tuple(DTYPES)),
+if not eval_split or set(eval_split.split(",")) - {"heldout", "train"}:
+    fail(f"eval_split must be 'heldout', 'train' or both comma-separated, got {eval_split!r}")
+for key, options in (("init_from", ("scratch", "resume")), ("dtype", tuple(DTYPES)),
                      ("dpo_target", ("start", "outcome")), ("sft_target", ("exact", "official")),
                      ("score_steps", ("all", "last")), ("captions", ("noisy", "alttext"))):
     if globals()[key] not in options:
@@ -231,7 +234,7 @@ if master:
 # pretraining trains UNet + text encoder from scratch; the others train the UNet (all of it in fp32, or
 # LoRA adapters in fp32 on a base in `dtype`); frozen modules stay in `dtype`
 amp_dtype = DTYPES[dtype]
-pipe = toyworld.new_toy_model(seed) if pretrain else S.load_model(model, dev, amp_dtype)
+pipe = toyworld.new_toy_model(seed) if pretrain else S.load_model(model, dev, amp_dtype, uncond_embed)
 pipe.unet.to(dev).train()
 if lora_rank:
     params = L.add_lora(pipe.unet, lora_rank, lora_alpha, seed)
@@ -307,7 +310,7 @@ if ddp:
 unet = torch.compile(nets[0]) if compile else nets[0]
 amp = (lambda: torch.autocast(dev.split(":")[0], amp_dtype)) if dtype != "fp32" else contextlib.nullcontext
 scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
-uncond = S.encode(pipe, [""])
+uncond = S.uncond(pipe)
 ts = S.timesteps(pipe, num_steps)  # the sampler schedule every trajectory follows (num_steps + 1,)
 
 
@@ -587,21 +590,23 @@ def export(folder):
             [p for m in (out.unet, out.text_encoder)[:len(trained)] for p in m.parameters()]
         for p, e in zip(copies, ema_params):
             p.data.copy_(e)
+    adapters = L.diffusers_state_dict(out.unet) if lora_rank else None  # also as a file for load_lora_weights
     if lora_rank:  # a plain diffusers UNet with the adapters folded in
         L.merge(out.unet)
     out.unet.eval(), out.text_encoder.eval()
-    S.save_model(out, folder)
+    S.save_model(out, folder, lora=adapters)
     return out
 
 
 def evaluate(tag):
     import eval as E
-    res = E.gold_eval(export(os.path.join(out_dir, "model")), split=eval_split, seeds=eval_seeds,
-                      num_steps=num_steps, guidance=guidance)
-    proxy = "" if reward == "compositional" or reward_fn is None else \
-        f" | {eval_split} {reward} {reward_fn(res['images'], res['prompts'])[0].nanmean().item():.4f}"
-    log(f"eval {tag} | step {step} | nfe {spent['nfe'] * world} | {eval_split} gold {res['overall']:.4f} | n {res['n']} | " +
-        " | ".join(f"{k} {v:.4f}" for k, v in res["per_skill"].items()) + proxy)
+    model = export(os.path.join(out_dir, "model"))
+    for split in eval_split.split(","):
+        res = E.gold_eval(model, split=split, seeds=eval_seeds, num_steps=num_steps, guidance=guidance)
+        proxy = "" if reward == "compositional" or reward_fn is None else \
+            f" | {split} {reward} {reward_fn(res['images'], res['prompts'])[0].nanmean().item():.4f}"
+        log(f"eval {tag} | step {step} | nfe {spent['nfe'] * world} | {split} gold {res['overall']:.4f} | n {res['n']} | " +
+            " | ".join(f"{k} {v:.4f}" for k, v in res["per_skill"].items()) + proxy)
 
 
 def log(line):

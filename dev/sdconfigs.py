@@ -61,6 +61,7 @@ def build(kind="sd15", tiny=True, prediction="", seed=0):
         te = CLIPTextModel(text_config(*((32, 2, 2) if tiny else (768, 12, 12)), L, 32 if tiny else 768))
         sched = PNDMScheduler(**SCHED, skip_prk_steps=True, set_alpha_to_one=False,
                               prediction_type=prediction or "epsilon")
+        sched.register_to_config(clip_sample=False)  # SD1.5's scheduler_config.json has it
         te2 = None
     else:
         unet = UNet2DConditionModel(
@@ -75,9 +76,11 @@ def build(kind="sd15", tiny=True, prediction="", seed=0):
         te2 = CLIPTextModelWithProjection(text_config(*((32, 2, 2) if tiny else (1280, 32, 20)), L,
                                                       32 if tiny else 1280, "gelu"))
         sched = EulerDiscreteScheduler(**SCHED, timestep_spacing="leading", prediction_type=prediction or "epsilon")
+        sched.register_to_config(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)  # as SDXL's file
     tok = toyworld.new_toy_tokenizer(L)
     # the scheduler as the real model ships it (PNDM / Euler); load_model turns it into DDIM
-    return S.Pipe(unet, te.eval(), tok, sched, vae.eval(), te2.eval() if te2 else None, tok if te2 else None)
+    return S.Pipe(unet, te.eval(), tok, sched, vae.eval(), te2.eval() if te2 else None, tok if te2 else None,
+                  zero_uncond=kind == "sdxl")  # SDXL's model_index.json: force_zeros_for_empty_prompt
 
 
 def make(folder, kind="sd15", tiny=True, prediction="", seed=0):
