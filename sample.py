@@ -161,6 +161,7 @@ def _load(cls, path, config=False, **kw):
 def _quiet():  # diffusers/transformers chatter (accelerate hints, shard progress bars) hides our output
     import diffusers, transformers
     diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" of DiffusionPipeline
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

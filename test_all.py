@@ -310,10 +310,15 @@ def test_model_folder_round_trip_bit_exact():
 
 
 def test_ddim_step_matches_diffusers():
+    """Our step == DDIMScheduler.step for the toy config (trailing, clipped) in eps and v, and for the
+    configs that change the trajectory: set_alpha_to_one false with leading spacing and offset (SD), and
+    zero-terminal-SNR betas (the last step included: it ends at alpha_bar 1 or alphas_cumprod[0])."""
     from diffusers import DDIMScheduler
     pipe = tiny_pipe()
-    for kind in ("v_prediction", "epsilon"):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=kind)
+    for kind, extra in (("v_prediction", {}), ("epsilon", {}),
+                        ("epsilon", dict(set_alpha_to_one=False, timestep_spacing="leading", steps_offset=1, clip_sample=False)),
+                        ("v_prediction", dict(rescale_betas_zero_snr=True, set_alpha_to_one=False))):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=kind, **extra)
         ts = S.timesteps(pipe, 10)
         x, out, z = torch.randn(3, 2, 3, 8, 8).unbind(0)
         for i in (0, 4, 9):
