@@ -1138,10 +1138,33 @@ def test_sharpen_options_change_the_first_step_as_documented():
         assert noisy["reward"] < clean["reward"], (noisy, clean)
 
 
+def raft_first_loss(seed=1337, P=4, N=4, num_steps=4):
+    """RAFT's step-1 loss by hand: the base model samples N images per train prompt (train.py's prompts and
+    noise seeds), the gold reward picks each prompt's best (first on ties), plain denoising loss at t and noise
+    from the step's generator."""
+    pipe, gold = S.load_model(S.TOY_MODEL), reward.make_reward("compositional")
+    prompts = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g))) for g in range(P)]
+    gens = [torch.Generator().manual_seed((seed * 1_000_003) * 64 + j) for j in range(P * N)]
+    reps = [p for p in prompts for _ in range(N)]
+    x = S.rollout(pipe, S.randn((3, 32, 32), gens), S.timesteps(pipe, num_steps), S.encode(pipe, reps),
+                  S.uncond(pipe), record=False)
+    best = gold(S.to_images(pipe, x), reps)[0].view(P, N).argmax(1)
+    x0 = x.view(P, N, 3, 32, 32)[torch.arange(P), best]
+    gen = torch.Generator().manual_seed(seed * 7919)
+    t = torch.randint(0, 1000, (P,), generator=gen)
+    x_t = S.add_noise(pipe, x0, t, torch.randn(x0.shape, generator=gen))
+    with torch.no_grad():
+        out = S.unet_call(pipe, pipe.unet, x_t, t, S.encode(pipe, prompts))
+    return ((out - S.training_target(pipe, x_t, x0, t)[0]) ** 2).mean().item()
+
+
 def test_baseline_methods_train_count_nfe_and_resume():
+    """sft, continued, raft, diffusion_dpo, ddpo: planned = counted UNet passes, two exact Adam steps; raft's
+    first loss equals a hand computation and its round serves raft_epochs steps (sampled once); raft killed
+    between the steps that share a sampled round resumes exactly (ddpo's round is checkpointed alike)."""
     with tempfile.TemporaryDirectory() as d:
         for method, per_step in (("sft", 3 * 4), ("continued", 3 * 4), ("diffusion_dpo", 4 * 8),
-                                 ("ddpo", 4 * 2 * (4 / 2 + 3 * 2))):
+                                 ("ddpo", 4 * 2 * (4 / 2 + 3 * 2)), ("raft", 4 * (4 * 4 / 2 + 3))):
             _, log = run("train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}", *SHARPEN_TINY, "--captions=alttext",
                          "--dpo_pool=8", "--nfe_budget=" + str(int(2 * per_step) + (64 if method == "diffusion_dpo" else 0)))
             assert f"compute: {per_step:.0f} UNet passes per step planned (grad x3) x 2 steps" in log, log
@@ -1149,8 +1172,11 @@ def test_baseline_methods_train_count_nfe_and_resume():
             pool = 8 * 2 * 4 if method == "diffusion_dpo" else 0  # 8 prompts x 2 samples x 4 steps, once
             assert nfe[-1] == 2 * per_step + pool, (method, nfe)
             assert_two_adam_steps(S.TOY_MODEL, f"{d}/{method}")
-    with tempfile.TemporaryDirectory() as d:  # killed between the two steps that share a sampled batch
-        crash_and_resume(["train.py", "--method=ddpo", "--steps=4", "--ckpt_interval=1", "--ppo_epochs=4",
+        lines = step_lines(f"{d}/raft")
+        assert [s["scored"] for s in lines] == [16, 16], lines  # 4 prompts x 4 samples, once for 2 steps
+        assert abs(lines[0]["loss"] - raft_first_loss()) < 2e-6, (lines[0]["loss"], raft_first_loss())
+    with tempfile.TemporaryDirectory() as d:  # killed between two steps that share a round
+        crash_and_resume(["train.py", "--method=raft", "--steps=4", "--ckpt_interval=1", "--raft_epochs=4",
                           *SHARPEN_TINY], d)
 
 

@@ -34,7 +34,7 @@ from reward import make_reward
 
 # -----------------------------------------------------------------------------
 # run
-method = "sharpen_rlhf"  # sharpen_rlhf | sharpen_sft | pretrain | baselines: sft | diffusion_dpo | ddpo | continued
+method = "sharpen_rlhf"  # sharpen_rlhf | sharpen_sft | pretrain | baselines: sft | raft | diffusion_dpo | ddpo | continued
 model = S.TOY_MODEL      # the diffusers folder training starts from
 out_dir = ""             # ckpt.pt, log.txt, model/ ("" = out/<method>)
 save_to = ""             # where the final diffusers folder goes ("" = out_dir/model)
@@ -51,6 +51,7 @@ m_steps = 3              # DDIM steps rolled per trajectory, each scored on its 
 agg = "sum"              # trajectory reward: sum (Eq. 8; Eq. 11's gap R_w - R_l is then in 0..m) | mean (official; 0..1) | last
 lam = 0.0                # path-integral temperature: 0 = argmax (the paper), inf = uniform
 normalize = False        # z-score each prompt's trajectory rewards before the softmax
+sft_t = "uniform"        # sft: noise levels: uniform (all timesteps) | sampler (DDIM steps as sharpen_sft's: start_range, m_steps)
 sft_target = "exact"     # exact: eps from the noised x0 at every step | official: the first eps reused
 dpo_target = "outcome"   # sharpen_rlhf's targets aim at: outcome (each trajectory's own last x0 prediction, so winner
                          # and loser differ in it, as Diffusion-DPO's pairs do) | start (the sample that was noised)
@@ -68,7 +69,11 @@ dpo_pool = 256           # diffusion_dpo: train prompts the base model samples o
 dpo_k = 2                # the best and worst of them make the prompt's preference pair
 ppo_clip = 1e-4          # ddpo: ratio clip range (ddpo-pytorch's default)
 ppo_epochs = 2           # ddpo: optimizer steps per sampled batch (the second sees a ratio != 1)
+ddpo_fraction = 0.0      # ddpo: fraction of the sampler's steps each optimizer step trains (ddpo-pytorch's
+                         # timestep_fraction; 0 = m_steps of them)
 ddpo_eta = 1.0           # ddpo: DDIM eta of its sampler (the policy needs step noise to have a density)
+raft_n = 4               # raft: samples per train prompt (the evaluation sampler); the best by the reward is trained on
+raft_epochs = 2          # raft: optimizer steps each sampled round serves (each at fresh t and noise)
 # pretraining (toy world) and its continuation (method continued: the UNet alone, from `model`)
 captions = "noisy"       # pretraining captions: noisy (exact, caption_noise of them with one field wrong: assets/toy-model)
                          # | alttext (web-like, under-specified: toyworld.ALT_TEXT)
@@ -107,7 +112,7 @@ ddp_timeout = 300        # seconds a rank waits for the others in a collective b
 # -----------------------------------------------------------------------------
 config = S.configure(globals(), sys.argv[1:])  # config files and --key=value, in order
 out_dir = config["out_dir"] = out_dir or os.path.join("out", method)
-METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain", "sft", "diffusion_dpo", "ddpo", "continued")
+METHODS = ("sharpen_rlhf", "sharpen_sft", "pretrain", "sft", "raft", "diffusion_dpo", "ddpo", "continued")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fault injection for the tests, all of it (env TRAIN_<KIND>=a,b,..: a rank dies at "rank:step", the loss of these
 # steps is NaN, the checkpoint write at these steps fails (full disk) or is killed halfway, the run crashes after
@@ -124,6 +129,11 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def ddpo_steps():
+    """How many of the sampler's num_steps - 1 stochastic steps one ddpo optimizer step trains."""
+    return max(1, round(ddpo_fraction * (num_steps - 1))) if ddpo_fraction else min(m_steps, num_steps - 1)
+
+
 def nfe_per_step():
     """Planned UNet cost per optimizer step, all ranks, in image forward passes: CFG counts 2, a pass with
     grad counts 3 (forward + backward). The run also counts what it does (the `nfe` log column)."""
@@ -132,7 +142,8 @@ def nfe_per_step():
             "sharpen_sft": P * (n * m * c + 3 * (1 if lam == 0 else n) * m),  # rollouts + selected, with grad
             "sharpen_rlhf": P * (num_steps * c + n * m * c + 3 * 2 * m + 2 * m),  # sample, rollouts, w/l x policy/ref
             "diffusion_dpo": P * (3 * 2 + 2),  # winner and loser through policy and reference (+ the pool, once)
-            "ddpo": P * n * (num_steps * c / ppo_epochs + 3 * m * c)}[method]  # a batch serves ppo_epochs steps
+            "ddpo": P * n * (num_steps * c / ppo_epochs + 3 * ddpo_steps() * c),  # a batch serves ppo_epochs steps
+            "raft": P * (raft_n * num_steps * c / raft_epochs + 3)}[method]  # best of raft_n, plain loss
 
 
 # every check that can fail runs here, before any heavy work
@@ -142,13 +153,17 @@ if not eval_split or set(eval_split.split(",")) - {"heldout", "train"}:
     fail(f"eval_split must be 'heldout', 'train' or both comma-separated, got {eval_split!r}")
 for key, options in (("init_from", ("scratch", "resume")), ("dtype", tuple(DTYPES)),
                      ("dpo_target", ("start", "outcome")), ("sft_target", ("exact", "official")),
-                     ("score_steps", ("all", "last")), ("captions", ("noisy", "alttext"))):
+                     ("score_steps", ("all", "last")), ("captions", ("noisy", "alttext")), ("sft_t", ("uniform", "sampler"))):
     if globals()[key] not in options:
         fail(f"{key} must be {' or '.join(map(repr, options))}, got {globals()[key]!r}")
 if device == "cuda" and not torch.cuda.is_available():
     fail("--device=cuda but no CUDA device is available")
 if method == "sharpen_rlhf" and n_traj < 2:
     fail(f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}")
+if not 0 <= ddpo_fraction <= 1:
+    fail(f"ddpo_fraction must be in [0, 1], got {ddpo_fraction}")
+if method == "raft" and (raft_n < 2 or raft_epochs < 1):
+    fail(f"raft needs raft_n >= 2 samples to choose from and raft_epochs >= 1, got {raft_n} and {raft_epochs}")
 if not 1 <= m_steps <= num_steps:
     fail(f"m_steps={m_steps} must be in 1..num_steps={num_steps}")
 if dtype == "fp16" and device != "cuda":
@@ -226,6 +241,8 @@ if ddp:
 torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
 if master:
     print(f"batch: {P} images x {grad_accum} micro-steps x {world} ranks = {per_step} per step" if pretrain else
+          f"batch: {per_step} prompts per step, each the best of {raft_n} samples, sampled every {raft_epochs} "
+          "steps" if method == "raft" else
           f"batch: {P} prompts x {n_traj} trajectories x {m_steps} steps per micro-step per rank; "
           f"{grad_accum} micro-steps x {world} ranks = {per_step} prompts = "
           f"{per_step * n_traj} trajectories = {per_step * n_traj * m_steps} scored x0 per step")
@@ -286,14 +303,14 @@ for net in (pipe.unet, None if lora_rank else ref_unet):  # LoRA's reference pas
             net.register_forward_hook(time_pass, with_kwargs=True)
 opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 ema_params = [p.detach().clone() for p in params] if ema else None
-step, pool, ddpo_batches = 0, [], {}  # diffusion_dpo's offline pairs; ddpo's batch of the old policy
+step, pool, rounds = 0, [], {}  # diffusion_dpo's offline pairs; ddpo's and raft's batch sampled by the old policy
 if init_from == "resume":
     ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
     for m, sd in zip(trained, ck["models"]):
         m.load_state_dict(sd, strict=not lora_rank)  # a LoRA checkpoint holds the adapters only
     opt.load_state_dict(ck["optimizer"])
     ema_params, step, spent["nfe"], spent["scored"] = ck["ema"], ck["step"], ck["nfe"], ck.get("scored", 0)
-    ddpo_batches.update(ck["ddpo_batch"])
+    rounds.update(ck["rounds"] if "rounds" in ck else ck["ddpo_batch"])  # (its name before 2026-12-01)
     if master:
         print(f"resumed from {ckpt_path} at step {step}")
 nets, syncs = trained, [0]
@@ -378,6 +395,9 @@ def pretrain_loss(it, micro):
     x0 = torch.stack(images).to(dev) * 2 - 1  # model space: [-1, 1]
     gen = torch.Generator().manual_seed(seed_for("t noise", (it * grad_accum + micro) * world + rank))
     t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (P,), generator=gen).to(dev)
+    if method == "sft" and sft_t == "sampler":  # sharpen_sft's noise levels: its start step k per prompt, + j < m
+        g0, j = first_index(it, micro), torch.randint(0, m_steps, (P,), generator=gen).tolist()
+        t = torch.stack([ts[k + jj] for k, jj in zip(sharpen.start_steps(range(g0, g0 + P), k_range, seed), j)])
     x_t = S.add_noise(pipe, x0, t, torch.randn(x0.shape, generator=gen).to(dev))
     target, _ = S.training_target(pipe, x_t, x0, t)
     cond = nets[1](S.tokenize(pipe, prompts).to(dev))[0] if pretrain else S.encode(pipe, prompts)
@@ -543,9 +563,8 @@ def ddpo_loss(it, micro):
     ppo_epochs steps the current model samples n trajectories per prompt (eta = ddpo_eta); advantages
     are the rewards normalised within each prompt; each step trains on m_steps random timesteps."""
     n, key = n_traj, (it // ppo_epochs, micro)
-    if key not in ddpo_batches:  # sample a new batch with the current (old) policy
-        for old in [k for k in ddpo_batches if k[0] != key[0]]:
-            del ddpo_batches[old]
+    if key not in rounds:  # sample a new batch with the current (old) policy
+        new_round(key)
         first = first_index(it // ppo_epochs, micro)
         prompts = [train_prompt(g) for g in range(first, first + P) for _ in range(n)]
         traj, r = scored_samples(prompts, [seed_for("noise", first, j) for j in range(P * n)], ddpo_eta)
@@ -554,10 +573,10 @@ def ddpo_loss(it, micro):
             lp = torch.stack([S.ddim_logprob(pipe, traj.x[:, k], traj.model_out[:, k], ts[k].expand(P * n),
                                              ts[k + 1].expand(P * n), ddpo_eta, x_next[:, k])
                               for k in range(num_steps - 1)], 1)
-        ddpo_batches[key] = dict(x=traj.x, x_next=x_next, lp=lp, prompts=prompts, reward=r,
+        rounds[key] = dict(x=traj.x, x_next=x_next, lp=lp, prompts=prompts, reward=r,
                                  adv=sharpen.group_advantages(r.view(P, n)).flatten())
-    b = ddpo_batches[key]
-    ks = torch.randperm(num_steps - 1, generator=torch.Generator().manual_seed(seed_for("ddpo t", it, micro)))[:m_steps]
+    b = rounds[key]
+    ks = torch.randperm(num_steps - 1, generator=torch.Generator().manual_seed(seed_for("ddpo t", it, micro)))[:ddpo_steps()]
     B, cond = len(b["prompts"]), S.encode(pipe, b["prompts"])
     loss = clipped = 0.0
     for k in ks.tolist():
@@ -568,11 +587,53 @@ def ddpo_loss(it, micro):
     return loss, dict(reward=b["reward"].nanmean().item(), clipfrac=clipped)
 
 
+def new_round(key):
+    """Forget the rounds sampled for earlier steps (ddpo, raft: a round serves the steps that share key[0])."""
+    for old in [k for k in rounds if k[0] != key[0]]:
+        del rounds[old]
+
+
+def raft_loss(it, micro):
+    """RAFT (Dong et al. 2023, arXiv 2304.06767), best-of-N distillation: every raft_epochs steps the current
+    model samples raft_n images per train prompt with the evaluation sampler (eta 0, guidance); the best by the
+    reward (failed scores never picked; a prompt with none scored drops out) is trained on with the plain
+    denoising loss at uniform t. -> (prompts kept, loss_fn), the loss a mean over them."""
+    key, N = (it // raft_epochs, micro), raft_n
+    if key not in rounds:
+        new_round(key)
+        first = first_index(it // raft_epochs, micro)
+        prompts = [train_prompt(g) for g in range(first, first + P)]
+        traj, r = scored_samples([p for p in prompts for _ in range(N)],
+                                 [seed_for("noise", first, j) for j in range(P * N)])
+        R = r.to(dev).view(P, N)
+        best = sharpen.best_worst(R)[0]
+        live = torch.isfinite(R[torch.arange(P), best])
+        x = traj.x_final.view(P, N, *traj.x_final.shape[1:])[torch.arange(P), best]
+        rounds[key] = dict(x0=x[live], prompts=[p for p, ok in zip(prompts, live.tolist()) if ok],
+                           reward=R[torch.arange(P), best].nanmean().item())
+    b = rounds[key]
+    K = len(b["prompts"])
+    gen = torch.Generator().manual_seed(seed_for("t noise", first_index(it, micro)))
+    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (max(K, 1),), generator=gen).to(dev)
+    eps = torch.randn((max(K, 1), *b["x0"].shape[1:]), generator=gen).to(dev)
+
+    def loss_fn():
+        if K == 0:  # a zero-weight pass through the DDP module: every rank all-reduces alike
+            return S.unet_call(pipe, unet, eps, t, uncond).float().sum() * 0.0, dict(best_reward=math.nan)
+        x_t = S.add_noise(pipe, b["x0"], t, eps)
+        target, _ = S.training_target(pipe, x_t, b["x0"], t)
+        out = S.unet_call(pipe, unet, x_t, t, S.encode(pipe, b["prompts"])).float()
+        return F.mse_loss(out, target.float()), dict(best_reward=b["reward"])
+    return K, loss_fn
+
+
 def batch(it, micro):
     """This rank's part of optimizer step it, micro-step micro: (count, loss_fn)."""
     if method in ("sharpen_sft", "sharpen_rlhf"):
         first = first_index(it, micro)
         return {"sharpen_sft": sharpen_sft, "sharpen_rlhf": sharpen_rlhf}[method](range(first, first + P))[:2]
+    if method == "raft":
+        return raft_loss(it, micro)
     loss = {"pretrain": pretrain_loss, "sft": pretrain_loss, "continued": pretrain_loss, "diffusion_dpo": dpo_loss,
             "ddpo": ddpo_loss}[method]
     return P, lambda: loss(it, micro)  # these average over all P items
@@ -621,7 +682,7 @@ def checkpoint():
         fail(f"non-finite weights at step {step}; not writing {ckpt_path} (it holds the last good state)")
     ck = dict(models=[{k: v for k, v in m.state_dict().items() if not lora_rank or ".lora_" in k} for m in trained],
               optimizer=opt.state_dict(), ema=ema_params, step=step, config=config, nfe=spent["nfe"],
-              scored=spent["scored"], ddpo_batch=ddpo_batches)
+              scored=spent["scored"], rounds=rounds)
     try:
         with open(ckpt_path + ".tmp", "wb") as f:
             torch.save(ck, f)

@@ -1,10 +1,10 @@
 """
 toyclip: the toy world's learned reward. A tiny CLIP (a transformers.CLIPModel: ViT on 32x32 pixels,
 the toy model's word-level tokenizer) trained contrastively (Radford et al. 2021, arXiv 2103.00020)
-on toy-world scenes and their train-split captions, with one-field-corrupted captions as hard
-negatives. reward.py scores with it through the same loader a real CLIP folder goes through, so the
-toy world has a learned reward to optimise and the exact `compositional` judge to check it against:
-that is how reward hacking becomes measurable.
+on toy-world scenes and their train-split captions (web-like alt-text, as the base model's pretraining, or
+exact), with one-field-corrupted exact captions as hard negatives. reward.py scores with it through the
+same loader a real CLIP folder goes through, so the toy world has a learned reward to optimise and the exact
+`compositional` judge to check it against: that is how reward hacking becomes measurable.
 
     python dev/toyclip.py                                   # writes assets/toyclip (minutes on 2 CPU cores)
     python dev/toyclip.py --steps=200 --out=/tmp/toyclip    # a quick one
@@ -32,6 +32,7 @@ import toyworld  # noqa: E402
 out = "assets/toyclip"   # the CLIP folder written at the end (atomically)
 steps = 3000             # optimizer steps
 batch_size = 128         # scenes per step; each brings its caption and one corrupted caption
+captions = "alttext"     # the positives: alttext (web-like, toyworld.ALT_TEXT, as the base model's) | exact
 lr = 1e-3                # AdamW peak learning rate, cosine to lr/10 after 100 warmup steps
 seed = 0
 eval_pairs = 2000        # held-out scenes scored against a corrupted caption at the end
@@ -56,11 +57,12 @@ def new_toyclip(seed=0):
     return CLIPModel(config), tokenizer, processor
 
 
-def batch(rng, np_rng, B):
-    """B train-split scenes -> (images (B,3,32,32), captions, corrupted captions)."""
+def batch(rng, np_rng, B, kind="exact"):
+    """B train-split scenes -> (images (B,3,32,32), their captions (exact or alt-text), corrupted exact captions)."""
     specs = [toyworld.random_spec(rng) for _ in range(B)]
     images = torch.stack([torch.from_numpy(toyworld.render(s, np_rng)[0]) for s in specs])
-    return images, [toyworld.caption(s) for s in specs], [toyworld.caption(toyworld.corrupt(s, rng)) for s in specs]
+    caps = [toyworld.alt_text(s, rng)[0] if kind == "alttext" else toyworld.caption(s) for s in specs]
+    return images, caps, [toyworld.caption(toyworld.corrupt(s, rng)) for s in specs]
 
 
 def contrastive_loss(img_emb, txt_emb, captions, texts, logit_scale):
@@ -90,6 +92,8 @@ def heldout_accuracy(score_fn, n=2000, seed=1):
 
 def main():
     S.configure(globals(), sys.argv[1:])
+    if captions not in ("alttext", "exact"):
+        raise SystemExit(f"error: --captions must be 'alttext' or 'exact', got {captions!r}")
     torch.set_num_threads(threads or os.cpu_count())
     model, tokenizer, processor = new_toyclip(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -98,12 +102,12 @@ def main():
     for it in bar:
         for g in opt.param_groups:
             g["lr"] = lr * min(1, (it + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * it / steps)))
-        images, captions, negatives = batch(rng, np_rng, batch_size)
-        texts = captions + negatives
+        images, caps, negatives = batch(rng, np_rng, batch_size, captions)
+        texts = caps + negatives
         ids = tokenizer(texts, padding="max_length", max_length=12, return_tensors="pt").input_ids
         img = F.normalize(reward.clip_features(model.get_image_features(pixel_values=(images - 0.5) / 0.5)), dim=-1)
         txt = F.normalize(reward.clip_features(model.get_text_features(input_ids=ids)), dim=-1)
-        loss = contrastive_loss(img, txt, captions, texts, model.logit_scale.exp())
+        loss = contrastive_loss(img, txt, caps, texts, model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -116,7 +120,8 @@ def main():
         import shutil
         shutil.rmtree(out)
     os.replace(tmp, out)
-    print(f"wrote {out} in {time.time() - t0:.0f}s | held-out caption vs corrupted caption: {acc:.3f}")
+    print(f"wrote {out} in {time.time() - t0:.0f}s | {captions} captions | held-out exact caption vs corrupted "
+          f"caption: {acc:.3f}")
 
 
 if __name__ == "__main__":
