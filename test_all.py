@@ -845,25 +845,30 @@ def test_lora_identity_disable_and_merge():
     raises(lambda: L.add_lora(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)), 2), "nothing to adapt")
 
 
+def lora_file_case(d):
+    """A tiny SD1.5 folder at d/base, and our LoRA UNet on it (rank 2, alpha 6, random B) saved with its
+    adapters' file to d/lora -> (pipe with adapters, (x, t, cond), our output, the base model's output)."""
+    from dev import sdconfigs
+    import lora as L
+    pipe = S.load_model(sdconfigs.make(f"{d}/base", "sd15", tiny=True))
+    x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([500]), S.encode(pipe, ["a red circle"])
+    before = S.unet_call(pipe, pipe.unet, x, t, cond)
+    L.add_lora(pipe.unet, 2, alpha=6)
+    for p in L.lora_parameters(pipe.unet):
+        p.data.normal_(0, 0.3)
+    S.save_model(pipe, f"{d}/lora", lora=L.diffusers_state_dict(pipe.unet))
+    return pipe, (x, t, cond), S.unet_call(pipe, pipe.unet, x, t, cond), before
+
+
 def test_lora_file_is_what_diffusers_loads():
     """pytorch_lora_weights.safetensors as diffusers' LoRA scripts write it: 'unet.<module>.lora.down/up.weight',
     which diffusers' own converter maps onto every adapted Linear with the right shapes, and whose B A (scale
-    folded in) is the merged weight. Where peft is installed, pipe.load_lora_weights(dir) reproduces our UNet."""
+    folded in) is the merged weight."""
     import lora as L
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors.torch import load_file
-    from dev import sdconfigs
     with tempfile.TemporaryDirectory() as d:
-        base = sdconfigs.make(f"{d}/base", "sd15", tiny=True)
-        pipe = S.load_model(base)
-        x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([500]), S.encode(pipe, ["a red circle"])
-        before = S.unet_call(pipe, pipe.unet, x, t, cond)
-        L.add_lora(pipe.unet, 2, alpha=6)
-        for p in L.lora_parameters(pipe.unet):
-            p.data.normal_(0, 0.3)
-        want = S.unet_call(pipe, pipe.unet, x, t, cond)
-        assert (want - before).abs().max() > 0.1  # the adapters matter: a wrong scale or key would show
-        S.save_model(pipe, f"{d}/lora", lora=L.diffusers_state_dict(pipe.unet))
+        pipe, _, _, _ = lora_file_case(d)
         sd = load_file(f"{d}/lora/pytorch_lora_weights.safetensors")
         peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in sd.items()})
         lins = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, L.LoRALinear)}
@@ -872,12 +877,20 @@ def test_lora_file_is_what_diffusers_loads():
             A, B = peft[f"{n}.lora_A.weight"], peft[f"{n}.lora_B.weight"]
             assert A.shape == (2, m.base.in_features) and B.shape == (m.base.out_features, 2)
             torch.testing.assert_close(m.base.weight + B @ A, m.merged().weight)
-        try:
-            import peft  # noqa: F401  (diffusers' LoRA backend; not a requirement of this project)
-        except ImportError:
-            return print("  (peft is not installed: load_lora_weights round trip not run)")
-        from diffusers import StableDiffusionPipeline
-        ref = StableDiffusionPipeline.from_pretrained(base)
+
+
+def test_lora_file_round_trip_through_load_lora_weights():
+    """pipe.load_lora_weights(dir) on the base model reproduces our LoRA UNet (needs peft, diffusers' LoRA
+    backend, which this project does not require)."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise Skip("peft is not installed (diffusers' LoRA backend)")
+    from diffusers import StableDiffusionPipeline
+    with tempfile.TemporaryDirectory() as d:
+        _, (x, t, cond), want, before = lora_file_case(d)
+        assert (want - before).abs().max() > 0.1  # the adapters matter: a wrong scale or key would show
+        ref = StableDiffusionPipeline.from_pretrained(f"{d}/base")
         ref.load_lora_weights(f"{d}/lora")
         assert (ref.unet(x, t, cond).sample - want).abs().max() < 5e-4  # float order (merged vs unmerged: 5e-5)
 
