@@ -36,6 +36,8 @@ model = S.TOY_MODEL      # a diffusers-style folder (models= compares several)
 models = ""              # '+'-separated folders to compare ("" = model); search runs on the first
 search = ""              # '+'-separated search rows on the first model: bonN, noiseRxK, greedyK
 search_reward = "compositional"  # the verifier search methods use
+amortise = 0             # > 0: the first model's best-of-N curve from this many candidates (gold verifier), and the N
+                         # whose best-of-N each other model matches, with 95 % bootstrap bounds over prompts
 split = "heldout"        # heldout | train: which prompts (a fixed skill-balanced list, toyworld.eval_prompts)
 per_skill = 16           # prompts per skill (fewer where a skill has fewer)
 seeds = 8                # seeds per prompt: images = prompts x seeds
@@ -162,6 +164,42 @@ def greedy_search(pipe, prompts, seeds, reward_fn, K, num_steps=20, guidance=1.0
         x, out = x_new.view(B, K, *x.shape[1:])[ar, k], out_new.view(B, K, *out.shape[1:])[ar, k]
     x, _, _ = S.ddim_step(pipe, x, out, ts[-2].expand(B), ts[-1].expand(B))
     return S.to_images(pipe, x), (1 + (num_steps - 1) * K) * S.passes_per_call(guidance), {}
+
+
+def expected_best(rewards):
+    """rewards (B, K) of K candidates -> (B, K): column N-1 is the expected max of N drawn without replacement
+    (unbiased, as pass@k: sorted ascending, r_(i) is the max of a draw with prob C(i-1, N-1) / C(K, N))."""
+    r, K = rewards.double().sort(1).values, rewards.shape[1]
+    w = torch.tensor([[math.comb(i - 1, n - 1) / math.comb(K, n) for i in range(1, K + 1)] for n in range(1, K + 1)],
+                     dtype=torch.float64)
+    return r @ w.T
+
+
+def matching_n(curve, g):
+    """The N at which a best-of-N curve (N = 1..K, increasing) reaches g, linear in log N between integers;
+    below best-of-1: log-extrapolated from the first segment, floored at 1/K; above best-of-K: inf."""
+    logn = torch.log(torch.arange(1, len(curve) + 1, dtype=torch.float64))
+    if g >= curve[-1]:
+        return math.inf if g > curve[-1] else float(len(curve))
+    j = max(1, int(torch.searchsorted(curve.contiguous(), torch.tensor([g], dtype=curve.dtype))[0]))
+    slope = (curve[j] - curve[j - 1]) / (logn[j] - logn[j - 1])
+    return max(1 / len(curve), math.exp(logn[j - 1] + (g - curve[j - 1]) / slope)) if slope > 0 else float(j)
+
+
+def amortisation(base_rewards, model_gold, groups, boot=1000, seed=0):
+    """base_rewards (B, K): the base model's K candidates per (prompt, seed) pair; model_gold (B,): a trained
+    model's gold on the same pairs; groups (B,): the prompt of each pair. -> dict(n, lo, hi): the N whose
+    best-of-N the model matches, and its 95 % bounds from resampling prompts (paired)."""
+    eb = expected_best(base_rewards)
+    ids = sorted(set(groups))
+    rows = {p: [i for i, q in enumerate(groups) if q == p] for p in ids}
+    n = matching_n(eb.mean(0), model_gold.double().mean().item())
+    g, draws = torch.Generator().manual_seed(seed), []
+    for _ in range(boot):
+        pick = [i for j in torch.randint(len(ids), (len(ids),), generator=g).tolist() for i in rows[ids[j]]]
+        draws.append(matching_n(eb[pick].mean(0), model_gold[pick].double().mean().item()))
+    lo, hi = torch.tensor(draws, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return dict(n=n, lo=lo, hi=hi, curve=eb.mean(0).tolist())
 
 
 def run_search(pipe, name, prompts, seed_list, verifier):
@@ -298,6 +336,8 @@ def main():
     for key in ("per_skill", "seeds", "num_steps"):
         if config[key] < 1:
             raise SystemExit(f"error: --{key} must be >= 1, got {config[key]}")
+    if amortise == 1 or amortise < 0:
+        raise SystemExit(f"error: --amortise must be 0 (off) or >= 2 candidates, got {amortise}")
     if split not in ("heldout", "train"):
         raise SystemExit(f"error: --split must be heldout or train, got {split!r}")
     torch.set_num_threads(os.cpu_count())
@@ -351,7 +391,35 @@ def main():
                     [f"{r['name']}\nNFE {r['nfe_per_image']}" for r in rows], prompts[::seeds][:k])
     if search:
         reward_vs_nfe_figure(os.path.join(out_dir, "reward_vs_nfe.png"), rows)
-    print(f"wrote {out_dir}/results.json, results.md, grid.png" + (", reward_vs_nfe.png" if search else ""))
+    if amortise:
+        amortisation_report(rows, prompts, seed_list)
+    print(f"wrote {out_dir}/results.json, results.md, grid.png" + (", reward_vs_nfe.png" if search else "") +
+          (", amortisation.md, amortisation.png" if amortise else ""))
+
+
+def amortisation_report(rows, prompts, seed_list):
+    """Best-of-N of the first model with the gold verifier (N = 1..amortise, candidate 0 its plain sample), and
+    for every other model (not search rows) the N it matches: amortisation.md/.json and amortisation.png."""
+    pipe = S.load_model(str(models or model).split("+")[0], device, uncond=uncond_embed)
+    base = best_of_n(pipe, prompts, seed_list, make_reward("compositional"), amortise, num_steps, guidance, eta)[2]
+    out = {r["name"]: amortisation(base["rewards"], r["gold_per_image"], prompts) for r in rows[1:] if not r["search"]}
+    curve = expected_best(base["rewards"]).mean(0).tolist()
+    md = f"| model | gold | matches the base's best-of-N | 95 % bounds |\n|---|---|---|---|\n"
+    md += "".join(f"| {name} | {r['overall']:.3f} | {a['n']:.2f} | {a['lo']:.2f} – {a['hi']:.2f} |\n"
+                  for r in rows[1:] if (name := r["name"]) in out for a in [out[name]])
+    md += f"\nBase ({rows[0]['name']}) best-of-N, N = 1..{amortise} (gold verifier, expected max of N of {amortise} " \
+          "candidates per pair): " + ", ".join(f"{v:.3f}" for v in curve) + \
+          ". Bounds: 1,000 resamples of the prompts, each with its seeds, the same for base and model."
+    print(md)
+    with open(os.path.join(out_dir, "amortisation.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(out_dir, "amortisation.json"), "w") as f:
+        json.dump(dict(curve=curve, models={k: {kk: v for kk, v in a.items() if kk != "curve"} for k, a in out.items()}),
+                  f, indent=1)
+    line_plot(os.path.join(out_dir, "amortisation.png"), {"bon": [(n + 1, v) for n, v in enumerate(curve)]},
+              "N (base model's best-of-N, gold verifier, log scale)", f"{split} gold reward",
+              xticks=[n for n in (1, 2, 4, 8, 16, 32, 64) if n <= amortise],
+              levels={r["name"]: r["overall"] for r in rows[1:] if r["name"] in out})
 
 
 if __name__ == "__main__":

@@ -460,6 +460,26 @@ def test_search_methods_nfe_and_best_of_one():
 # -----------------------------------------------------------------------------
 # sharpen.py: start steps, rewards -> path-integral weights -> losses (and the baselines' losses)
 
+def test_best_of_n_curve_and_matching_n_by_hand():
+    """eval.expected_best is the mean max over every N-subset of the K candidates; matching_n interpolates in
+    log N (hand values); a model that is the base's own candidate mean matches N = 1 inside its bounds."""
+    import itertools
+    import eval as E
+    r = torch.rand(3, 5, generator=torch.Generator().manual_seed(0))
+    want = [[np.mean([max(c) for c in itertools.combinations(row.tolist(), n)]) for n in range(1, 6)] for row in r]
+    torch.testing.assert_close(E.expected_best(r), torch.tensor(want, dtype=torch.float64))
+    curve = torch.tensor([0.5, 0.9, 1.0], dtype=torch.float64)
+    for g, n in ((0.9, 2.0), (0.7, 2 ** 0.5), (0.95, 2 * 1.5 ** 0.5), (1.0, 3.0), (0.3, 2 ** -0.5), (0.0, 2 ** -1.25),
+                 (-1.0, 1 / 3)):  # below best-of-1: the first segment extended, floored at 1/K
+        assert abs(E.matching_n(curve, g) - n) < 1e-9, (g, E.matching_n(curve, g), n)
+    assert E.matching_n(curve, 1.01) == math.inf
+    base = torch.rand(40, 8, generator=torch.Generator().manual_seed(1))
+    a = E.amortisation(base, base.mean(1), [i // 4 for i in range(40)], boot=200)
+    assert abs(a["n"] - 1) < 1e-6 and abs(a["lo"] - 1) < 1e-6 and abs(a["hi"] - 1) < 1e-6, a  # paired: no spread
+    a = E.amortisation(base, base[:, 0], [i // 4 for i in range(40)], boot=200)  # one candidate: noisy, still ~1
+    assert a["lo"] <= 1 <= a["hi"] and a["lo"] <= a["n"] <= a["hi"] and a["hi"] - a["lo"] > 0.1, a
+
+
 def test_start_step_drawn_per_prompt():
     """Alg. 2 draws the noise level per sample: the prompts of one micro-step start at different steps,
     each inside the range, and a prompt's start depends on its global index alone (so any split over ranks
