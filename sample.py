@@ -128,8 +128,12 @@ def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto"):
         raise SystemExit(f"error: {sub('unet')} is an SDXL UNet (addition_embed_type text_time) but "
                          f"{folder!r} lacks text_encoder_2/ or tokenizer_2/")
     sched = _load(DDIMScheduler, sub("scheduler"), config=True)  # SD/SDXL ship PNDM/Euler configs: no clip_sample there
-    sched = DDIMScheduler.from_config(sched, **({} if "clip_sample" in sched else {"clip_sample": False}))
-    if sched.config.thresholding:
+    if sched.get("_class_name", "").startswith("FlowMatch"):  # flow matching (SD3, FLUX, the flow toy model)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        sched = FlowMatchEulerDiscreteScheduler.from_config(sched)
+    else:
+        sched = DDIMScheduler.from_config(sched, **({} if "clip_sample" in sched else {"clip_sample": False}))
+    if getattr(sched.config, "thresholding", False):
         raise SystemExit(f"error: {sub('scheduler')} sets thresholding (dynamic thresholding is not supported)")
     if uncond not in ("auto", "zeros", "empty"):
         raise SystemExit(f"error: uncond must be 'auto', 'zeros' or 'empty', got {uncond!r}")
@@ -276,6 +280,11 @@ def randn(shape, generators, device="cpu"):
 # -----------------------------------------------------------------------------
 # the DDIM step (Song et al. 2020, arXiv 2010.02502, Eq. 12) and the per-step targets
 
+def is_flow(pipe):
+    """A flow-matching model (FlowMatchEulerDiscreteScheduler: x_t = (1 - sigma) x0 + sigma eps, velocity output)."""
+    return type(pipe.scheduler).__name__.startswith("FlowMatch")
+
+
 def alpha_bars(pipe, t):
     """alpha_bar at integer timesteps t (tensor); t < 0 is the end of sampling: alpha_bar 1 where the config sets
     set_alpha_to_one, else alphas_cumprod[0] (the last step keeps a trace of noise, as diffusers' DDIM)."""
@@ -284,10 +293,29 @@ def alpha_bars(pipe, t):
     return torch.where(t >= 0, ab[t.clamp(min=0)], end)
 
 
+def coeffs(pipe, t, dim=4):
+    """(a, s) of x_t = a * x0 + s * eps at timesteps t (B,), shaped to broadcast over `dim`-d states.
+    DDIM: a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar). Flow: a = 1 - sigma, s = sigma = t / num_train_timesteps."""
+    shape = (-1, *[1] * (dim - 1))
+    if is_flow(pipe):
+        sigma = (t.double() / pipe.scheduler.config.num_train_timesteps).float().view(shape)
+        return 1 - sigma, sigma
+    ab = alpha_bars(pipe, t).view(shape)
+    return ab.sqrt(), (1 - ab).sqrt()
+
+
+def train_timesteps(pipe, n, generator):
+    """n training timesteps, uniform: DDIM's integers 0..T-1; flow's t = 1..T (sigma = t / T in (0, 1])."""
+    T = pipe.scheduler.config.num_train_timesteps
+    if is_flow(pipe):
+        return torch.randint(1, T + 1, (n,), generator=generator).float()
+    return torch.randint(0, T, (n,), generator=generator)
+
+
 def add_noise(pipe, x0, t, eps):
-    """q(x_t | x0): x_t = sqrt(ab_t) * x0 + sqrt(1 - ab_t) * eps at timesteps t (B,)."""
-    ab = alpha_bars(pipe, t).view(-1, *[1] * (x0.dim() - 1))
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    """q(x_t | x0): x_t = a_t * x0 + s_t * eps at timesteps t (B,) (coeffs)."""
+    a, s = coeffs(pipe, t, x0.dim())
+    return a * x0 + s * eps
 
 
 def passes_per_call(guidance):
@@ -295,30 +323,39 @@ def passes_per_call(guidance):
     return 1 + (guidance != 1.0)
 
 
+def prediction(pipe):
+    """What the model outputs: epsilon | v_prediction (DDIM) | flow (the velocity eps - x0)."""
+    return "flow" if is_flow(pipe) else pipe.scheduler.config.prediction_type
+
+
 def split_prediction(pipe, x_t, model_out, t):
-    """model output -> (x0_pred, eps_pred) at timesteps t (B,), for eps- or v-prediction."""
-    ab = alpha_bars(pipe, t).view(-1, *[1] * (x_t.dim() - 1))
-    a, s = ab.sqrt(), (1 - ab).sqrt()
-    kind = pipe.scheduler.config.prediction_type
+    """model output -> (x0_pred, eps_pred) at timesteps t (B,), for eps-, v- or flow (velocity) prediction."""
+    a, s = coeffs(pipe, t, x_t.dim())
+    kind = prediction(pipe)
     if kind == "epsilon":
         return (x_t - s * model_out) / a, model_out
-    if kind == "v_prediction":  # v = a*eps - s*x0  =>  x0 = a*x_t - s*v,  eps = a*v + s*x_t
+    if kind == "v_prediction":  # v = a*eps - s*x0  =>  x0 = a*x_t - s*v,  eps = a*v + s*x_t  (a^2 + s^2 = 1)
         return a * x_t - s * model_out, a * model_out + s * x_t
+    if kind == "flow":  # v = eps - x0  =>  x0 = x_t - sigma*v,  eps = x_t + (1 - sigma)*v
+        return x_t - s * model_out, x_t + a * model_out
     raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
 
 
 def param_target(pipe, eps, x0, t):
-    """The model's own parameterisation of (eps, x0) at timesteps t: eps, or v = a*eps - s*x0."""
-    if pipe.scheduler.config.prediction_type != "v_prediction":
+    """The model's own parameterisation of (eps, x0) at timesteps t: eps, v = a*eps - s*x0, or eps - x0 (flow)."""
+    kind = prediction(pipe)
+    if kind == "flow":
+        return eps - x0
+    if kind != "v_prediction":
         return eps
-    ab = alpha_bars(pipe, t).view(-1, *[1] * (eps.dim() - 1))
-    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    a, s = coeffs(pipe, t, eps.dim())
+    return a * eps - s * x0
 
 
 def training_target(pipe, x_t, x0, t):
     """The exact targets for x_t reached from the clean x0: (param_target of eps, eps = (x_t - a*x0)/s)."""
-    ab = alpha_bars(pipe, t).view(-1, *[1] * (x_t.dim() - 1))
-    eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+    a, s = coeffs(pipe, t, x_t.dim())
+    eps = (x_t - a * x0) / s
     return param_target(pipe, eps, x0, t), eps
 
 
@@ -329,9 +366,16 @@ def ddim_sigma(pipe, t, t_prev, eta, shape=(-1, 1, 1, 1)):
 
 
 def ddim_step(pipe, x_t, model_out, t, t_prev, eta=0.0, noise=None):
-    """x_prev = sqrt(ab_prev)*x0 + sqrt(1 - ab_prev - sigma^2)*eps + sigma*noise -> (x_prev, x0_pred, eps_pred);
-    x0 clipped as the config says, eps not (diffusers' default)."""
+    """One sampler step -> (x_prev, x0_pred, eps_pred). DDIM: x_prev = sqrt(ab_prev)*x0 + sqrt(1 - ab_prev -
+    sigma^2)*eps + sigma*noise, x0 clipped as the config says, eps not (diffusers' default). Flow: the Euler step
+    of the probability-flow ODE, x_prev = x_t + (sigma_prev - sigma) * v (= (1 - sigma_prev) x0 + sigma_prev eps),
+    as FlowMatchEulerDiscreteScheduler; deterministic only (its SDE form, for DDPO, is not implemented)."""
     x0, eps = split_prediction(pipe, x_t, model_out, t)
+    if is_flow(pipe):
+        if eta > 0:
+            raise ValueError("flow-matching models sample with eta = 0 only (the stochastic step is DDIM's)")
+        (_, s), (_, s_prev) = coeffs(pipe, t, x_t.dim()), coeffs(pipe, t_prev, x_t.dim())
+        return x_t + (s_prev - s) * model_out, x0, eps
     cfg = pipe.scheduler.config
     if cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
@@ -352,10 +396,13 @@ def ddim_logprob(pipe, x_t, model_out, t, t_prev, eta, x_prev):
 
 
 def timesteps(pipe, num_steps):
-    """The sampler's timesteps, noisiest first (the config's spacing and offset), plus -1 for the end: (num_steps +
-    1,) long. Each step goes to the next timestep, as diffusers' DDIM does wherever the spacing is even (leading,
-    trailing); for linspace, diffusers steps to t - 1000 // num_steps, off its own grid."""
+    """The sampler's timesteps, noisiest first, plus the end: (num_steps + 1,). DDIM: long, the config's spacing
+    and offset, -1 for the end; each step goes to the next timestep, as diffusers' DDIM does wherever the spacing
+    is even (leading, trailing; for linspace, diffusers steps to t - 1000 // num_steps, off its own grid).
+    Flow: float, sigma * num_train_timesteps with the config's shift, 0 for the end."""
     pipe.scheduler.set_timesteps(num_steps)
+    if is_flow(pipe):
+        return torch.cat([pipe.scheduler.timesteps.float(), torch.zeros(1)]).to(pipe.device)
     return torch.cat([pipe.scheduler.timesteps.long(), torch.tensor([-1])]).to(pipe.device)
 
 

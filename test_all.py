@@ -329,6 +329,36 @@ def test_ddim_step_matches_diffusers():
                 torch.testing.assert_close(mine[1], ref.pred_original_sample, rtol=1e-5, atol=1e-6)
 
 
+def test_flow_step_matches_diffusers_and_targets_exact():
+    """Flow matching: our Euler step == FlowMatchEulerDiscreteScheduler.step at every step (shift 1 and 3);
+    on x_t = (1 - sigma) x0 + sigma eps with the model output v = eps - x0, the x0 and eps predictions and the
+    training target are exact; a sampler step lands on (1 - sigma') x0 + sigma' eps; eta > 0 is refused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    pipe = toyworld.new_toy_model(0, flow=True)
+    for shift in (1.0, 3.0):
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        ts, ref = S.timesteps(pipe, 10), FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        ref.set_timesteps(10)
+        assert ts.dtype == torch.float32 and ts[-1] == 0 and len(ts) == 11
+        x = torch.randn(2, 3, 8, 8)
+        for i in range(10):
+            v = torch.randn(2, 3, 8, 8)
+            want = ref.step(v, ref.timesteps[i], x).prev_sample
+            mine = S.ddim_step(pipe, x, v, ts[i].expand(2), ts[i + 1].expand(2))[0]
+            torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-6)
+            x = want
+    x0, eps, t = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8), torch.tensor([1.0, 250.0, 700.0, 1000.0])
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    x_t = S.add_noise(pipe, x0, t, eps)
+    torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * eps)
+    target, eps_back = S.training_target(pipe, x_t, x0, t)
+    torch.testing.assert_close(target, eps - x0, rtol=1e-4, atol=1e-4)
+    x_prev, x0_pred, eps_pred = S.ddim_step(pipe, x_t, eps - x0, t, t / 2)
+    for a, b in ((x0_pred, x0), (eps_pred, eps), (eps_back, eps), (x_prev, (1 - sigma / 2) * x0 + sigma / 2 * eps)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    raises(lambda: S.ddim_step(pipe, x_t, eps - x0, t, t / 2, eta=1.0, noise=eps), "eta = 0 only")
+
+
 def test_ddim_logprob_is_the_step_density():
     pipe = tiny_pipe()
     g = torch.Generator().manual_seed(0)

@@ -307,10 +307,11 @@ def new_toy_tokenizer(max_length=12):
                                    bos_token="<bos>", eos_token="<eos>", model_max_length=max_length)
 
 
-def new_toy_model(seed=0):
+def new_toy_model(seed=0, flow=False):
     """A fresh, random-init toy pipe: pixel-space 32x32x3 UNet, word-level tokenizer, tiny CLIP text
-    encoder, v-prediction cosine-schedule DDIM (v-prediction measured better than epsilon here)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    encoder, v-prediction cosine-schedule DDIM (v-prediction measured better than epsilon here); flow=True:
+    the same networks as a rectified flow (velocity target, FlowMatchEulerDiscreteScheduler, no shift)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     from sample import Pipe  # lazy: sample.py never imports this file
     torch.manual_seed(seed)
@@ -323,6 +324,7 @@ def new_toy_model(seed=0):
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8)  # cross-attention at 8x8 only: half the cost
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
-                              prediction_type="v_prediction", timestep_spacing="trailing", set_alpha_to_one=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0) if flow else DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+        prediction_type="v_prediction", timestep_spacing="trailing", set_alpha_to_one=True)
     return Pipe(unet, text_encoder.eval().requires_grad_(False), tokenizer, scheduler)

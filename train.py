@@ -75,6 +75,7 @@ ddpo_eta = 1.0           # ddpo: DDIM eta of its sampler (the policy needs step 
 raft_n = 4               # raft: samples per train prompt (the evaluation sampler); the best by the reward is trained on
 raft_epochs = 2          # raft: optimizer steps each sampled round serves (each at fresh t and noise)
 # pretraining (toy world) and its continuation (method continued: the UNet alone, from `model`)
+flow = False             # pretrain: a rectified-flow toy model (velocity target, Euler sampler) instead of DDIM v-pred
 captions = "noisy"       # pretraining captions: noisy (exact, caption_noise of them with one field wrong: assets/toy-model)
                          # | alttext (web-like, under-specified: toyworld.ALT_TEXT)
 caption_noise = 0.1      # noisy: fraction of captions changed in one field
@@ -251,7 +252,10 @@ if master:
 # pretraining trains UNet + text encoder from scratch; the others train the UNet (all of it in fp32, or
 # LoRA adapters in fp32 on a base in `dtype`); frozen modules stay in `dtype`
 amp_dtype = DTYPES[dtype]
-pipe = toyworld.new_toy_model(seed) if pretrain else S.load_model(model, dev, amp_dtype, uncond_embed)
+pipe = toyworld.new_toy_model(seed, flow) if pretrain else S.load_model(model, dev, amp_dtype, uncond_embed)
+if S.is_flow(pipe) and (method == "ddpo" or eta > 0):
+    fail(f"{model} is a flow-matching model: it samples deterministically (eta 0), and ddpo needs DDIM's "
+         "stochastic step (Flow-GRPO's SDE form is not implemented); use the other methods")
 pipe.unet.to(dev).train()
 if lora_rank:
     params = L.add_lora(pipe.unet, lora_rank, lora_alpha, seed)
@@ -394,7 +398,7 @@ def pretrain_loss(it, micro):
         prompts.append("" if web and rng.random() < caption_dropout else cap)
     x0 = torch.stack(images).to(dev) * 2 - 1  # model space: [-1, 1]
     gen = torch.Generator().manual_seed(seed_for("t noise", (it * grad_accum + micro) * world + rank))
-    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (P,), generator=gen).to(dev)
+    t = S.train_timesteps(pipe, P, gen).to(dev)
     if method == "sft" and sft_t == "sampler":  # sharpen_sft's noise levels: its start step k per prompt, + j < m
         g0, j = first_index(it, micro), torch.randint(0, m_steps, (P,), generator=gen).tolist()
         t = torch.stack([ts[k + jj] for k, jj in zip(sharpen.start_steps(range(g0, g0 + P), k_range, seed), j)])
@@ -545,7 +549,7 @@ def dpo_loss(it, micro):
     first = first_index(it, micro)
     idx = torch.tensor([g % len(prompts) for g in range(first, first + P)])  # cycles through the pool
     gen = torch.Generator().manual_seed(seed_for("t noise", first))
-    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (P,), generator=gen).to(dev).repeat(2)
+    t = S.train_timesteps(pipe, P, gen).to(dev).repeat(2)
     x0 = torch.cat([xw[idx], xl[idx]])  # (2P, C, H, W): winners then losers
     x_t = S.add_noise(pipe, x0, t, torch.randn(xw[idx].shape, generator=gen).to(dev).repeat(2, 1, 1, 1))
     target, _ = S.training_target(pipe, x_t, x0, t)
@@ -614,7 +618,7 @@ def raft_loss(it, micro):
     b = rounds[key]
     K = len(b["prompts"])
     gen = torch.Generator().manual_seed(seed_for("t noise", first_index(it, micro)))
-    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (max(K, 1),), generator=gen).to(dev)
+    t = S.train_timesteps(pipe, max(K, 1), gen).to(dev)
     eps = torch.randn((max(K, 1), *b["x0"].shape[1:]), generator=gen).to(dev)
 
     def loss_fn():
