@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn as nn
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as the diffusers LoRA scripts
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0",  # attention projections, as the diffusers LoRA scripts
+           "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # (SD3's joint attention: the text stream)
 
 
 class LoRALinear(nn.Module):

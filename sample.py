@@ -93,10 +93,16 @@ class Pipe:
     text_encoder_2: object = None  # SDXL: CLIPTextModelWithProjection (penultimate states + pooled)
     tokenizer_2: object = None
     zero_uncond: bool = False  # CFG's unconditional input is zeros, not the encoded "" (SDXL's pipeline default)
+    text_encoder_3: object = None  # SD3: T5EncoderModel (its sequence after both CLIPs'); `unet` holds the transformer
+    tokenizer_3: object = None
 
     @property
     def device(self):
         return next(self.unet.parameters()).device
+
+    @property
+    def denoiser(self):  # the folder (and model_index) name of what `unet` holds
+        return "unet" if type(self.unet).__name__ == "UNet2DConditionModel" else "transformer"
 
     @property
     def image_size(self):  # pixels per side of its images: latent size x the VAE's downsampling
@@ -105,8 +111,9 @@ class Pipe:
 
 def check_model_folder(folder):
     """Fail with one line unless `folder` has the subfolders load_model reads."""
-    missing = [d for d in ("unet", "text_encoder", "tokenizer", "scheduler")
-               if not os.path.isdir(os.path.join(folder, d))]
+    has = lambda d: os.path.isdir(os.path.join(folder, d))
+    missing = [d for d in ("unet", "text_encoder", "tokenizer", "scheduler") if not has(d)
+               and not (d == "unet" and has("transformer"))]
     if missing:
         raise SystemExit(f"error: model folder {folder!r} lacks {', '.join(m + '/' for m in missing)} "
                          "(expected a diffusers-style folder: unet/ text_encoder/ tokenizer/ scheduler/ [vae/])")
@@ -114,17 +121,25 @@ def check_model_folder(folder):
 
 def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto"):
     """A local folder's unet/ text_encoder/ tokenizer/ scheduler/ [vae/: latent space] [text_encoder_2/ tokenizer_2/:
-    SDXL], in `dtype`, frozen. Any scheduler (PNDM, Euler, DDIM) lends our DDIM its config: schedule, spacing,
+    SDXL] (SD3: transformer/ instead of unet/, and text_encoder_3/ tokenizer_3/, T5), in `dtype`, frozen. Any scheduler (PNDM, Euler, DDIM) lends our DDIM its config: schedule, spacing,
     offset, set_alpha_to_one, clip_sample, prediction type. uncond: CFG's unconditional input, "zeros" or "empty"
     (the encoded ""); "auto" follows model_index.json's force_zeros_for_empty_prompt, else the pipeline's default
     (zeros for SDXL, the encoded "" for SD)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+    import diffusers
     _quiet()
     check_model_folder(folder)
     sub, has = (lambda d: os.path.join(folder, d)), (lambda d: os.path.isdir(os.path.join(folder, d)))
-    unet = _load(UNet2DConditionModel, sub("unet"), torch_dtype=dtype)
-    if unet.config.addition_embed_type == "text_time" and not (has("text_encoder_2") and has("tokenizer_2")):
+    if has("unet"):
+        unet = _load(UNet2DConditionModel, sub("unet"), torch_dtype=dtype)
+    else:  # a diffusion transformer, by the class its config names
+        name = _load(UNet2DConditionModel, sub("transformer"), config=True).get("_class_name", "")
+        if name != "SD3Transformer2DModel" or not has("text_encoder_3"):
+            raise SystemExit(f"error: {sub('transformer')} is a {name or 'transformer without _class_name'}; "
+                             "supported: SD3Transformer2DModel with text_encoder_3/ (SD3, SD3.5)")
+        unet = _load(getattr(diffusers, name), sub("transformer"), torch_dtype=dtype)
+    if getattr(unet.config, "addition_embed_type", None) == "text_time" and not (has("text_encoder_2") and has("tokenizer_2")):
         raise SystemExit(f"error: {sub('unet')} is an SDXL UNet (addition_embed_type text_time) but "
                          f"{folder!r} lacks text_encoder_2/ or tokenizer_2/")
     sched = _load(DDIMScheduler, sub("scheduler"), config=True)  # SD/SDXL ship PNDM/Euler configs: no clip_sample there
@@ -137,17 +152,22 @@ def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto"):
         raise SystemExit(f"error: {sub('scheduler')} sets thresholding (dynamic thresholding is not supported)")
     if uncond not in ("auto", "zeros", "empty"):
         raise SystemExit(f"error: uncond must be 'auto', 'zeros' or 'empty', got {uncond!r}")
-    pipe = Pipe(unet=unet, text_encoder=_load(CLIPTextModel, sub("text_encoder"), dtype=dtype),
+    sd3 = has("text_encoder_3")  # SD3's first CLIP has a projection too (its pooled output)
+    pipe = Pipe(unet=unet, text_encoder=_load(CLIPTextModelWithProjection if sd3 else CLIPTextModel,
+                                              sub("text_encoder"), dtype=dtype),
                 tokenizer=_load(AutoTokenizer, sub("tokenizer")), scheduler=sched,
                 vae=_load(AutoencoderKL, sub("vae"), torch_dtype=dtype) if has("vae") else None)
     if has("text_encoder_2"):
         pipe.text_encoder_2 = _load(CLIPTextModelWithProjection, sub("text_encoder_2"), dtype=dtype)
         pipe.tokenizer_2 = _load(AutoTokenizer, sub("tokenizer_2"))
+    if sd3:
+        pipe.text_encoder_3 = _load(T5EncoderModel, sub("text_encoder_3"), dtype=dtype)
+        pipe.tokenizer_3 = _load(AutoTokenizer, sub("tokenizer_3"))
     index = os.path.join(folder, "model_index.json")
     index = json.load(open(index)) if os.path.isfile(index) else {}
     pipe.zero_uncond = uncond == "zeros" or (uncond == "auto" and index.get(
-        "force_zeros_for_empty_prompt", pipe.text_encoder_2 is not None))
-    for m in (pipe.unet, pipe.text_encoder, pipe.vae, pipe.text_encoder_2):
+        "force_zeros_for_empty_prompt", pipe.text_encoder_2 is not None and not sd3))
+    for m in (pipe.unet, pipe.text_encoder, pipe.vae, pipe.text_encoder_2, pipe.text_encoder_3):
         if m is not None:
             m.to(device).eval().requires_grad_(False)
     return pipe
@@ -170,7 +190,8 @@ def _quiet():  # diffusers/transformers chatter (accelerate hints, shard progres
     transformers.utils.logging.disable_progress_bar()
 
 
-COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae", "text_encoder_2", "tokenizer_2")
+COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+              "tokenizer_3")
 
 
 def save_model(pipe, folder, lora=None):
@@ -186,15 +207,18 @@ def save_model(pipe, folder, lora=None):
     folder = os.path.abspath(folder)
     tmp, old = f"{folder}.tmp{os.getpid()}", f"{folder}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    index = {"_class_name": "StableDiffusionXLPipeline" if pipe.text_encoder_2 else "StableDiffusionPipeline",
-             "_diffusers_version": diffusers.__version__, "feature_extractor": [None, None]}
-    index.update({"force_zeros_for_empty_prompt": pipe.zero_uncond, "image_encoder": [None, None]}
+    kind = "StableDiffusion3Pipeline" if pipe.text_encoder_3 else \
+        "StableDiffusionXLPipeline" if pipe.text_encoder_2 else "StableDiffusionPipeline"
+    index = {"_class_name": kind, "_diffusers_version": diffusers.__version__, "feature_extractor": [None, None]}
+    index.update({"image_encoder": [None, None]} if pipe.text_encoder_3 else
+                 {"force_zeros_for_empty_prompt": pipe.zero_uncond, "image_encoder": [None, None]}
                  if pipe.text_encoder_2 else {"safety_checker": [None, None], "requires_safety_checker": False})
     for name in COMPONENTS:
         if getattr(pipe, name) is not None:
-            getattr(pipe, name).save_pretrained(os.path.join(tmp, name))
+            where = pipe.denoiser if name == "unet" else name
+            getattr(pipe, name).save_pretrained(os.path.join(tmp, where))
             cls = type(getattr(pipe, name))
-            index[name] = [cls.__module__.split(".")[0], cls.__name__]
+            index[where] = [cls.__module__.split(".")[0], cls.__name__]
     if pipe.vae is not None:
         with open(os.path.join(tmp, "model_index.json"), "w") as f:
             json.dump(dict(sorted(index.items())), f, indent=2)
@@ -208,10 +232,13 @@ def save_model(pipe, folder, lora=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def tokenize(pipe, prompts, tokenizer=None):
-    """prompts (list of B str) -> token ids (B, L), padded to the tokenizer's max length."""
+T5_LENGTH = 256  # SD3's pipeline pads T5 prompts to max_sequence_length=256
+
+
+def tokenize(pipe, prompts, tokenizer=None, length=None):
+    """prompts (list of B str) -> token ids (B, L), padded to `length` or the tokenizer's max length."""
     tok = tokenizer or pipe.tokenizer
-    return tok(list(prompts), padding="max_length", truncation=True, max_length=tok.model_max_length,
+    return tok(list(prompts), padding="max_length", truncation=True, max_length=length or tok.model_max_length,
                return_tensors="pt").input_ids
 
 
@@ -219,8 +246,19 @@ def tokenize(pipe, prompts, tokenizer=None):
 def encode(pipe, prompts):
     """prompts (list of B str) -> cond (B, L, E), one tensor for any model. SD: the text encoder's last
     hidden state. SDXL (as diffusers' pipeline): both encoders' penultimate states side by side, plus a row
-    with encoder 2's pooled projection, zero-padded: (B, L+1, E1+E2). unet_call unpacks it."""
+    with encoder 2's pooled projection, zero-padded: (B, L+1, E1+E2). SD3 (as its pipeline): both CLIPs'
+    penultimate states side by side, zero-padded to T5's width, then T5's states, then a row with both pooled
+    projections: (B, L + 256 + 1, E_t5). unet_call unpacks it."""
+    F = torch.nn.functional
     ids = tokenize(pipe, prompts).to(pipe.device)
+    if pipe.text_encoder_3 is not None:
+        outs = [te(tokenize(pipe, prompts, tok).to(pipe.device), output_hidden_states=True)
+                for te, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))]
+        t5 = pipe.text_encoder_3(tokenize(pipe, prompts, pipe.tokenizer_3, T5_LENGTH).to(pipe.device))[0]
+        clip = torch.cat([o.hidden_states[-2].to(t5.dtype) for o in outs], -1)
+        h = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], 1)
+        pooled = torch.cat([o.text_embeds.to(t5.dtype) for o in outs], -1)
+        return torch.cat([h, F.pad(pooled, (0, h.shape[-1] - pooled.shape[-1]))[:, None]], 1)
     if pipe.text_encoder_2 is None:
         return pipe.text_encoder(ids)[0]
     h1 = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
@@ -241,6 +279,9 @@ def unet_call(pipe, unet, x, t, cond):
     the micro-conditioning time ids (original size, crop (0, 0), target size: the model's image size)."""
     dt = pipe.unet.dtype  # outside autocast, inputs follow the weights (a bf16 base, fp32 training)
     x, cond = x.to(dt), cond.to(dt)
+    if pipe.text_encoder_3 is not None:  # SD3's transformer: the sequence, the pooled row
+        pooled = cond[:, -1, :pipe.unet.config.pooled_projection_dim]
+        return unet(hidden_states=x, timestep=t, encoder_hidden_states=cond[:, :-1], pooled_projections=pooled).sample
     if pipe.text_encoder_2 is None:
         return unet(x, t, cond).sample
     pooled = cond[:, -1, :pipe.text_encoder_2.config.projection_dim]
@@ -251,25 +292,26 @@ def unet_call(pipe, unet, x, t, cond):
 
 @torch.no_grad()
 def to_images(pipe, x0, batch_size=16):
-    """The model's clean space -> images (B,3,H,W) in [0,1], float32 (latents: VAE-decoded, no graph)."""
+    """The model's clean space -> images (B,3,H,W) in [0,1], float32 (latents: VAE-decoded, no graph; z / scale
+    + shift, the shift of SD3's VAE)."""
     if pipe.vae is None:
         return ((x0.float() + 1) / 2).clamp(0, 1)
-    v = pipe.vae
-    return torch.cat([((v.decode((z / v.config.scaling_factor).to(v.dtype)).sample.float() + 1) / 2).clamp(0, 1)
+    v, shift = pipe.vae, getattr(pipe.vae.config, "shift_factor", None) or 0.0
+    return torch.cat([((v.decode((z / v.config.scaling_factor + shift).to(v.dtype)).sample.float() + 1) / 2).clamp(0, 1)
                       for z in x0.split(batch_size)])
 
 
 @torch.no_grad()
 def from_images(pipe, images):
     """Images (B,3,H,W) in [0,1] -> the model's clean space: resized to its size, for a latent model
-    VAE-encoded (posterior mean x scaling factor). Dataset images enter this way."""
+    VAE-encoded ((posterior mean - shift) x scale). Dataset images enter this way."""
     x = images.float().to(pipe.device) * 2 - 1
     if x.shape[-1] != pipe.image_size:
         x = torch.nn.functional.interpolate(x, size=(pipe.image_size,) * 2, mode="bilinear", antialias=True)
     if pipe.vae is None:
         return x
-    v = pipe.vae
-    return v.encode(x.to(v.dtype)).latent_dist.mean.float() * v.config.scaling_factor
+    v, shift = pipe.vae, getattr(pipe.vae.config, "shift_factor", None) or 0.0
+    return (v.encode(x.to(v.dtype)).latent_dist.mean.float() - shift) * v.config.scaling_factor
 
 
 def randn(shape, generators, device="cpu"):
@@ -400,7 +442,12 @@ def timesteps(pipe, num_steps):
     and offset, -1 for the end; each step goes to the next timestep, as diffusers' DDIM does wherever the spacing
     is even (leading, trailing; for linspace, diffusers steps to t - 1000 // num_steps, off its own grid).
     Flow: float, sigma * num_train_timesteps with the config's shift, 0 for the end."""
-    pipe.scheduler.set_timesteps(num_steps)
+    cfg, kw = pipe.scheduler.config, {}
+    if is_flow(pipe) and cfg.get("use_dynamic_shifting"):  # mu from the latent's token count, as SD3's pipeline
+        n = (pipe.unet.config.sample_size // pipe.unet.config.patch_size) ** 2
+        m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+        kw["mu"] = n * m + cfg.base_shift - m * cfg.base_image_seq_len
+    pipe.scheduler.set_timesteps(num_steps, **kw)
     if is_flow(pipe):
         return torch.cat([pipe.scheduler.timesteps.float(), torch.zeros(1)]).to(pipe.device)
     return torch.cat([pipe.scheduler.timesteps.long(), torch.tensor([-1])]).to(pipe.device)

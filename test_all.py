@@ -985,19 +985,22 @@ REAL_TINY = ["--prompts_per_step=2", "--n_traj=2", "--m_steps=2", "--num_steps=4
 
 
 def test_sampler_equals_diffusers_pipeline_every_step():
-    """Our DDIM rollout == the diffusers pipeline of the same folder (its scheduler swapped for DDIM, as a user
-    runs DDIM), from the same latents, at every one of 10 steps: SD1.5 (eps; set_alpha_to_one false, leading
-    spacing, offset 1), SDXL (eps; zero uncond) and SDXL (v), guidance 1 and 5. The exported folder is a
-    complete pipeline (model_index.json, DDIM) that reproduces our samples without any swap."""
+    """Our rollout == the diffusers pipeline of the same folder, from the same latents, at every one of 10 steps,
+    guidance 1 and 5: SD1.5 (eps; set_alpha_to_one false, leading spacing, offset 1), SDXL (eps; zero uncond)
+    and SDXL (v), their scheduler swapped for DDIM as a user runs DDIM; SD3 (flow matching, shift 3, three
+    text encoders, VAE shift) with its own scheduler. The exported folder is a complete pipeline (model_index.json,
+    the sampler's scheduler) that reproduces our decoded samples without any swap."""
     from diffusers import DDIMScheduler, DiffusionPipeline
     from dev import sdconfigs
     with tempfile.TemporaryDirectory() as d:
-        for kind, pred in (("sd15", ""), ("sdxl", ""), ("sdxl", "v_prediction")):
+        for kind, pred in (("sd15", ""), ("sdxl", ""), ("sdxl", "v_prediction"), ("sd3", "")):
             folder = sdconfigs.make(f"{d}/{kind}{pred}", kind, tiny=True, prediction=pred)
             ours, ref = S.load_model(folder), DiffusionPipeline.from_pretrained(folder)
             ref.set_progress_bar_config(disable=True)
-            assert ours.zero_uncond == (kind == "sdxl") and not ours.scheduler.config.set_alpha_to_one
-            ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+            assert ours.zero_uncond == (kind == "sdxl") and S.is_flow(ours) == (kind == "sd3")
+            if kind != "sd3":
+                assert not ours.scheduler.config.set_alpha_to_one
+                ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
             prompts, x = ["a red circle", "two blue squares"], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
             for g in (1.0, 5.0):
                 traj = S.rollout(ours, x, S.timesteps(ours, 10), S.encode(ours, prompts), S.uncond(ours), g)
@@ -1010,8 +1013,9 @@ def test_sampler_equals_diffusers_pipeline_every_step():
             S.save_model(ours, f"{d}/export")
             back = DiffusionPipeline.from_pretrained(f"{d}/export")
             back.set_progress_bar_config(disable=True)
-            assert type(back).__name__ == ("StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline")
-            assert type(back.scheduler).__name__ == "DDIMScheduler"
+            assert type(back).__name__ == {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                                           "sd3": "StableDiffusion3Pipeline"}[kind]
+            assert type(back.scheduler).__name__ == type(ours.scheduler).__name__
             img = back(prompts, latents=x.clone(), num_inference_steps=10, guidance_scale=5.0, height=32, width=32,
                        output_type="pt").images
             want = S.to_images(ours, S.rollout(ours, x, S.timesteps(ours, 10), S.encode(ours, prompts), S.uncond(ours),

@@ -655,7 +655,7 @@ def export(folder):
             [p for m in (out.unet, out.text_encoder)[:len(trained)] for p in m.parameters()]
         for p, e in zip(copies, ema_params):
             p.data.copy_(e)
-    adapters = L.diffusers_state_dict(out.unet) if lora_rank else None  # also as a file for load_lora_weights
+    adapters = L.diffusers_state_dict(out.unet, pipe.denoiser) if lora_rank else None  # a file for load_lora_weights
     if lora_rank:  # a plain diffusers UNet with the adapters folded in
         L.merge(out.unet)
     out.unet.eval(), out.text_encoder.eval()

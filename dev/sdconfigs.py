@@ -20,7 +20,7 @@ import sample as S  # noqa: E402
 import toyworld  # noqa: E402
 
 # -----------------------------------------------------------------------------
-kind = "sd15"            # sd15 | sdxl
+kind = "sd15"            # sd15 | sdxl | sd3 (SD3.5-Medium's architecture)
 tiny = False             # tiny widths and depths (tests) instead of the real architecture
 prediction = ""          # "" = the real model's (epsilon) | epsilon | v_prediction
 out = ""
@@ -39,13 +39,16 @@ def text_config(hidden, layers, heads, max_len, projection, act="quick_gelu"):
 
 
 def build(kind="sd15", tiny=True, prediction="", seed=0):
-    """A random-init S.Pipe with the SD1.5 or SDXL architecture (tiny: same block types, small widths).
-    Its scheduler is the shipped PNDM / Euler one: sample from make()'s folder through load_model."""
+    """A random-init S.Pipe with the SD1.5, SDXL or SD3.5-Medium architecture (tiny: same block types, small
+    widths). Its scheduler is the shipped PNDM / Euler / flow-matching one: sample from make()'s folder
+    through load_model."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-    if kind not in ("sd15", "sdxl"):
-        raise SystemExit(f"error: kind must be sd15 or sdxl, got {kind!r}")
+    if kind not in ("sd15", "sdxl", "sd3"):
+        raise SystemExit(f"error: kind must be sd15, sdxl or sd3, got {kind!r}")
     torch.manual_seed(seed)
+    if kind == "sd3":
+        return build_sd3(tiny)
     L = 12 if tiny else 77
     vae = AutoencoderKL(block_out_channels=(32, 32, 32) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny else 2,
                         down_block_types=("DownEncoderBlock2D",) * (3 if tiny else 4),
@@ -83,6 +86,37 @@ def build(kind="sd15", tiny=True, prediction="", seed=0):
                   zero_uncond=kind == "sdxl")  # SDXL's model_index.json: force_zeros_for_empty_prompt
 
 
+def build_sd3(tiny=True):
+    """SD3.5-Medium's architecture (MMDiT-X: 24 joint blocks, 13 with dual attention, qk RMS norm; CLIP-L, CLIP-G
+    and T5-XXL; a 16-channel VAE with shift; flow matching with shift 3), or a tiny one for tests."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    L, C = (12, 4) if tiny else (77, 16)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm") if tiny else SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    te = CLIPTextModelWithProjection(text_config(*((32, 2, 2) if tiny else (768, 12, 12)), L, 32 if tiny else 768))
+    te2 = CLIPTextModelWithProjection(text_config(*((32, 2, 2) if tiny else (1280, 32, 20)), L,
+                                                  32 if tiny else 1280, "gelu"))
+    te3 = T5EncoderModel(T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                                  relative_attention_num_buckets=8) if tiny else T5Config(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"))
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny else 2,
+                        down_block_types=("DownEncoderBlock2D",) * (3 if tiny else 4),
+                        up_block_types=("UpDecoderBlock2D",) * (3 if tiny else 4), latent_channels=C,
+                        sample_size=32 if tiny else 1024, scaling_factor=1.5305, shift_factor=0.0609,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    tok = toyworld.new_toy_tokenizer(L)
+    return S.Pipe(transformer, te.eval(), tok, sched, vae.eval(), te2.eval(), tok,
+                  text_encoder_3=te3.eval(), tokenizer_3=tok)
+
+
 def make(folder, kind="sd15", tiny=True, prediction="", seed=0):
     """build(...) written to `folder` as a diffusers-style folder; returns the folder."""
     S.save_model(build(kind, tiny, prediction, seed), folder)
@@ -94,7 +128,7 @@ if __name__ == "__main__":
     out = out or f"out/{kind}-random{'-tiny' if tiny else ''}"
     pipe = build(kind, tiny, prediction, seed)
     n = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) / 1e6
-         for k in ("unet", "vae", "text_encoder", "text_encoder_2") if getattr(pipe, k) is not None}
+         for k in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, k) is not None}
     S.save_model(pipe, out)
     print(f"wrote a random-init {kind}{' (tiny)' if tiny else ''} folder to {out}: "
           + ", ".join(f"{k} {v:.1f}M" for k, v in n.items()))
