@@ -73,10 +73,12 @@ def merge(model):
 
 def diffusers_state_dict(model, prefix="unet"):
     """The adapters as diffusers' LoRA training scripts save them (pytorch_lora_weights.safetensors, which
-    pipe.load_lora_weights reads): '<prefix>.<module>.lora.down.weight' = A and '.lora.up.weight' = (alpha / r) B,
-    fp32. The scale is folded into B, so the file needs no alpha: loaded at scale 1 it is this model."""
-    return {f"{prefix}.{name}.lora.{k}.weight": w.detach().float().cpu().clone() for name, m in model.named_modules()
-            if isinstance(m, LoRALinear) for k, w in (("down", m.lora_A), ("up", m.lora_B * m.scale))}
+    pipe.load_lora_weights reads), fp32: for a UNet (SD, SDXL scripts) '<prefix>.<module>.lora.down.weight' = A
+    and '.lora.up.weight' = (alpha / r) B; for a transformer (SD3 script) '.lora_A.weight' and '.lora_B.weight'.
+    The scale is folded into B, so the file needs no alpha: loaded at scale 1 it is this model."""
+    names = ("lora.down", "lora.up") if prefix == "unet" else ("lora_A", "lora_B")
+    return {f"{prefix}.{name}.{k}.weight": w.detach().float().cpu().clone() for name, m in model.named_modules()
+            if isinstance(m, LoRALinear) for k, w in zip(names, (m.lora_A, m.lora_B * m.scale))}
 
 
 @contextlib.contextmanager

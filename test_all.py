@@ -3,6 +3,7 @@ The whole test suite: `python test_all.py [name substrings]` (one line per test 
 `N passed, N failed, N skipped`; a test that cannot run here, e.g. without Triton, says `SKIP name (why)`).
 Unit tests first, then the scripts end to end. pytest collects the same functions: `pytest test_all.py`.
 """
+import itertools
 import math
 import os
 import random
@@ -1345,46 +1346,49 @@ def test_ddp_dead_rank_stops_the_run():
 # -----------------------------------------------------------------------------
 # real models
 
-def test_sd_and_sdxl_sharpen_full_and_lora_export_reload():
-    """sharpen_sft and sharpen_rlhf steps on both tiny folders, full fine-tuning and LoRA: the exported
-    folder is a plain diffusers folder that reloads and samples, two Adam steps from the base; LoRA runs
-    also write the adapters' file; the SDXL export loads as StableDiffusionXLPipeline and samples as we do."""
+def test_sd_sdxl_sd3_sharpen_full_and_lora_export_reload():
+    """sharpen_sft and sharpen_rlhf steps on the tiny SD1.5 and SDXL folders, full fine-tuning and LoRA (SD3:
+    sharpen_sft full, sharpen_rlhf LoRA): the exported folder is a plain diffusers folder that reloads and
+    samples, two Adam steps from the base; LoRA runs also write the adapters' file; the SDXL and SD3 exports
+    load as their diffusers pipelines and sample as we do."""
     from dev import sdconfigs
     with tempfile.TemporaryDirectory() as d:
-        for kind in ("sd15", "sdxl"):
+        for kind in ("sd15", "sdxl", "sd3"):
             base = sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction="v_prediction" if kind == "sdxl" else "")
-            for method in ("sharpen_sft", "sharpen_rlhf"):
-                for lora in (0, 4):
-                    out = f"{d}/{kind}-{method}-{lora}"
-                    _, log = run("train.py", f"--model={base}", f"--method={method}", "--steps=2",
-                                 f"--lora_rank={lora}", f"--out_dir={out}", *REAL_TINY)
-                    losses = [s["loss"] for s in step_lines(out)]
-                    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
-                    assert_two_adam_steps(base, out, lora)
-                    pipe = S.load_model(f"{out}/model")
-                    assert not any(".lora_" in k for k in pipe.unet.state_dict())
-                    assert S.sample(pipe, ["a red circle"], [0], num_steps=2).isfinite().all()
-                    if lora:  # the adapters' file: merged weight = base weight + up @ down
-                        from safetensors.torch import load_file
-                        sd, w0 = load_file(f"{out}/model/pytorch_lora_weights.safetensors"), S.load_model(base).unet
-                        name = next(k for k in sd if k.endswith("attn2.to_k.lora.up.weight")).removeprefix("unet.")
-                        name = name.removesuffix(".lora.up.weight")
-                        torch.testing.assert_close(pipe.unet.get_submodule(name).weight, w0.get_submodule(name).weight
-                                                   + sd[f"unet.{name}.lora.up.weight"] @ sd[f"unet.{name}.lora.down.weight"])
-                    if kind == "sdxl" and method == "sharpen_rlhf":  # a diffusers pipeline loads and samples it
-                        from diffusers import StableDiffusionXLPipeline
-                        ref = StableDiffusionXLPipeline.from_pretrained(f"{out}/model")
-                        ref.set_progress_bar_config(disable=True)
-                        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-                        img = ref(["a red circle"], latents=x.clone(), num_inference_steps=2, guidance_scale=5.0,
-                                  height=32, width=32, output_type="pt").images
-                        want = S.to_images(pipe, S.rollout(pipe, x, S.timesteps(pipe, 2), S.encode(pipe, ["a red circle"]),
-                                                           S.uncond(pipe), 5.0, record=False))
-                        assert (img - want).abs().max() <= 1e-4
-                    if kind == "sd15" and method == "sharpen_sft" and not lora:  # checkpointing changes no result
-                        run("train.py", f"--model={base}", f"--method={method}", "--steps=2", "--grad_ckpt",
-                            f"--out_dir={out}-ckpt", *REAL_TINY)
-                        weights_equal(f"{out}/model", f"{out}-ckpt/model", exact=False)
+            for method, lora in itertools.product(("sharpen_sft", "sharpen_rlhf"), (0, 4)):
+                if kind == "sd3" and (method == "sharpen_rlhf") != bool(lora):
+                    continue
+                out = f"{d}/{kind}-{method}-{lora}"
+                _, log = run("train.py", f"--model={base}", f"--method={method}", "--steps=2",
+                             f"--lora_rank={lora}", f"--out_dir={out}", *REAL_TINY)
+                losses = [s["loss"] for s in step_lines(out)]
+                assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
+                assert_two_adam_steps(base, out, lora)
+                pipe = S.load_model(f"{out}/model")
+                assert not any(".lora_" in k for k in pipe.unet.state_dict())
+                assert S.sample(pipe, ["a red circle"], [0], num_steps=2).isfinite().all()
+                if lora:  # the adapters' file: merged weight = base weight + up @ down
+                    from safetensors.torch import load_file
+                    sd, w0 = load_file(f"{out}/model/pytorch_lora_weights.safetensors"), S.load_model(base).unet
+                    up, down = ("lora_B", "lora_A") if kind == "sd3" else ("lora.up", "lora.down")
+                    key = next(k for k in sd if k.endswith(f".to_k.{up}.weight"))
+                    name = key.split(".", 1)[1].removesuffix(f".{up}.weight")
+                    torch.testing.assert_close(pipe.unet.get_submodule(name).weight, w0.get_submodule(name).weight
+                                               + sd[key] @ sd[key.replace(up, down)])
+                if kind != "sd15" and method == "sharpen_rlhf":  # a diffusers pipeline loads and samples it
+                    from diffusers import DiffusionPipeline
+                    ref = DiffusionPipeline.from_pretrained(f"{out}/model")
+                    ref.set_progress_bar_config(disable=True)
+                    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+                    img = ref(["a red circle"], latents=x.clone(), num_inference_steps=2, guidance_scale=5.0,
+                              height=32, width=32, output_type="pt").images
+                    want = S.to_images(pipe, S.rollout(pipe, x, S.timesteps(pipe, 2), S.encode(pipe, ["a red circle"]),
+                                                       S.uncond(pipe), 5.0, record=False))
+                    assert (img - want).abs().max() <= 1e-4
+                if kind == "sd15" and method == "sharpen_sft" and not lora:  # checkpointing changes no result
+                    run("train.py", f"--model={base}", f"--method={method}", "--steps=2", "--grad_ckpt",
+                        f"--out_dir={out}-ckpt", *REAL_TINY)
+                    weights_equal(f"{out}/model", f"{out}-ckpt/model", exact=False)
 
 
 def test_lora_bf16_resume_exact_and_prompt_file():

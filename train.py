@@ -291,7 +291,8 @@ def timed(key):
 
 
 def count_pass(mod, args, kw):  # every UNet call, where it happens: image-passes, a pass with grad x3
-    spent["nfe"] += len(args[0] if args else kw["sample"]) * (3 if torch.is_grad_enabled() else 1)
+    x = args[0] if args else kw.get("sample", kw.get("hidden_states"))  # a UNet's sample, a transformer's states
+    spent["nfe"] += len(x) * (3 if torch.is_grad_enabled() else 1)
     if profile:
         t_fwd.append(clock())
 
