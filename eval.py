@@ -44,6 +44,7 @@ seeds = 8                # seeds per prompt: images = prompts x seeds
 num_steps = 20           # DDIM steps
 guidance = 1.0           # classifier-free guidance scale (1.0 measured best on train prompts)
 uncond_embed = "auto"    # CFG's unconditional input: auto (the folder's pipeline: zeros for SDXL, else "") | zeros | empty
+resolution = 0           # image side in pixels (0: the model's own; FLUX: 1024)
 eta = 0.0
 rewards = "toyclip"      # more rewards to score the same images with, '+'-separated reward specs (reward.py)
 out_dir = "out/eval"     # results.json, results.md, grid.png, reward_vs_nfe.png
@@ -84,8 +85,8 @@ def gold_eval(pipe, split="heldout", per_skill=16, seeds=8, num_steps=20, guidan
 
 def candidate_noise(pipe, seed, j):
     """Candidate j's initial noise for a (prompt, seed) pair; candidate 0 is sample.sample's own."""
-    C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    return torch.randn((C, H, H), generator=torch.Generator().manual_seed(int(seed) + 1_000_003 * j))
+    shape = pipe.latent_shape
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed) + 1_000_003 * j))
 
 
 def sample_from(pipe, noises, prompts, ts, guidance, eta, seeds):
@@ -353,7 +354,7 @@ def main():
     rows, grids = [], []
     jobs = [(f, None) for f in folders] + [(folders[0], s) for s in str(search).split("+") if s]
     for folder, how in jobs:
-        pipe = S.load_model(folder, device, uncond=uncond_embed)
+        pipe = S.load_model(folder, device, uncond=uncond_embed, resolution=resolution)
         t0 = time.time()
         images, nfe = run_search(pipe, how, prompts, seed_list, verifier)
         dt = time.time() - t0
@@ -400,7 +401,7 @@ def main():
 def amortisation_report(rows, prompts, seed_list):
     """Best-of-N of the first model with the gold verifier (N = 1..amortise, candidate 0 its plain sample), and
     for every other model (not search rows) the N it matches: amortisation.md/.json and amortisation.png."""
-    pipe = S.load_model(str(models or model).split("+")[0], device, uncond=uncond_embed)
+    pipe = S.load_model(str(models or model).split("+")[0], device, uncond=uncond_embed, resolution=resolution)
     base = best_of_n(pipe, prompts, seed_list, make_reward("compositional"), amortise, num_steps, guidance, eta)[2]
     out = {r["name"]: amortisation(base["rewards"], r["gold_per_image"], prompts) for r in rows[1:] if not r["search"]}
     curve = expected_best(base["rewards"]).mean(0).tolist()

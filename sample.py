@@ -14,6 +14,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for the hub
@@ -29,6 +30,7 @@ num_images = 16          # images of the prompt, in one grid
 num_steps = 20           # DDIM steps
 guidance = 1.0           # classifier-free guidance scale; 1.0 = conditional only (half the NFE; best for the toy model on train prompts)
 uncond_embed = "auto"    # CFG's unconditional input: auto (the folder's pipeline: zeros for SDXL, else "") | zeros | empty
+resolution = 0           # image side in pixels (0: the model's own; FLUX: 1024)
 eta = 0.0                # DDIM eta: 0 deterministic, 1 DDPM-like
 seed = 0
 out = "samples.png"
@@ -94,19 +96,35 @@ class Pipe:
     tokenizer_2: object = None
     zero_uncond: bool = False  # CFG's unconditional input is zeros, not the encoded "" (SDXL's pipeline default)
     text_encoder_3: object = None  # SD3: T5EncoderModel (its sequence after both CLIPs'); `unet` holds the transformer
-    tokenizer_3: object = None
+    tokenizer_3: object = None     # (FLUX: text_encoder is CLIP for the pooled vector, text_encoder_2 is T5)
+    resolution: int = 0            # image side in pixels; 0: the model's own (its sample_size; FLUX: 1024)
+    embedded_guidance: float = 3.5  # FLUX-dev's guidance input where a call is not given one (its pipeline's default)
 
     @property
     def device(self):
         return next(self.unet.parameters()).device
 
     @property
+    def family(self):  # sd | sdxl | sd3 | flux: how prompts are encoded and the denoiser is called
+        kind = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(type(self.unet).__name__)
+        return kind or ("sdxl" if self.text_encoder_2 is not None else "sd")
+
+    @property
     def denoiser(self):  # the folder (and model_index) name of what `unet` holds
         return "unet" if type(self.unet).__name__ == "UNet2DConditionModel" else "transformer"
 
     @property
+    def vae_factor(self):
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
+
+    @property
     def image_size(self):  # pixels per side of its images: latent size x the VAE's downsampling
-        return self.unet.config.sample_size * (2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1)
+        return self.resolution or (1024 if self.family == "flux" else self.unet.config.sample_size * self.vae_factor)
+
+    @property
+    def latent_shape(self):  # (C, H, W) of the sampler's state (FLUX: unpacked; its transformer sees 2x2 patches)
+        C = self.unet.config.in_channels // (4 if self.family == "flux" else 1)
+        return (C, self.image_size // self.vae_factor, self.image_size // self.vae_factor)
 
 
 def check_model_folder(folder):
@@ -119,9 +137,11 @@ def check_model_folder(folder):
                          "(expected a diffusers-style folder: unet/ text_encoder/ tokenizer/ scheduler/ [vae/])")
 
 
-def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto"):
+def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto", resolution=0):
     """A local folder's unet/ text_encoder/ tokenizer/ scheduler/ [vae/: latent space] [text_encoder_2/ tokenizer_2/:
-    SDXL] (SD3: transformer/ instead of unet/, and text_encoder_3/ tokenizer_3/, T5), in `dtype`, frozen. Any scheduler (PNDM, Euler, DDIM) lends our DDIM its config: schedule, spacing,
+    SDXL] (SD3: transformer/ instead of unet/, and text_encoder_3/ tokenizer_3/, T5; FLUX: transformer/, CLIP and
+    T5 as text_encoder/ text_encoder_2/), in `dtype`, frozen; resolution: the image side (0: the model's).
+    Any scheduler (PNDM, Euler, DDIM) lends our DDIM its config: schedule, spacing,
     offset, set_alpha_to_one, clip_sample, prediction type. uncond: CFG's unconditional input, "zeros" or "empty"
     (the encoded ""); "auto" follows model_index.json's force_zeros_for_empty_prompt, else the pipeline's default
     (zeros for SDXL, the encoded "" for SD)."""
@@ -135,9 +155,11 @@ def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto"):
         unet = _load(UNet2DConditionModel, sub("unet"), torch_dtype=dtype)
     else:  # a diffusion transformer, by the class its config names
         name = _load(UNet2DConditionModel, sub("transformer"), config=True).get("_class_name", "")
-        if name != "SD3Transformer2DModel" or not has("text_encoder_3"):
+        if not ((name == "SD3Transformer2DModel" and has("text_encoder_3")) or
+                (name == "FluxTransformer2DModel" and has("text_encoder_2"))):
             raise SystemExit(f"error: {sub('transformer')} is a {name or 'transformer without _class_name'}; "
-                             "supported: SD3Transformer2DModel with text_encoder_3/ (SD3, SD3.5)")
+                             "supported: SD3Transformer2DModel with text_encoder_3/ (SD3, SD3.5), "
+                             "FluxTransformer2DModel with text_encoder_2/ (FLUX.1)")
         unet = _load(getattr(diffusers, name), sub("transformer"), torch_dtype=dtype)
     if getattr(unet.config, "addition_embed_type", None) == "text_time" and not (has("text_encoder_2") and has("tokenizer_2")):
         raise SystemExit(f"error: {sub('unet')} is an SDXL UNet (addition_embed_type text_time) but "
@@ -152,13 +174,14 @@ def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto"):
         raise SystemExit(f"error: {sub('scheduler')} sets thresholding (dynamic thresholding is not supported)")
     if uncond not in ("auto", "zeros", "empty"):
         raise SystemExit(f"error: uncond must be 'auto', 'zeros' or 'empty', got {uncond!r}")
-    sd3 = has("text_encoder_3")  # SD3's first CLIP has a projection too (its pooled output)
+    sd3, flux = has("text_encoder_3"), type(unet).__name__ == "FluxTransformer2DModel"  # SD3's CLIPs both project
     pipe = Pipe(unet=unet, text_encoder=_load(CLIPTextModelWithProjection if sd3 else CLIPTextModel,
                                               sub("text_encoder"), dtype=dtype),
                 tokenizer=_load(AutoTokenizer, sub("tokenizer")), scheduler=sched,
                 vae=_load(AutoencoderKL, sub("vae"), torch_dtype=dtype) if has("vae") else None)
     if has("text_encoder_2"):
-        pipe.text_encoder_2 = _load(CLIPTextModelWithProjection, sub("text_encoder_2"), dtype=dtype)
+        pipe.text_encoder_2 = _load(T5EncoderModel if flux else CLIPTextModelWithProjection, sub("text_encoder_2"),
+                                    dtype=dtype)
         pipe.tokenizer_2 = _load(AutoTokenizer, sub("tokenizer_2"))
     if sd3:
         pipe.text_encoder_3 = _load(T5EncoderModel, sub("text_encoder_3"), dtype=dtype)
@@ -166,7 +189,8 @@ def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto"):
     index = os.path.join(folder, "model_index.json")
     index = json.load(open(index)) if os.path.isfile(index) else {}
     pipe.zero_uncond = uncond == "zeros" or (uncond == "auto" and index.get(
-        "force_zeros_for_empty_prompt", pipe.text_encoder_2 is not None and not sd3))
+        "force_zeros_for_empty_prompt", pipe.family == "sdxl"))
+    pipe.resolution = resolution
     for m in (pipe.unet, pipe.text_encoder, pipe.vae, pipe.text_encoder_2, pipe.text_encoder_3):
         if m is not None:
             m.to(device).eval().requires_grad_(False)
@@ -207,12 +231,13 @@ def save_model(pipe, folder, lora=None):
     folder = os.path.abspath(folder)
     tmp, old = f"{folder}.tmp{os.getpid()}", f"{folder}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    kind = "StableDiffusion3Pipeline" if pipe.text_encoder_3 else \
-        "StableDiffusionXLPipeline" if pipe.text_encoder_2 else "StableDiffusionPipeline"
+    family = pipe.family
+    kind = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+            "flux": "FluxPipeline"}[family]
     index = {"_class_name": kind, "_diffusers_version": diffusers.__version__, "feature_extractor": [None, None]}
-    index.update({"image_encoder": [None, None]} if pipe.text_encoder_3 else
-                 {"force_zeros_for_empty_prompt": pipe.zero_uncond, "image_encoder": [None, None]}
-                 if pipe.text_encoder_2 else {"safety_checker": [None, None], "requires_safety_checker": False})
+    index.update({"sd": {"safety_checker": [None, None], "requires_safety_checker": False},
+                  "sdxl": {"force_zeros_for_empty_prompt": pipe.zero_uncond, "image_encoder": [None, None]}}.get(
+        family, {"image_encoder": [None, None]}))
     for name in COMPONENTS:
         if getattr(pipe, name) is not None:
             where = pipe.denoiser if name == "unet" else name
@@ -232,7 +257,7 @@ def save_model(pipe, folder, lora=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
-T5_LENGTH = 256  # SD3's pipeline pads T5 prompts to max_sequence_length=256
+T5_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines pad T5 prompts to max_sequence_length
 
 
 def tokenize(pipe, prompts, tokenizer=None, length=None):
@@ -251,10 +276,14 @@ def encode(pipe, prompts):
     projections: (B, L + 256 + 1, E_t5). unet_call unpacks it."""
     F = torch.nn.functional
     ids = tokenize(pipe, prompts).to(pipe.device)
+    if pipe.family == "flux":  # T5's states, then a row with CLIP's pooled output
+        t5 = pipe.text_encoder_2(tokenize(pipe, prompts, pipe.tokenizer_2, T5_LENGTH["flux"]).to(pipe.device))[0]
+        pooled = pipe.text_encoder(ids).pooler_output.to(t5.dtype)
+        return torch.cat([t5, F.pad(pooled, (0, t5.shape[-1] - pooled.shape[-1]))[:, None]], 1)
     if pipe.text_encoder_3 is not None:
         outs = [te(tokenize(pipe, prompts, tok).to(pipe.device), output_hidden_states=True)
                 for te, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))]
-        t5 = pipe.text_encoder_3(tokenize(pipe, prompts, pipe.tokenizer_3, T5_LENGTH).to(pipe.device))[0]
+        t5 = pipe.text_encoder_3(tokenize(pipe, prompts, pipe.tokenizer_3, T5_LENGTH["sd3"]).to(pipe.device))[0]
         clip = torch.cat([o.hidden_states[-2].to(t5.dtype) for o in outs], -1)
         h = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], 1)
         pooled = torch.cat([o.text_embeds.to(t5.dtype) for o in outs], -1)
@@ -274,15 +303,29 @@ def uncond(pipe):
     return torch.zeros_like(u) if pipe.zero_uncond else u
 
 
-def unet_call(pipe, unet, x, t, cond):
+def unet_call(pipe, unet, x, t, cond, guidance=None):
     """unet(x, t, cond) -> model output; for SDXL, splits the pooled row off `cond` (encode) and adds
-    the micro-conditioning time ids (original size, crop (0, 0), target size: the model's image size)."""
+    the micro-conditioning time ids (original size, crop (0, 0), target size: the model's image size). FLUX, as
+    its pipeline: 2x2 patches packed into tokens with their position ids, timestep / 1000, and (FLUX-dev) the
+    guidance input (`guidance`, else pipe.embedded_guidance); the output unpacked to x's shape."""
     dt = pipe.unet.dtype  # outside autocast, inputs follow the weights (a bf16 base, fp32 training)
     x, cond = x.to(dt), cond.to(dt)
-    if pipe.text_encoder_3 is not None:  # SD3's transformer: the sequence, the pooled row
+    if pipe.family == "flux":
+        B, C, H, W = x.shape
+        tokens = x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, H * W // 4, C * 4)
+        img_ids = torch.zeros(H // 2, W // 2, 3, device=x.device)
+        img_ids[..., 1] += torch.arange(H // 2, device=x.device)[:, None]
+        img_ids[..., 2] += torch.arange(W // 2, device=x.device)[None, :]
+        g = torch.full((B,), float(pipe.embedded_guidance if guidance is None else guidance), device=x.device)
+        out = unet(hidden_states=tokens, timestep=t / 1000, guidance=g if pipe.unet.config.guidance_embeds else None,
+                   pooled_projections=cond[:, -1, :pipe.unet.config.pooled_projection_dim],
+                   encoder_hidden_states=cond[:, :-1], txt_ids=torch.zeros(cond.shape[1] - 1, 3, device=x.device),
+                   img_ids=img_ids.reshape(-1, 3).to(dt)).sample
+        return out.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+    if pipe.family == "sd3":  # SD3's transformer: the sequence, the pooled row
         pooled = cond[:, -1, :pipe.unet.config.pooled_projection_dim]
         return unet(hidden_states=x, timestep=t, encoder_hidden_states=cond[:, :-1], pooled_projections=pooled).sample
-    if pipe.text_encoder_2 is None:
+    if pipe.family == "sd":
         return unet(x, t, cond).sample
     pooled = cond[:, -1, :pipe.text_encoder_2.config.projection_dim]
     size = pipe.image_size
@@ -443,11 +486,14 @@ def timesteps(pipe, num_steps):
     is even (leading, trailing; for linspace, diffusers steps to t - 1000 // num_steps, off its own grid).
     Flow: float, sigma * num_train_timesteps with the config's shift, 0 for the end."""
     cfg, kw = pipe.scheduler.config, {}
-    if is_flow(pipe) and cfg.get("use_dynamic_shifting"):  # mu from the latent's token count, as SD3's pipeline
-        n = (pipe.unet.config.sample_size // pipe.unet.config.patch_size) ** 2
+    if pipe.family == "flux":  # its pipeline's sigmas
+        kw["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+    if is_flow(pipe) and cfg.get("use_dynamic_shifting"):  # mu from the latent's token count, as the pipelines
+        C, H, W = pipe.latent_shape
+        n = H * W // 4 if pipe.family == "flux" else (H // pipe.unet.config.patch_size) * (W // pipe.unet.config.patch_size)
         m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
         kw["mu"] = n * m + cfg.base_shift - m * cfg.base_image_seq_len
-    pipe.scheduler.set_timesteps(num_steps, **kw)
+    pipe.scheduler.set_timesteps(None if "sigmas" in kw else num_steps, **kw)
     if is_flow(pipe):
         return torch.cat([pipe.scheduler.timesteps.float(), torch.zeros(1)]).to(pipe.device)
     return torch.cat([pipe.scheduler.timesteps.long(), torch.tensor([-1])]).to(pipe.device)
@@ -455,9 +501,12 @@ def timesteps(pipe, num_steps):
 
 def predict(pipe, x_t, t, cond, uncond=None, guidance=1.0, unet=None):
     """x_t (B,C,H,W) at t (int or (B,)), cond (B,L,E), uncond (1,L,E) -> guided output (B,C,H,W), in one UNet
-    call (with guidance != 1 the unconditional half rides along). unet: a DDP wrapper, a frozen reference."""
+    call (with guidance != 1 the unconditional half rides along). unet: a DDP wrapper, a frozen reference.
+    FLUX has no CFG (FLUX-dev is guidance-distilled): `guidance` is its guidance input, one pass per step."""
     B, unet = x_t.shape[0], unet or pipe.unet
     tt = torch.as_tensor(t, device=x_t.device).expand(B)
+    if pipe.family == "flux":
+        return unet_call(pipe, unet, x_t, tt, cond, guidance)
     if guidance == 1.0:
         return unet_call(pipe, unet, x_t, tt, cond)
     out = unet_call(pipe, unet, torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([uncond.expand(B, -1, -1), cond]))
@@ -512,11 +561,11 @@ def sample(pipe, prompts, seeds, num_steps=20, guidance=1.0, eta=0.0, batch_size
     """Images (B,3,H,W) in [0,1], prompts[i] from seeds[i], each the same whatever the batch; progress: a tty bar."""
     from tqdm import tqdm
     ts, u = timesteps(pipe, num_steps), uncond(pipe)
-    C, S = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    shape = pipe.latent_shape
     images = []
     for i in tqdm(range(0, len(prompts), batch_size), disable=not (progress and sys.stderr.isatty()), desc="sampling"):
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
-        x = randn((C, S, S), gens, pipe.device)
+        x = randn(shape, gens, pipe.device)
         x = rollout(pipe, x, ts, encode(pipe, prompts[i:i + batch_size]), u, guidance, eta, gens, record=False)
         images.append(to_images(pipe, x))
     return torch.cat(images)
@@ -550,7 +599,7 @@ if __name__ == "__main__":
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device=cuda but no CUDA device is available")
     torch.set_num_threads(os.cpu_count())
-    pipe = load_model(model, device, uncond=uncond_embed)
+    pipe = load_model(model, device, uncond=uncond_embed, resolution=resolution)
     images = sample(pipe, [prompt] * num_images, [seed + i for i in range(num_images)],
                     num_steps, guidance, eta, progress=True)
     save_grid(images, [prompt] * num_images, out)

@@ -989,36 +989,39 @@ def test_sampler_equals_diffusers_pipeline_every_step():
     """Our rollout == the diffusers pipeline of the same folder, from the same latents, at every one of 10 steps,
     guidance 1 and 5: SD1.5 (eps; set_alpha_to_one false, leading spacing, offset 1), SDXL (eps; zero uncond)
     and SDXL (v), their scheduler swapped for DDIM as a user runs DDIM; SD3 (flow matching, shift 3, three
-    text encoders, VAE shift) with its own scheduler. The exported folder is a complete pipeline (model_index.json,
-    the sampler's scheduler) that reproduces our decoded samples without any swap."""
+    text encoders, VAE shift) and FLUX (packed latents, dynamic shift, guidance input) with their own scheduler.
+    The exported folder is a complete pipeline (model_index.json, the sampler's scheduler) that reproduces our
+    decoded samples without any swap."""
     from diffusers import DDIMScheduler, DiffusionPipeline
     from dev import sdconfigs
+    pipes = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+             "flux": "FluxPipeline"}
+    prompts, x = ["a red circle", "two blue squares"], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as d:
-        for kind, pred in (("sd15", ""), ("sdxl", ""), ("sdxl", "v_prediction"), ("sd3", "")):
+        for kind, pred in (("sd15", ""), ("sdxl", ""), ("sdxl", "v_prediction"), ("sd3", ""), ("flux", "")):
             folder = sdconfigs.make(f"{d}/{kind}{pred}", kind, tiny=True, prediction=pred)
-            ours, ref = S.load_model(folder), DiffusionPipeline.from_pretrained(folder)
+            ours, ref = S.load_model(folder, resolution=32), DiffusionPipeline.from_pretrained(folder)
             ref.set_progress_bar_config(disable=True)
-            assert ours.zero_uncond == (kind == "sdxl") and S.is_flow(ours) == (kind == "sd3")
-            if kind != "sd3":
+            assert ours.zero_uncond == (kind == "sdxl") and S.is_flow(ours) == (kind in ("sd3", "flux"))
+            if not S.is_flow(ours):
                 assert not ours.scheduler.config.set_alpha_to_one
                 ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
-            prompts, x = ["a red circle", "two blue squares"], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+            pack = (lambda z: z.view(len(z), 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(len(z), 16, 16)) \
+                if kind == "flux" else (lambda z: z)  # FluxPipeline's latents are 2x2 patches as tokens
             for g in (1.0, 5.0):
                 traj = S.rollout(ours, x, S.timesteps(ours, 10), S.encode(ours, prompts), S.uncond(ours), g)
                 mine, theirs = [*traj.x[:, 1:].unbind(1), traj.x_final], []
-                ref(prompts, latents=x.clone(), num_inference_steps=10, guidance_scale=g, height=32, width=32,
+                ref(prompts, latents=pack(x.clone()), num_inference_steps=10, guidance_scale=g, height=32, width=32,
                     output_type="latent", callback_on_step_end=lambda p, i, t, kw: theirs.append(kw["latents"]) or kw)
                 assert len(theirs) == 10
                 for i, (a, b) in enumerate(zip(mine, theirs)):
-                    assert (a - b).abs().max() <= 1e-4, (kind, pred, g, i, (a - b).abs().max().item())
+                    assert (pack(a) - b).abs().max() <= 1e-4, (kind, pred, g, i, (pack(a) - b).abs().max().item())
             S.save_model(ours, f"{d}/export")
             back = DiffusionPipeline.from_pretrained(f"{d}/export")
             back.set_progress_bar_config(disable=True)
-            assert type(back).__name__ == {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                                           "sd3": "StableDiffusion3Pipeline"}[kind]
-            assert type(back.scheduler).__name__ == type(ours.scheduler).__name__
-            img = back(prompts, latents=x.clone(), num_inference_steps=10, guidance_scale=5.0, height=32, width=32,
-                       output_type="pt").images
+            assert type(back).__name__ == pipes[kind] and type(back.scheduler) is type(ours.scheduler)
+            img = back(prompts, latents=pack(x.clone()), num_inference_steps=10, guidance_scale=5.0, height=32,
+                       width=32, output_type="pt").images
             want = S.to_images(ours, S.rollout(ours, x, S.timesteps(ours, 10), S.encode(ours, prompts), S.uncond(ours),
                                                5.0, record=False))
             assert (img - want).abs().max() <= 1e-4
@@ -1346,14 +1349,14 @@ def test_ddp_dead_rank_stops_the_run():
 # -----------------------------------------------------------------------------
 # real models
 
-def test_sd_sdxl_sd3_sharpen_full_and_lora_export_reload():
-    """Two steps of sharpen_sft (full) and sharpen_rlhf (LoRA) on tiny SD1.5, SDXL and SD3 folders, and of the
-    other two combinations on one UNet each (rlhf full: SD1.5, sft LoRA: SDXL): the exported folder is a plain
-    diffusers folder that reloads and samples, two Adam steps from the base; LoRA runs also write the adapters'
-    file; the SDXL and SD3 exports load as their diffusers pipelines and sample as we do."""
+def test_real_folders_sharpen_full_and_lora_export_reload():
+    """Two steps of sharpen_sft (full) and sharpen_rlhf (LoRA) on tiny SD1.5, SDXL, SD3 and FLUX folders, and of
+    the other two combinations on one UNet each (rlhf full: SD1.5, sft LoRA: SDXL): the exported folder is a
+    plain diffusers folder that reloads and samples, two Adam steps from the base; LoRA runs also write the
+    adapters' file; the SDXL, SD3 and FLUX exports load as their diffusers pipelines and sample as we do."""
     from dev import sdconfigs
     with tempfile.TemporaryDirectory() as d:
-        for kind in ("sd15", "sdxl", "sd3"):
+        for kind in ("sd15", "sdxl", "sd3", "flux"):
             base = sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction="v_prediction" if kind == "sdxl" else "")
             for method, lora in itertools.product(("sharpen_sft", "sharpen_rlhf"), (0, 4)):
                 if (method == "sharpen_rlhf") != bool(lora) and (kind, method) not in (("sd15", "sharpen_rlhf"),
@@ -1361,17 +1364,17 @@ def test_sd_sdxl_sd3_sharpen_full_and_lora_export_reload():
                     continue
                 out = f"{d}/{kind}-{method}-{lora}"
                 _, log = run("train.py", f"--model={base}", f"--method={method}", "--steps=2",
-                             f"--lora_rank={lora}", f"--out_dir={out}", *REAL_TINY)
+                             f"--lora_rank={lora}", f"--out_dir={out}", "--resolution=32", *REAL_TINY)
                 losses = [s["loss"] for s in step_lines(out)]
                 assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
                 assert_two_adam_steps(base, out, lora)
-                pipe = S.load_model(f"{out}/model")
+                pipe = S.load_model(f"{out}/model", resolution=32)
                 assert not any(".lora_" in k for k in pipe.unet.state_dict())
                 assert S.sample(pipe, ["a red circle"], [0], num_steps=2).isfinite().all()
                 if lora:  # the adapters' file: merged weight = base weight + up @ down
                     from safetensors.torch import load_file
                     sd, w0 = load_file(f"{out}/model/pytorch_lora_weights.safetensors"), S.load_model(base).unet
-                    up, down = ("lora_B", "lora_A") if kind == "sd3" else ("lora.up", "lora.down")
+                    up, down = ("lora.up", "lora.down") if pipe.denoiser == "unet" else ("lora_B", "lora_A")
                     key = next(k for k in sd if k.endswith(f".to_k.{up}.weight"))
                     name = key.split(".", 1)[1].removesuffix(f".{up}.weight")
                     torch.testing.assert_close(pipe.unet.get_submodule(name).weight, w0.get_submodule(name).weight
@@ -1381,8 +1384,9 @@ def test_sd_sdxl_sd3_sharpen_full_and_lora_export_reload():
                     ref = DiffusionPipeline.from_pretrained(f"{out}/model")
                     ref.set_progress_bar_config(disable=True)
                     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-                    img = ref(["a red circle"], latents=x.clone(), num_inference_steps=2, guidance_scale=5.0,
-                              height=32, width=32, output_type="pt").images
+                    packed = x.view(1, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 16)
+                    img = ref(["a red circle"], latents=packed if kind == "flux" else x.clone(), num_inference_steps=2,
+                              guidance_scale=5.0, height=32, width=32, output_type="pt").images
                     want = S.to_images(pipe, S.rollout(pipe, x, S.timesteps(pipe, 2), S.encode(pipe, ["a red circle"]),
                                                        S.uncond(pipe), 5.0, record=False))
                     assert (img - want).abs().max() <= 1e-4

@@ -63,6 +63,7 @@ start_range = "0.05:0.45"  # "a:b": rollouts start at DDIM step k, a <= k / num_
 num_steps = 20           # sampler schedule the trajectories follow (and RLHF's own samples use)
 guidance = 1.0           # CFG scale of rollouts and samples (1.0: best for the toy model, half the NFE)
 uncond_embed = "auto"    # CFG's unconditional input: auto (the folder's pipeline: zeros for SDXL, else "") | zeros | empty
+resolution = 0           # image side in pixels (0: the model's own; FLUX: 1024)
 eta = 0.0                # DDIM eta of rollouts
 # baselines (at equal compute: nfe_budget)
 dpo_pool = 256           # diffusion_dpo: train prompts the base model samples once, dpo_k images each
@@ -252,7 +253,8 @@ if master:
 # pretraining trains UNet + text encoder from scratch; the others train the UNet (all of it in fp32, or
 # LoRA adapters in fp32 on a base in `dtype`); frozen modules stay in `dtype`
 amp_dtype = DTYPES[dtype]
-pipe = toyworld.new_toy_model(seed, flow) if pretrain else S.load_model(model, dev, amp_dtype, uncond_embed)
+pipe = toyworld.new_toy_model(seed, flow) if pretrain else S.load_model(model, dev, amp_dtype, uncond_embed, resolution)
+pipe.embedded_guidance = guidance  # FLUX-dev: --guidance is its guidance input, in rollouts and training passes
 if S.is_flow(pipe) and (method == "ddpo" or eta > 0):
     fail(f"{model} is a flow-matching model: it samples deterministically (eta 0), and ddpo needs DDIM's "
          "stochastic step (Flow-GRPO's SDE form is not implemented); use the other methods")
@@ -367,8 +369,8 @@ def first_index(it, micro):
 def scored_samples(prompts, seeds, eta_=0.0, net=None):
     """The current model's (or net's) samples of prompts from seeds, recorded, and their rewards."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    traj = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, S.encode(pipe, prompts), uncond, guidance,
+    shape = pipe.latent_shape
+    traj = S.rollout(pipe, S.randn(shape, gens, dev), ts, S.encode(pipe, prompts), uncond, guidance,
                      eta_, gens, unet=net)
     with timed("decode"):
         images = S.to_images(pipe, traj.x_final)
@@ -416,17 +418,17 @@ def roll(gidx):
     n, m = n_traj, m_steps
     prompts = [train_prompt(g) for g in gidx]
     cond = S.encode(pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
-    C, H = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    shape = pipe.latent_shape
     if method == "sharpen_sft":  # Alg. 1: dataset images (toy-world renders of the prompts)
         x0 = S.from_images(pipe, torch.stack([torch.from_numpy(toyworld.render(toyworld.parse(p), np.random.default_rng(
             seed_for("render", g)))[0]) for p, g in zip(prompts, gidx)]))
     else:  # Alg. 2: the current model's own samples (no dataset)
         gens = [torch.Generator().manual_seed(seed_for("sample", g)) for g in gidx]
-        x0 = S.rollout(pipe, S.randn((C, H, H), gens, dev), ts, cond, uncond, guidance, eta, gens, record=False)
+        x0 = S.rollout(pipe, S.randn(shape, gens, dev), ts, cond, uncond, guidance, eta, gens, record=False)
     ks = sharpen.start_steps(gidx, k_range, seed)  # the noise level per prompt; its n trajectories share it
     tsn = torch.stack([ts[k:k + m + 1] for k in ks]).repeat_interleave(n, 0)  # (P*n, m+1)
     gens = [torch.Generator().manual_seed(seed_for("noise", g, j)) for g in gidx for j in range(n)]
-    eps0 = S.randn((C, H, H), gens, dev)  # (P*n, C, H, W): the noise that reaches x_t
+    eps0 = S.randn(shape, gens, dev)  # (P*n, C, H, W): the noise that reaches x_t
     x0n, condn = x0.repeat_interleave(n, 0), cond.repeat_interleave(n, 0)
     x_t = S.add_noise(pipe, x0n, tsn[:, 0], eps0)
     traj = S.rollout(pipe, x_t, tsn, condn, uncond, guidance, eta, gens)

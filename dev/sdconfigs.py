@@ -21,7 +21,7 @@ import sample as S  # noqa: E402
 import toyworld  # noqa: E402
 
 # -----------------------------------------------------------------------------
-kind = "sd15"            # sd15 | sdxl | sd3 (SD3.5-Medium's architecture)
+kind = "sd15"            # sd15 | sdxl | sd3 (SD3.5-Medium's architecture) | flux (FLUX.1-dev's)
 tiny = False             # tiny widths and depths (tests) instead of the real architecture
 prediction = ""          # "" = the real model's (epsilon) | epsilon | v_prediction
 out = ""
@@ -45,11 +45,11 @@ def build(kind="sd15", tiny=True, prediction="", seed=0):
     through load_model."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-    if kind not in ("sd15", "sdxl", "sd3"):
-        raise SystemExit(f"error: kind must be sd15, sdxl or sd3, got {kind!r}")
+    if kind not in ("sd15", "sdxl", "sd3", "flux"):
+        raise SystemExit(f"error: kind must be sd15, sdxl, sd3 or flux, got {kind!r}")
     torch.manual_seed(seed)
-    if kind == "sd3":
-        return build_sd3(tiny)
+    if kind in ("sd3", "flux"):
+        return (build_sd3 if kind == "sd3" else build_flux)(tiny)
     L = 12 if tiny else 77
     vae = AutoencoderKL(block_out_channels=(32, 32, 32) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny else 2,
                         down_block_types=("DownEncoderBlock2D",) * (3 if tiny else 4),
@@ -116,6 +116,37 @@ def build_sd3(tiny=True):
     tok = toyworld.new_toy_tokenizer(L)
     return S.Pipe(transformer, te.eval(), tok, sched, vae.eval(), te2.eval(), tok,
                   text_encoder_3=te3.eval(), tokenizer_3=tok)
+
+
+def build_flux(tiny=True):
+    """FLUX.1-dev's architecture (19 double and 38 single stream blocks, guidance embedding; CLIP-L pooled and
+    T5-XXL; a 16-channel VAE with shift; flow matching with dynamic shift), or a tiny one for tests (its
+    pipeline samples the tiny one at 32 px: --resolution=32)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    L, C = (12, 4) if tiny else (77, 16)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * C, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8)) if tiny else FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))
+    te = CLIPTextModel(text_config(*((32, 2, 2) if tiny else (768, 12, 12)), L, 32 if tiny else 768))
+    te2 = T5EncoderModel(T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                                  relative_attention_num_buckets=8) if tiny else T5Config(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"))
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny else 2,
+                        down_block_types=("DownEncoderBlock2D",) * (3 if tiny else 4),
+                        up_block_types=("UpDecoderBlock2D",) * (3 if tiny else 4), latent_channels=C,
+                        sample_size=32 if tiny else 1024, scaling_factor=0.3611, shift_factor=0.1159,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                            base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                            max_image_seq_len=4096)
+    tok = toyworld.new_toy_tokenizer(L)
+    return S.Pipe(transformer, te.eval(), tok, sched, vae.eval(), te2.eval(), tok)
 
 
 def make(folder, kind="sd15", tiny=True, prediction="", seed=0):
