@@ -1,9 +1,9 @@
 """
-SD1.5-, SDXL- and SD3.5-shaped model folders with random weights, built from config dicts (no download):
-full size for a GPU smoke run of the real-model path, tiny for the CPU tests. The folders have the
+SD1.5-, SDXL-, SD3.5- and FLUX.1-shaped model folders with random weights, built from config dicts (no
+download): full size for a GPU smoke run of the real-model path, tiny for the CPU tests. The folders have the
 layout of the real ones (unet/ or transformer/, vae/ text_encoder/ tokenizer/ scheduler/ [text_encoder_2/
 tokenizer_2/] [text_encoder_3/ tokenizer_3/], model_index.json), with the real schedulers' configs (PNDM for
-SD1.5, Euler for SDXL, flow matching with shift 3 for SD3.5), so load_model treats them as it treats real
+SD1.5, Euler for SDXL, flow matching for SD3.5 and FLUX), so load_model treats them as it treats real
 local weights. The tokenizers are the toy world's word-level one (CLIP's BPE vocabulary
 cannot be fetched here); the models only see token ids, so the compute is the real model's.
 
