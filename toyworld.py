@@ -155,10 +155,10 @@ def corrupt(spec, rng):
 # pretraining captions as web alt-text describes a scene: under-specified more than wrong, exact captions rare
 # (counts and relations most of all). Per scene one form is drawn with these probabilities for its skill; the
 # rest of the captions are exact. Chosen so that the converged model is misaligned (docs/notes.md, 2026-12-01).
-ALT_TEXT = {"single": {"wrong field": 0.15},                       # exact 0.85
-            "binding": {"one object": 0.7, "wrong field": 0.15},   # exact 0.15
-            "counting": {"no count": 0.75, "wrong field": 0.15},   # exact 0.10
-            "spatial": {"one object": 0.3, "no relation": 0.45, "wrong field": 0.15}}  # exact 0.10
+ALT_TEXT = {"single": {"wrong field": 0.2},                       # exact 0.8
+            "binding": {"one object": 0.7, "wrong field": 0.2},   # exact 0.1
+            "counting": {"no count": 0.7, "wrong field": 0.2},    # exact 0.1
+            "spatial": {"one object": 0.3, "no relation": 0.4, "wrong field": 0.2}}  # exact 0.1
 # one object: one of the two objects is named ("a red circle"); no count: "red circles"; no relation: a spatial
 # scene as a binding caption ("a red circle and a blue square"); wrong field: one colour, shape, count or
 # relation is wrong (corrupt)
