@@ -64,7 +64,7 @@ def configure(config, argv):
                 raise SystemExit(f"error: cannot read config file {arg!r} ({e.strerror})") from None
             except SyntaxError as e:
                 raise SystemExit(f"error: config file {arg!r} line {e.lineno}: {e.msg}") from None
-            exec(code, ns := {})
+            exec(code, ns := {"__file__": os.path.abspath(arg)})  # a file may run another beside it
             for key, val in ns.items():
                 if not key.startswith("_") and not isinstance(val, type(os)):
                     put(key, val, f" (from {arg})")

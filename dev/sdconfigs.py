@@ -87,12 +87,31 @@ def build(kind="sd15", tiny=True, prediction="", seed=0):
                   zero_uncond=kind == "sdxl")  # SDXL's model_index.json: force_zeros_for_empty_prompt
 
 
+def t5_encoder(tiny):
+    """T5-XXL's encoder (SD3's and FLUX's third / second text encoder), or a tiny one."""
+    from transformers import T5Config, T5EncoderModel
+    return T5EncoderModel(T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                                   relative_attention_num_buckets=8) if tiny else T5Config(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"))
+
+
+def flow_vae(tiny, scaling_factor, shift_factor):
+    """The 16-channel VAE of SD3 and FLUX (no quant convs, a shift), or a tiny 4-channel one."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(block_out_channels=(32, 32, 32) if tiny else (128, 256, 512, 512),
+                         layers_per_block=1 if tiny else 2, down_block_types=("DownEncoderBlock2D",) * (3 if tiny else 4),
+                         up_block_types=("UpDecoderBlock2D",) * (3 if tiny else 4), latent_channels=4 if tiny else 16,
+                         sample_size=32 if tiny else 1024, scaling_factor=scaling_factor, shift_factor=shift_factor,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
 def build_sd3(tiny=True):
     """SD3.5-Medium's architecture (MMDiT-X: 24 joint blocks, 13 with dual attention, qk RMS norm; CLIP-L, CLIP-G
     and T5-XXL; a 16-channel VAE with shift; flow matching with shift 3), or a tiny one for tests."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    L, C = (12, 4) if tiny else (77, 16)
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+    L = 12 if tiny else 77
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
         joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
@@ -103,15 +122,8 @@ def build_sd3(tiny=True):
     te = CLIPTextModelWithProjection(text_config(*((32, 2, 2) if tiny else (768, 12, 12)), L, 32 if tiny else 768))
     te2 = CLIPTextModelWithProjection(text_config(*((32, 2, 2) if tiny else (1280, 32, 20)), L,
                                                   32 if tiny else 1280, "gelu"))
-    te3 = T5EncoderModel(T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
-                                  relative_attention_num_buckets=8) if tiny else T5Config(
-        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-        feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"))
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny else 2,
-                        down_block_types=("DownEncoderBlock2D",) * (3 if tiny else 4),
-                        up_block_types=("UpDecoderBlock2D",) * (3 if tiny else 4), latent_channels=C,
-                        sample_size=32 if tiny else 1024, scaling_factor=1.5305, shift_factor=0.0609,
-                        use_quant_conv=False, use_post_quant_conv=False)
+    te3 = t5_encoder(tiny)
+    vae = flow_vae(tiny, scaling_factor=1.5305, shift_factor=0.0609)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     tok = toyworld.new_toy_tokenizer(L)
     return S.Pipe(transformer, te.eval(), tok, sched, vae.eval(), te2.eval(), tok,
@@ -122,26 +134,19 @@ def build_flux(tiny=True):
     """FLUX.1-dev's architecture (19 double and 38 single stream blocks, guidance embedding; CLIP-L pooled and
     T5-XXL; a 16-channel VAE with shift; flow matching with dynamic shift), or a tiny one for tests (its
     pipeline samples the tiny one at 32 px: --resolution=32)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
-    L, C = (12, 4) if tiny else (77, 16)
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+    L = 12 if tiny else 77
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * C, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
         axes_dims_rope=(4, 4, 8)) if tiny else FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56))
     te = CLIPTextModel(text_config(*((32, 2, 2) if tiny else (768, 12, 12)), L, 32 if tiny else 768))
-    te2 = T5EncoderModel(T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
-                                  relative_attention_num_buckets=8) if tiny else T5Config(
-        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-        feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"))
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny else 2,
-                        down_block_types=("DownEncoderBlock2D",) * (3 if tiny else 4),
-                        up_block_types=("UpDecoderBlock2D",) * (3 if tiny else 4), latent_channels=C,
-                        sample_size=32 if tiny else 1024, scaling_factor=0.3611, shift_factor=0.1159,
-                        use_quant_conv=False, use_post_quant_conv=False)
+    te2 = t5_encoder(tiny)
+    vae = flow_vae(tiny, scaling_factor=0.3611, shift_factor=0.1159)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                             base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                             max_image_seq_len=4096)
