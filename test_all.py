@@ -1303,7 +1303,8 @@ def test_ddp_ties_on_one_rank_equal_one_rank():
     other's do not: the run goes on (the idle rank still joins DDP's all-reduce) with the loss, gradient norm
     and weights of 1 rank at the same global batch (the loss is a mean over the pairs of the whole step, all
     ranks and micro-steps): sharpen_rlhf, also with grad_accum = 2 (idle micro-steps under no_sync), and
-    sharpen_sft when every score of a rank fails. The baselines finish too; a pool of ties is one error line."""
+    sharpen_sft and raft when every score of a rank fails. The other baselines finish too; a pool of ties is
+    one error line."""
     stub = StubGrader()
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -1313,7 +1314,9 @@ def test_ddp_ties_on_one_rank_equal_one_rank():
             for name, extra in (("rlhf", ["--method=sharpen_rlhf", "--prompts_per_step=2", "--probe_pairs=4", *grader]),
                                 ("accum", ["--method=sharpen_rlhf", "--prompts_per_step=4", "--grad_accum=2", *grader]),
                                 ("sft", ["--method=sharpen_sft", "--prompts_per_step=2",
-                                         f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"])):
+                                         f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"]),
+                                ("raft", ["--method=raft", "--prompts_per_step=2", "--raft_n=2", "--raft_epochs=1",
+                                          f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"])):
                 args = ["train.py", "--steps=4", *SHARPEN_TINY, "--lr=1e-4", "--grad_clip=1e6", *extra]  # unclipped:
                 run(*args, f"--out_dir={d}/{name}1")                       # Adam sees the gradient's scale
                 run(*TORCHRUN, *args, f"--out_dir={d}/{name}2")
