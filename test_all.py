@@ -1164,14 +1164,16 @@ def test_train_bad_input_one_line():
 # -----------------------------------------------------------------------------
 # training: every method, its log, export and resume; rewards from folders and a grader
 
-def test_pretrain_short_run_and_resume_exact():
+def test_flow_pretrain_short_run_and_resume_exact():
+    """Pretraining the rectified-flow toy model (the DDIM one: the kill -9 test) with EMA, alt-text captions:
+    killed and resumed ends where an uninterrupted run ends; the export loads as a flow model and samples."""
     with tempfile.TemporaryDirectory() as d:
-        crash_and_resume(["train.py", "--method=pretrain", "--batch_size=8", "--eval_seeds=0", "--steps=4",
-                          "--ckpt_interval=2", "--ema=0.9"], d)
+        crash_and_resume(["train.py", "--method=pretrain", "--flow", "--captions=alttext", "--batch_size=8",
+                          "--eval_seeds=0", "--steps=4", "--ckpt_interval=2", "--ema=0.9"], d)
         ck = torch.load(f"{d}/full/ckpt.pt", weights_only=False)
-        assert ck["step"] == 4 and ck["config"]["batch_size"] == 8
+        assert ck["step"] == 4 and ck["config"]["batch_size"] == 8 and ck["config"]["flow"]
         full = S.load_model(f"{d}/full/model")
-        assert S.sample(full, ["a red circle"], [0], num_steps=2).shape == (1, 3, 32, 32)
+        assert S.is_flow(full) and S.sample(full, ["a red circle"], [0], num_steps=2).shape == (1, 3, 32, 32)
 
 
 def test_sharpen_sft_and_rlhf_train_log_export_resume():
