@@ -220,8 +220,8 @@ COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae", "text_enc
 
 def save_model(pipe, folder, lora=None):
     """The pipe as a diffusers-style folder that load_model reads back bit-exactly, every component copied in,
-    and with a VAE a complete diffusers pipeline (model_index.json: StableDiffusion[XL]Pipeline, its scheduler, the
-    uncond convention). The pixel-space toy model gets none: StableDiffusionPipeline would run it without a VAE
+    and with a VAE a complete diffusers pipeline (model_index.json: StableDiffusion[XL|3]Pipeline or FluxPipeline,
+    its scheduler, SDXL's uncond convention). The pixel-space toy model gets none: StableDiffusionPipeline would run it without a VAE
     (vae=None, output_type="latent"), but it turns clip_sample off, and the toy model's DDIM clips x0.
     lora: {name: tensor}, written as pytorch_lora_weights.safetensors (lora.diffusers_state_dict).
     Written beside the target and renamed into place: a crash never leaves a half-written folder."""
@@ -273,14 +273,15 @@ def encode(pipe, prompts):
     hidden state. SDXL (as diffusers' pipeline): both encoders' penultimate states side by side, plus a row
     with encoder 2's pooled projection, zero-padded: (B, L+1, E1+E2). SD3 (as its pipeline): both CLIPs'
     penultimate states side by side, zero-padded to T5's width, then T5's states, then a row with both pooled
-    projections: (B, L + 256 + 1, E_t5). unet_call unpacks it."""
+    projections: (B, L + 256 + 1, E_t5). FLUX: T5's states, then CLIP's pooled output: (B, 512 + 1, E_t5).
+    unet_call unpacks it."""
     F = torch.nn.functional
     ids = tokenize(pipe, prompts).to(pipe.device)
     if pipe.family == "flux":  # T5's states, then a row with CLIP's pooled output
         t5 = pipe.text_encoder_2(tokenize(pipe, prompts, pipe.tokenizer_2, T5_LENGTH["flux"]).to(pipe.device))[0]
         pooled = pipe.text_encoder(ids).pooler_output.to(t5.dtype)
         return torch.cat([t5, F.pad(pooled, (0, t5.shape[-1] - pooled.shape[-1]))[:, None]], 1)
-    if pipe.text_encoder_3 is not None:
+    if pipe.family == "sd3":
         outs = [te(tokenize(pipe, prompts, tok).to(pipe.device), output_hidden_states=True)
                 for te, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))]
         t5 = pipe.text_encoder_3(tokenize(pipe, prompts, pipe.tokenizer_3, T5_LENGTH["sd3"]).to(pipe.device))[0]
