@@ -190,6 +190,10 @@ def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto", resolut
     index = json.load(open(index)) if os.path.isfile(index) else {}
     pipe.zero_uncond = uncond == "zeros" or (uncond == "auto" and index.get(
         "force_zeros_for_empty_prompt", pipe.family == "sdxl"))
+    step = pipe.vae_factor * (2 if pipe.family == "flux" else getattr(unet.config, "patch_size", 1))
+    if not (isinstance(resolution, int) and resolution >= 0 and resolution % step == 0):
+        raise SystemExit(f"error: resolution must be 0 (the model's) or a positive multiple of {step} for {folder!r}, "
+                         f"got {resolution!r}")
     pipe.resolution = resolution
     for m in (pipe.unet, pipe.text_encoder, pipe.vae, pipe.text_encoder_2, pipe.text_encoder_3):
         if m is not None:

@@ -162,6 +162,9 @@ if device == "cuda" and not torch.cuda.is_available():
     fail("--device=cuda but no CUDA device is available")
 if method == "sharpen_rlhf" and n_traj < 2:
     fail(f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}")
+if flow and method != "pretrain":
+    fail("--flow builds a fresh flow toy model to pretrain (--method=pretrain); to train a flow model, pass its "
+         "folder with --model")
 if not 0 <= ddpo_fraction <= 1:
     fail(f"ddpo_fraction must be in [0, 1], got {ddpo_fraction}")
 if method == "raft" and (raft_n < 2 or raft_epochs < 1):
