@@ -114,7 +114,7 @@ def best_of_n(pipe, prompts, seeds, reward_fn, N, num_steps=20, guidance=1.0, et
         best = torch.where(better.view(-1, 1, 1, 1), images, best)
         best_r, idx = torch.where(better, r, best_r), torch.where(better, j, idx)
         rewards.append(r)
-    return best, N * num_steps * S.passes_per_call(guidance), dict(choice=idx, rewards=torch.stack(rewards, 1))
+    return best, N * num_steps * S.passes_per_call(guidance, pipe.family), dict(choice=idx, rewards=torch.stack(rewards, 1))
 
 
 @torch.no_grad()
@@ -139,7 +139,7 @@ def noise_search(pipe, prompts, seeds, reward_fn, rounds, K, radius=0.5, num_ste
         pivot = torch.where(better.view(-1, 1, 1, 1), torch.stack(cand_noise, 1)[ar, k], pivot)
         best = torch.where(better.view(-1, 1, 1, 1), torch.stack(cand_img, 1)[ar, k], best)
         best_r = torch.where(better, r, best_r)
-    return best, (1 + rounds * K) * num_steps * S.passes_per_call(guidance), dict(rewards=best_r)
+    return best, (1 + rounds * K) * num_steps * S.passes_per_call(guidance, pipe.family), dict(rewards=best_r)
 
 
 @torch.no_grad()
@@ -164,7 +164,7 @@ def greedy_search(pipe, prompts, seeds, reward_fn, K, num_steps=20, guidance=1.0
         k = r.nan_to_num(-float("inf")).view(B, K).argmax(1)  # ties: the first branch
         x, out = x_new.view(B, K, *x.shape[1:])[ar, k], out_new.view(B, K, *out.shape[1:])[ar, k]
     x, _, _ = S.ddim_step(pipe, x, out, ts[-2].expand(B), ts[-1].expand(B))
-    return S.to_images(pipe, x), (1 + (num_steps - 1) * K) * S.passes_per_call(guidance), {}
+    return S.to_images(pipe, x), (1 + (num_steps - 1) * K) * S.passes_per_call(guidance, pipe.family), {}
 
 
 def expected_best(rewards):
@@ -206,7 +206,7 @@ def amortisation(base_rewards, model_gold, groups, boot=1000, seed=0):
 def run_search(pipe, name, prompts, seed_list, verifier):
     """A row by name: None (plain sampling) | bonN | noiseRxK | greedyK -> (images, NFE per image)."""
     if not name:
-        return S.sample(pipe, prompts, seed_list, num_steps, guidance, eta), num_steps * S.passes_per_call(guidance)
+        return S.sample(pipe, prompts, seed_list, num_steps, guidance, eta), num_steps * S.passes_per_call(guidance, pipe.family)
     try:
         if name.startswith("bon"):
             return best_of_n(pipe, prompts, seed_list, verifier, int(name[3:]), num_steps, guidance, eta)[:2]

@@ -408,9 +408,18 @@ def add_noise(pipe, x0, t, eps):
     return a * x0 + s * eps
 
 
-def passes_per_call(guidance):
-    """UNet image-passes per sampler step: 2 with classifier-free guidance (the unconditional half), else 1."""
-    return 1 + (guidance != 1.0)
+def passes_per_call(guidance, family="sd"):
+    """UNet image-passes per sampler step: 2 with classifier-free guidance (the unconditional half), else 1
+    (FLUX: always 1, its guidance is an input)."""
+    return 1 + (guidance != 1.0 and family != "flux")
+
+
+def folder_family(folder):
+    """The family load_model gives a folder (sd, sdxl, sd3, flux), from its config files alone."""
+    cfg = os.path.join(folder, "transformer", "config.json")
+    name = json.load(open(cfg)).get("_class_name", "") if os.path.isfile(cfg) else ""
+    return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(name) or \
+        ("sdxl" if os.path.isdir(os.path.join(folder, "text_encoder_2")) else "sd")
 
 
 def prediction(pipe):
@@ -609,4 +618,4 @@ if __name__ == "__main__":
                     num_steps, guidance, eta, progress=True)
     save_grid(images, [prompt] * num_images, out)
     print(f"wrote {num_images} images of {prompt!r} to {out} "
-          f"({num_steps} DDIM steps, guidance {guidance}, NFE/image {num_steps * passes_per_call(guidance)})")
+          f"({num_steps} DDIM steps, guidance {guidance}, NFE/image {num_steps * passes_per_call(guidance, pipe.family)})")

@@ -1369,9 +1369,12 @@ def test_real_folders_sharpen_full_and_lora_export_reload():
                     continue
                 out = f"{d}/{kind}-{method}-{lora}"
                 _, log = run("train.py", f"--model={base}", f"--method={method}", "--steps=2",
-                             f"--lora_rank={lora}", f"--out_dir={out}", "--resolution=32", *REAL_TINY)
+                             f"--lora_rank={lora}", f"--out_dir={out}", "--resolution=32", *REAL_TINY,
+                             *["--guidance=3.5"] * (kind == "flux"))  # FLUX: an input, one pass per step
                 losses = [s["loss"] for s in step_lines(out)]
                 assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
+                if kind == "flux":  # planned = counted UNet passes
+                    assert f"x 2 steps = {step_lines(out)[-1]['nfe']:.0f}" in log, log
                 assert_two_adam_steps(base, out, lora)
                 pipe = S.load_model(f"{out}/model", resolution=32)
                 assert not any(".lora_" in k for k in pipe.unet.state_dict())

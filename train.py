@@ -139,7 +139,7 @@ def ddpo_steps():
 def nfe_per_step():
     """Planned UNet cost per optimizer step, all ranks, in image forward passes: CFG counts 2, a pass with
     grad counts 3 (forward + backward). The run also counts what it does (the `nfe` log column)."""
-    c, P, n, m = S.passes_per_call(guidance), prompts_per_step, n_traj, m_steps
+    c, P, n, m = S.passes_per_call(guidance, family), prompts_per_step, n_traj, m_steps
     return {"pretrain": 3 * batch_size, "sft": 3 * P, "continued": 3 * P,
             "sharpen_sft": P * (n * m * c + 3 * (1 if lam == 0 else n) * m),  # rollouts + selected, with grad
             "sharpen_rlhf": P * (num_steps * c + n * m * c + 3 * 2 * m + 2 * m),  # sample, rollouts, w/l x policy/ref
@@ -196,11 +196,12 @@ if prompt_file:
     if not file_prompts:
         fail(f"prompt_file {prompt_file!r} has no prompts (one per line)")
 pretrain, reward_fn = method == "pretrain", None
-if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
-    pool_cost = dpo_pool * dpo_k * num_steps * S.passes_per_call(guidance) if method == "diffusion_dpo" else 0
-    steps = config["steps"] = max(1, int((nfe_budget - pool_cost) // nfe_per_step()))
 if not pretrain:
     S.check_model_folder(model)
+family = "sd" if pretrain else S.folder_family(model)  # FLUX's guidance costs no second pass
+if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
+    pool_cost = dpo_pool * dpo_k * num_steps * S.passes_per_call(guidance, family) if method == "diffusion_dpo" else 0
+    steps = config["steps"] = max(1, int((nfe_budget - pool_cost) // nfe_per_step()))
 if method not in ("pretrain", "sft", "continued"):
     try:
         reward_fn = make_reward(reward, device)
