@@ -106,8 +106,7 @@ class Pipe:
 
     @property
     def family(self):  # sd | sdxl | sd3 | flux: how prompts are encoded and the denoiser is called
-        kind = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(type(self.unet).__name__)
-        return kind or ("sdxl" if self.text_encoder_2 is not None else "sd")
+        return family_of(type(self.unet).__name__, self.text_encoder_2 is not None)
 
     @property
     def denoiser(self):  # the folder (and model_index) name of what `unet` holds
@@ -122,9 +121,22 @@ class Pipe:
         return self.resolution or (1024 if self.family == "flux" else self.unet.config.sample_size * self.vae_factor)
 
     @property
+    def patch(self):  # latent pixels per side of one transformer token (FLUX packs 2x2; a UNet: 1)
+        return 2 if self.family == "flux" else getattr(self.unet.config, "patch_size", 1)
+
+    @property
     def latent_shape(self):  # (C, H, W) of the sampler's state (FLUX: unpacked; its transformer sees 2x2 patches)
         C = self.unet.config.in_channels // (4 if self.family == "flux" else 1)
         return (C, self.image_size // self.vae_factor, self.image_size // self.vae_factor)
+
+
+TRANSFORMERS = {"SD3Transformer2DModel": ("sd3", "text_encoder_3"),  # supported transformer -> (family, the
+                "FluxTransformer2DModel": ("flux", "text_encoder_2")}  # T5 folder it needs)
+
+
+def family_of(denoiser_class, has_second_encoder):
+    return TRANSFORMERS[denoiser_class][0] if denoiser_class in TRANSFORMERS else \
+        ("sdxl" if has_second_encoder else "sd")
 
 
 def check_model_folder(folder):
@@ -155,8 +167,7 @@ def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto", resolut
         unet = _load(UNet2DConditionModel, sub("unet"), torch_dtype=dtype)
     else:  # a diffusion transformer, by the class its config names
         name = _load(UNet2DConditionModel, sub("transformer"), config=True).get("_class_name", "")
-        if not ((name == "SD3Transformer2DModel" and has("text_encoder_3")) or
-                (name == "FluxTransformer2DModel" and has("text_encoder_2"))):
+        if name not in TRANSFORMERS or not has(TRANSFORMERS[name][1]):
             raise SystemExit(f"error: {sub('transformer')} is a {name or 'transformer without _class_name'}; "
                              "supported: SD3Transformer2DModel with text_encoder_3/ (SD3, SD3.5), "
                              "FluxTransformer2DModel with text_encoder_2/ (FLUX.1)")
@@ -174,7 +185,8 @@ def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto", resolut
         raise SystemExit(f"error: {sub('scheduler')} sets thresholding (dynamic thresholding is not supported)")
     if uncond not in ("auto", "zeros", "empty"):
         raise SystemExit(f"error: uncond must be 'auto', 'zeros' or 'empty', got {uncond!r}")
-    sd3, flux = has("text_encoder_3"), type(unet).__name__ == "FluxTransformer2DModel"  # SD3's CLIPs both project
+    family = family_of(type(unet).__name__, has("text_encoder_2"))
+    sd3, flux = family == "sd3", family == "flux"  # SD3's CLIPs both project; FLUX's second encoder is T5
     pipe = Pipe(unet=unet, text_encoder=_load(CLIPTextModelWithProjection if sd3 else CLIPTextModel,
                                               sub("text_encoder"), dtype=dtype),
                 tokenizer=_load(AutoTokenizer, sub("tokenizer")), scheduler=sched,
@@ -190,7 +202,7 @@ def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto", resolut
     index = json.load(open(index)) if os.path.isfile(index) else {}
     pipe.zero_uncond = uncond == "zeros" or (uncond == "auto" and index.get(
         "force_zeros_for_empty_prompt", pipe.family == "sdxl"))
-    step = pipe.vae_factor * (2 if pipe.family == "flux" else getattr(unet.config, "patch_size", 1))
+    step = pipe.vae_factor * pipe.patch
     if not (isinstance(resolution, int) and resolution >= 0 and resolution % step == 0):
         raise SystemExit(f"error: resolution must be 0 (the model's) or a positive multiple of {step} for {folder!r}, "
                          f"got {resolution!r}")
@@ -293,7 +305,7 @@ def encode(pipe, prompts):
         h = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], 1)
         pooled = torch.cat([o.text_embeds.to(t5.dtype) for o in outs], -1)
         return torch.cat([h, F.pad(pooled, (0, h.shape[-1] - pooled.shape[-1]))[:, None]], 1)
-    if pipe.text_encoder_2 is None:
+    if pipe.family == "sd":
         return pipe.text_encoder(ids)[0]
     h1 = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
     out = pipe.text_encoder_2(tokenize(pipe, prompts, pipe.tokenizer_2).to(pipe.device), output_hidden_states=True)
@@ -418,8 +430,7 @@ def folder_family(folder):
     """The family load_model gives a folder (sd, sdxl, sd3, flux), from its config files alone."""
     cfg = os.path.join(folder, "transformer", "config.json")
     name = json.load(open(cfg)).get("_class_name", "") if os.path.isfile(cfg) else ""
-    return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(name) or \
-        ("sdxl" if os.path.isdir(os.path.join(folder, "text_encoder_2")) else "sd")
+    return family_of(name, os.path.isdir(os.path.join(folder, "text_encoder_2")))
 
 
 def prediction(pipe):
@@ -504,7 +515,7 @@ def timesteps(pipe, num_steps):
         kw["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
     if is_flow(pipe) and cfg.get("use_dynamic_shifting"):  # mu from the latent's token count, as the pipelines
         C, H, W = pipe.latent_shape
-        n = H * W // 4 if pipe.family == "flux" else (H // pipe.unet.config.patch_size) * (W // pipe.unet.config.patch_size)
+        n = (H // pipe.patch) * (W // pipe.patch)  # tokens
         m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
         kw["mu"] = n * m + cfg.base_shift - m * cfg.base_image_seq_len
     pipe.scheduler.set_timesteps(None if "sigmas" in kw else num_steps, **kw)

@@ -69,6 +69,11 @@ def tiny_pipe(seed=0):
     return toyworld.new_toy_model(seed)
 
 
+def flux_tokens(z):
+    """(B, 4, 8, 8) latents as FluxPipeline takes and returns them: 2x2 patches as tokens, (B, 16, 16)."""
+    return z.view(len(z), 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(len(z), 16, 16)
+
+
 # -----------------------------------------------------------------------------
 # toy world
 
@@ -1006,8 +1011,7 @@ def test_sampler_equals_diffusers_pipeline_every_step():
             if not S.is_flow(ours):
                 assert not ours.scheduler.config.set_alpha_to_one
                 ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
-            pack = (lambda z: z.view(len(z), 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(len(z), 16, 16)) \
-                if kind == "flux" else (lambda z: z)  # FluxPipeline's latents are 2x2 patches as tokens
+            pack = flux_tokens if kind == "flux" else (lambda z: z)
             for g in (1.0, 5.0):
                 traj = S.rollout(ours, x, S.timesteps(ours, 10), S.encode(ours, prompts), S.uncond(ours), g)
                 mine, theirs = [*traj.x[:, 1:].unbind(1), traj.x_final], []
@@ -1392,9 +1396,8 @@ def test_real_folders_sharpen_full_and_lora_export_reload():
                     ref = DiffusionPipeline.from_pretrained(f"{out}/model")
                     ref.set_progress_bar_config(disable=True)
                     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-                    packed = x.view(1, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 16)
-                    img = ref(["a red circle"], latents=packed if kind == "flux" else x.clone(), num_inference_steps=2,
-                              guidance_scale=5.0, height=32, width=32, output_type="pt").images
+                    img = ref(["a red circle"], latents=flux_tokens(x) if kind == "flux" else x.clone(),
+                              num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="pt").images
                     want = S.to_images(pipe, S.rollout(pipe, x, S.timesteps(pipe, 2), S.encode(pipe, ["a red circle"]),
                                                        S.uncond(pipe), 5.0, record=False))
                     assert (img - want).abs().max() <= 1e-4

@@ -409,10 +409,15 @@ def pretrain_loss(it, micro):
     if method == "sft" and sft_t == "sampler":  # sharpen_sft's noise levels: its start step k per prompt, + j < m
         g0, j = first_index(it, micro), torch.randint(0, m_steps, (P,), generator=gen).tolist()
         t = torch.stack([ts[k + jj] for k, jj in zip(sharpen.start_steps(range(g0, g0 + P), k_range, seed), j)])
-    x_t = S.add_noise(pipe, x0, t, torch.randn(x0.shape, generator=gen).to(dev))
-    target, _ = S.training_target(pipe, x_t, x0, t)
     cond = nets[1](S.tokenize(pipe, prompts).to(dev))[0] if pretrain else S.encode(pipe, prompts)
-    return F.mse_loss(S.unet_call(pipe, unet, x_t, t, cond).float(), target.float()), {}
+    return denoising_loss(x0, t, torch.randn(x0.shape, generator=gen).to(dev), cond), {}
+
+
+def denoising_loss(x0, t, eps, cond):
+    """The plain denoising loss: x0 noised to t with eps, the trained UNet's output against the exact target."""
+    x_t = S.add_noise(pipe, x0, t, eps)
+    target, _ = S.training_target(pipe, x_t, x0, t)
+    return F.mse_loss(S.unet_call(pipe, unet, x_t, t, cond).float(), target.float())
 
 
 def roll(gidx):
@@ -572,7 +577,7 @@ def dpo_loss(it, micro):
 def ddpo_loss(it, micro):
     """DDPO (Black et al. 2023, arXiv 2305.13301), PPO-clip on per-step DDIM log-probabilities: every
     ppo_epochs steps the current model samples n trajectories per prompt (eta = ddpo_eta); advantages
-    are the rewards normalised within each prompt; each step trains on m_steps random timesteps."""
+    are the rewards normalised within each prompt; each step trains on ddpo_steps() random timesteps."""
     n, key = n_traj, (it // ppo_epochs, micro)
     if key not in rounds:  # sample a new batch with the current (old) policy
         new_round(key)
@@ -616,12 +621,13 @@ def raft_loss(it, micro):
         prompts = [train_prompt(g) for g in range(first, first + P)]
         traj, r = scored_samples([p for p in prompts for _ in range(N)],
                                  [seed_for("noise", first, j) for j in range(P * N)])
-        R = r.to(dev).view(P, N)
+        R, ar = r.to(dev).view(P, N), torch.arange(P)
         best = sharpen.best_worst(R)[0]
-        live = torch.isfinite(R[torch.arange(P), best])
-        x = traj.x_final.view(P, N, *traj.x_final.shape[1:])[torch.arange(P), best]
+        R_best = R[ar, best]
+        live = torch.isfinite(R_best)
+        x = traj.x_final.view(P, N, *traj.x_final.shape[1:])[ar, best]
         rounds[key] = dict(x0=x[live], prompts=[p for p, ok in zip(prompts, live.tolist()) if ok],
-                           reward=R[torch.arange(P), best].nanmean().item())
+                           reward=R_best.nanmean().item())
     b = rounds[key]
     K = len(b["prompts"])
     gen = torch.Generator().manual_seed(seed_for("t noise", first_index(it, micro)))
@@ -631,10 +637,7 @@ def raft_loss(it, micro):
     def loss_fn():
         if K == 0:  # a zero-weight pass through the DDP module: every rank all-reduces alike
             return S.unet_call(pipe, unet, eps, t, uncond).float().sum() * 0.0, dict(best_reward=math.nan)
-        x_t = S.add_noise(pipe, b["x0"], t, eps)
-        target, _ = S.training_target(pipe, x_t, b["x0"], t)
-        out = S.unet_call(pipe, unet, x_t, t, S.encode(pipe, b["prompts"])).float()
-        return F.mse_loss(out, target.float()), dict(best_reward=b["reward"])
+        return denoising_loss(b["x0"], t, eps, S.encode(pipe, b["prompts"])), dict(best_reward=b["reward"])
     return K, loss_fn
 
 
