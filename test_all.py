@@ -1504,15 +1504,20 @@ def test_eval_cli_two_models_and_search():
 
 
 def test_reproduce_quick_end_to_end_and_resumable():
+    """dev/reproduce.py --quick writes every table and figure; run again, it trains and evaluates nothing; its
+    committed-copy redraw reads the figures back from its own results.md."""
     with tempfile.TemporaryDirectory() as d:
         _, log = run("dev/reproduce.py", "--quick", f"--out={d}")
         md = open(f"{d}/results.md").read()
-        for needle in ("| sharpen_rlhf |", "| ddpo |", "bon2", "greedy2", "Amortisation", "| n=2 |", "| official target |",
-                       "Reward hacking", "Selected by gold"):
+        for needle in ("| sharpen_rlhf |", "| raft_s2 |", "greedy2", "Three training seeds", "| raft |", "Amortisation",
+                       "| n_traj=2 |", "| sharpen_rlhf − raft |", "Reward hacking", "Selected by gold", "Base model best-of-N"):
             assert needle in md, needle
-        assert os.path.getsize(f"{d}/convergence.png") > 0 and os.path.getsize(f"{d}/eval/reward_vs_nfe.png") > 0
+        for f in ("convergence.png", "amortisation.png", "reward_vs_nfe.png"):
+            assert os.path.getsize(f"{d}/{f}") > 0, f
         _, log2 = run("dev/reproduce.py", "--quick", f"--out={d}")  # everything done: nothing runs again
         assert "train.py" not in log2 and "eval.py" not in log2, log2
+        run("dev/reproduce.py", f"--redraw={d}/results.md", f"--fig_dir={d}/redrawn")
+        assert all(os.path.getsize(f"{d}/redrawn/{f}") > 0 for f in ("convergence.png", "amortisation.png"))
 
 
 # -----------------------------------------------------------------------------

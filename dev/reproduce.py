@@ -1,21 +1,23 @@
 """
-Reproduce the results on the toy world, end to end and resumable: every training method at equal UNet
-compute, inference-time search against them, the paper's n/m ablations, our extensions (soft weights,
-exact vs official target, backprop through the chain) and reward hacking.
+Reproduce the results on the toy world, end to end and resumable. The question: does training on selected
+trajectories buy, at 1x inference cost, what search buys at Nx? Every method at equal UNet compute, each with
+its own settings (train.py's defaults; sharpen_sft and its controls config/sharpen_sft.py's), three training
+seeds for the central ones; 41 held-out prompts x 16 seeds per model; the base model's best-of-N curve with the
+gold verifier and the N each trained model matches; the paper's ablations (n, m, path sum vs last step,
+lambda) on sharpen_rlhf at the same budget; reward hacking on the learned toyclip proxy with gold tracked.
 
-    python dev/reproduce.py            # ~40 min on 2 CPU cores -> out/reproduce/results.md + PNG figures
+    python dev/reproduce.py            # ~5 h on 2 CPU cores -> out/reproduce/results.md + figures
     python dev/reproduce.py --quick    # tiny settings, a few minutes (test_all.py runs it)
     python dev/reproduce.py --redraw=docs/reproduce.md --fig_dir=docs/fig   # figures from a results.md
 
 Each stage is a train.py / eval.py subprocess that writes its own folder under `out` (relative to the
 working directory); a stage whose output exists is skipped and an interrupted training run continues from
-its checkpoint, so re-running the command after a crash picks up where it stopped. Every train.py run
-gets config/reproduce.py (the settings these results were made with; --quick adds
-config/reproduce_quick.py), then its stage's flags. Held-out prompts and seeds are fixed (eval.py).
-docs/reproduce.md and docs/fig/ are committed copies of a full run's results.md and figures.
+its checkpoint, so re-running the command after a crash picks up where it stopped. --quick puts
+config/reproduce_quick.py into every train.py run, after its config files and before its flags. Held-out
+prompts and seeds are fixed (eval.py); no setting here was chosen on them. docs/reproduce.md and docs/fig/
+are committed copies of a full run's output.
 """
 import json
-import math
 import os
 import re
 import subprocess
@@ -31,21 +33,32 @@ import sample as S  # noqa: E402
 # -----------------------------------------------------------------------------
 out = "out/reproduce"    # everything goes here
 quick = False            # tiny settings: checks the pipeline, numbers mean nothing
-budget = 25000           # UNet cost per main training run (train.py nfe_budget: forward passes, grad x3)
-methods = "sharpen_rlhf+sharpen_sft+sft+diffusion_dpo+ddpo"
-ablation_steps = 40      # sharpen_sft steps per ablation run (fixed steps, as the paper's tables)
-eval_seeds = 4           # seeds per held-out prompt in the final tables (41 prompts x 4 = 164 images)
-curve_evals = 3          # held-out evaluations during each main run (2 seeds each): the convergence figure
-search = "bon1+bon2+bon4+bon8+noise1x3+greedy2"
-hack_reward = "toyclip"  # reward-hacking runs: these methods on this learned reward, gold tracked
-hack_methods = "sharpen_rlhf+ddpo"
+budget = 184320          # UNet cost of every training run (train.py nfe_budget: forward passes, grad x3):
+                         # config/sharpen_sft.py's 480 steps
+methods = "sharpen_rlhf+sharpen_sft+sft+raft+diffusion_dpo+ddpo+continued"
+seeded = "sharpen_rlhf+sharpen_sft+sft+raft"  # these are trained with seeds 1 and 2 as well
+ablations = "n_traj=2+n_traj=5+m_steps=1+m_steps=5+score_steps=last+lam=inf"  # sharpen_rlhf, one change each
+eval_seeds = 16          # seeds per held-out prompt in the final tables (41 prompts x 16 = 656 images)
+amortise = 16            # candidates per (prompt, seed) for the base model's best-of-N curve (N = 1..amortise)
+search = "noise1x3+greedy2"  # other inference-time search rows beside best-of-N
+curve_evals = 4          # held-out evaluations during each main run (2 seeds each): the convergence figure
+hack_reward = "toyclip"  # reward hacking: hack_methods on this learned reward for hack_budget x budget, gold tracked
+hack_methods = "sharpen_rlhf"
+hack_budget = 3
 redraw = ""              # a results.md: only redraw its figures (amortisation, convergence, reward_vs_nfe)
 fig_dir = ""             # where redraw writes them ("" = beside the results.md)
 # -----------------------------------------------------------------------------
+SFT_CONFIG = os.path.join(ROOT, "config", "sharpen_sft.py")
+FLAGS = {  # each method's settings; the controls share sharpen_sft's so that each is one paired difference
+    "sharpen_sft": [SFT_CONFIG],
+    "sft": [SFT_CONFIG, "--method=sft", "--sft_t=sampler"],  # plain SFT: random noise at the same noise levels
+    "continued": [SFT_CONFIG, "--method=continued", "--captions=alttext"],  # more pretraining: "more training"
+}
 
 
 def sh(script, *args, log=None):
-    """Run one of our scripts from the repo root; its output goes to `log` (and its tail into the error on failure)."""
+    """Run one of our scripts from the repo root; its output goes to `log` (and its tail into the error on
+    failure). Its wall time is added to out/wall.json under the log's name."""
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
     t0 = time.time()
     with open(log, "w") if log else open(os.devnull, "w") as f:
@@ -53,6 +66,9 @@ def sh(script, *args, log=None):
     if p.returncode:
         tail = open(log).read()[-1500:] if log else ""
         raise SystemExit(f"error: {' '.join(cmd)} failed ({p.returncode}); see {log}\n{tail}")
+    wall = json.load(open(os.path.join(out, "wall.json"))) if os.path.exists(os.path.join(out, "wall.json")) else {}
+    wall[os.path.relpath(log or script, out)] = wall.get(os.path.relpath(log or script, out), 0) + time.time() - t0
+    json.dump(wall, open(os.path.join(out, "wall.json"), "w"), indent=1)
     print(f"  {script} {' '.join(map(str, args))[:100]} ({time.time() - t0:.0f}s)", flush=True)
 
 
@@ -63,10 +79,18 @@ def train(name, *args):
         return d
     resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
     os.makedirs(d, exist_ok=True)
-    configs = [os.path.join(ROOT, "config", f) for f in ["reproduce.py"] + ["reproduce_quick.py"] * quick]
-    sh("train.py", *configs, f"--out_dir={d}", *args, *resume, log=os.path.join(d, "stdout.txt"))
+    tiny = [os.path.join(ROOT, "config", "reproduce_quick.py")] if quick else []
+    files = [a for a in args if not a.startswith("--")]  # config files first, the tiny settings over them, then flags
+    sh("train.py", *files, *tiny, *[a for a in args if a.startswith("--")], f"--out_dir={d}", *resume,
+       log=os.path.join(d, "stdout.txt"))
     open(os.path.join(d, "done"), "w").close()
     return d
+
+
+def method_run(name, method, seed=0, *extra):
+    """One training run of `method` at the budget: seed 0 is train.py's default seed, others --seed=s."""
+    return train(name, *FLAGS.get(method, []), f"--method={method}", f"--seed={seed or 1337}",
+                 f"--nfe_budget={budget}", *extra)
 
 
 def evals(d):
@@ -84,76 +108,53 @@ def evaluate(name, models, extra=()):
     d = os.path.join(out, name)
     if not os.path.exists(os.path.join(d, "results.json")):
         tiny = ["--num_steps=4", "--per_skill=1"] if quick else []
-        sh("eval.py", f"--models={'+'.join(models)}", f"--seeds={eval_seeds}", f"--out_dir={d}", *tiny, *extra,
-           log=os.path.join(out, f"{name}.txt"))
+        sh("eval.py", f"--models={'+'.join(models)}", f"--seeds={eval_seeds}", f"--out_dir={d}", "--rewards=toyclip",
+           *tiny, *extra, log=os.path.join(out, f"{name}.txt"))
     return json.load(open(os.path.join(d, "results.json")))["rows"]
 
 
 def main():
-    global out, budget, ablation_steps, eval_seeds, search, curve_evals, methods
+    global out, budget, eval_seeds, amortise, search, curve_evals, methods, seeded, ablations
     S.configure(globals(), sys.argv[1:])
     if redraw:
         return redraw_figures(redraw, fig_dir or os.path.dirname(os.path.abspath(redraw)))
     out = os.path.abspath(out)
-    ns, ms = (1, 2, 3, 4, 8), (1, 2, 3, 4, 8)
     if quick:
-        budget, ablation_steps, eval_seeds, ns, ms, curve_evals = 400, 2, 1, (2,), (1,), 1
-        search = "bon1+bon2+noise1x2+greedy2"
-        methods = "sharpen_rlhf+ddpo"  # one of each kind: the other methods share their code paths here
+        budget, eval_seeds, amortise, search, curve_evals = 400, 1, 2, "greedy2", 1
+        methods, seeded, ablations = "sharpen_rlhf+raft", "raft", "n_traj=2"
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    print(f"1/4 training methods at equal compute ({budget} UNet passes each, grad x3)")
-    curve_seeds = 1 if quick else 2
-    runs = {m: train(m, f"--method={m}", f"--nfe_budget={budget}", f"--eval_count={curve_evals}",
-                     f"--eval_seeds={curve_seeds}", "--ckpt_interval=10") for m in methods.split("+")}
-    print("2/4 the trained models beside the base model and inference-time search")
-    main_rows = evaluate("eval", [S.TOY_MODEL] + [os.path.join(d, "model") for d in runs.values()],
-                         [f"--search={search}"])
-    print("3/4 ablations (sharpen_sft, fixed steps): n, m, soft weights, official target, chain grad")
-    abl = {}
-    for n in ns:
-        abl[f"n={n}"] = train(f"abl_n{n}", "--method=sharpen_sft", f"--n_traj={n}", f"--steps={ablation_steps}", "--eval_seeds=0")
-    for m in ms:
-        abl[f"m={m}"] = train(f"abl_m{m}", "--method=sharpen_sft", f"--m_steps={m}", f"--steps={ablation_steps}", "--eval_seeds=0")
-    extensions = [("official target", ["--sft_target=official"]), ("lam=0.5 (z-scored)", ["--lam=0.5", "--normalize=True"]),
-                  ("chain grad", ["--chain_grad=True"]), ("lam=inf (no selection)", ["--lam=inf"])]
-    for tag, flags in extensions[:1] if quick else extensions:
-        abl[tag] = train("abl_" + re.sub(r"\W+", "_", tag).strip("_"), "--method=sharpen_sft",
-                         f"--steps={ablation_steps}", "--eval_seeds=0", *flags)
-    abl_rows = evaluate("ablations", [os.path.join(d, "model") for d in abl.values()])
-    print(f"4/4 reward hacking: {hack_methods} on {hack_reward}, gold tracked")
-    hack = {m: train(f"hack_{m}", f"--method={m}", f"--reward={hack_reward}",
-                     f"--nfe_budget={budget}", f"--eval_count={max(curve_evals, 4)}", f"--eval_seeds={curve_seeds}",
-                     "--ckpt_interval=10") for m in hack_methods.split("+")}
-    write_results(runs, main_rows, abl, abl_rows, hack)
+    print(f"1/4 every method at equal compute ({budget} UNet passes each, grad x3); seeds 1, 2 of {seeded}")
+    curve = [f"--eval_count={curve_evals}", f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10"]
+    runs = {m: method_run(m, m, 0, *curve) for m in methods.split("+")}
+    seeds = {f"{m}_s{s}": method_run(f"{m}_s{s}", m, s, "--eval_seeds=0", "--ckpt_interval=10")
+             for s in (1, 2) for m in seeded.split("+")}
+    print(f"2/4 held-out evaluation, the base model's best-of-N ({amortise} candidates) and search")
+    models = [S.TOY_MODEL] + [os.path.join(d, "model") for d in list(runs.values()) + list(seeds.values())]
+    main_rows = evaluate("eval", models, [f"--amortise={amortise}", f"--search={search}"])
+    print("3/4 ablations of sharpen_rlhf at the same budget: n, m, last-step reward, lambda")
+    abl = {a: method_run("abl_" + re.sub(r"\W+", "_", a), "sharpen_rlhf", 0, f"--{a}", "--eval_seeds=0",
+                         "--ckpt_interval=10") for a in ablations.split("+")}
+    abl_rows = evaluate("ablations", [S.TOY_MODEL, os.path.join(runs.get("sharpen_rlhf", out), "model")]
+                        + [os.path.join(d, "model") for d in abl.values()])
+    print(f"4/4 reward hacking: {hack_methods} on {hack_reward} for {hack_budget}x the budget, gold tracked")
+    hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={m}", f"--reward={hack_reward}",
+                     f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, 6)}",
+                     f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in hack_methods.split("+")}
+    write_results(runs, seeds, main_rows, abl, abl_rows, hack)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {out}/results.md")
 
 
 # -----------------------------------------------------------------------------
 # figures: drawn from the numbers results.md holds, so that its committed copy redraws them
 
-def amortised_n(bon, target):
-    """The N at which best-of-N (points (N, reward), increasing N) first reaches `target`, log-linearly
-    interpolated; None if it never does."""
-    for (n0, r0), (n1, r1) in zip(bon, bon[1:]):
-        if r0 >= target:
-            return n0
-        if r1 >= target:
-            return 2 ** (math.log2(n0) + (target - r0) / (r1 - r0) * (math.log2(n1) - math.log2(n0)))
-    return bon[0][0] if bon and bon[0][1] >= target else None
-
-
-def amortisation_figure(path, rows):
-    """The base model's best-of-N curve against NFE per image and each trained model as a level line;
-    where a line crosses the curve is the N that model amortises. rows: eval.py's (name, search, overall,
-    nfe_per_image), the base model first."""
-    bon = sorted((r["nfe_per_image"], r["overall"]) for r in rows if (r["search"] or "").startswith("bon"))
-    if not bon:
-        return
-    trained = {r["name"]: r["overall"] for r in rows[1:] if not r["search"]}
-    E.line_plot(path, {"bon": bon}, "NFE per image (UNet passes, log scale)", "held-out gold reward",
-                xticks=E.nfe_ticks([n for n, _ in bon]), levels=trained,
-                top_axis=("N (best-of-N of the base model)", bon[0][0], [n // bon[0][0] for n, _ in bon]))
+def amortisation_figure(path, curve, levels, nfe1):
+    """The base model's best-of-N curve (curve[N-1], gold verifier) against NFE per image, each trained model
+    as a level line (levels {name: gold}); where a line crosses the curve is the N that model amortises."""
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(curve)]
+    E.line_plot(path, {"bon": [(n * nfe1, curve[n - 1]) for n in range(1, len(curve) + 1)]},
+                "NFE per image (UNet passes, log scale)", "held-out gold reward", xticks=[n * nfe1 for n in ns],
+                levels=levels, top_axis=("N (best-of-N of the base model, gold verifier)", nfe1, ns))
 
 
 def convergence_figure(path, curves):
@@ -161,26 +162,52 @@ def convergence_figure(path, curves):
     E.line_plot(path, curves, "training UNet passes (forward passes, grad counted 3x)", "held-out gold reward (2 seeds)")
 
 
-def write_results(runs, main_rows, abl, abl_rows, hack):
-    md = [f"## Results (python dev/reproduce.py{' --quick' if quick else ''})\n",
-          f"Held-out prompts x {eval_seeds} seeds per row; training budget {budget} UNet passes per method "
-          "(forward passes, with grad counted 3x; CFG off).\n\n", open(os.path.join(out, "eval", "results.md")).read()]
-    base = main_rows[0]["overall"]
-    bon = sorted((r["nfe_per_image"], r["overall"]) for r in main_rows if (r["search"] or "").startswith("bon"))
-    md.append("\nAmortisation: the best-of-N budget at which the base model (verifier = gold) matches each "
-              "trained model, at that model's NFE per image:\n")
-    for r in main_rows[1:len(runs) + 1]:
-        n = amortised_n([(x // bon[0][0], y) for x, y in bon], r["overall"]) if bon else None
-        md.append(f"- {r['name']}: gold {r['overall']:.3f} ({r['overall'] - base:+.3f} vs base) -> "
-                  + (f"best-of-{n:.1f}" if n else "below best-of-1") + "\n")
-    amortisation_figure(os.path.join(out, "amortisation.png"), main_rows)
-    md.append("\nAblations (sharpen_sft, same steps each):\n\n| run | gold | binding | counting | spatial | diversity |\n"
-              "|---|---|---|---|---|---|\n")
-    for tag, r in zip(abl, abl_rows):
-        md.append(f"| {tag} | {r['overall']:.3f} | " + " | ".join(f"{v:.3f}" for v in r["per_skill"].values())
+def paired(a, b):
+    """Mean and standard error of the per-image difference a - b (same (prompt, seed) pairs)."""
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    return m, (sum((x - m) ** 2 for x in d) / max(1, len(d) - 1) / len(d)) ** 0.5
+
+
+def write_results(runs, seeds, main_rows, abl, abl_rows, hack):
+    ev = os.path.join(out, "eval")
+    amo = json.load(open(os.path.join(ev, "amortisation.json")))
+    wall = json.load(open(os.path.join(out, "wall.json")))
+    by = {r["name"]: r for r in main_rows if not r["search"]}
+    base, nfe1 = main_rows[0], main_rows[0]["nfe_per_image"]
+    md = [f"## Results (python dev/reproduce.py{' --quick' if quick else ''})\n\n",
+          f"Training budget {budget} UNet passes per run (forward passes, grad counted 3x); held-out prompts x "
+          f"{eval_seeds} seeds per row; {sum(wall.values()) / 3600:.2f} h of wall time in all (out/wall.json).\n\n",
+          open(os.path.join(ev, "results.md")).read()]
+    md.append(f"\nThree training seeds (Δ: paired difference from the base ± SE over {base['n']} images; "
+              "mean: over the seeds ± their SE):\n\n| method | seed 0 | seed 1 | seed 2 | mean |\n|---|---|---|---|---|\n")
+    for m in seeded.split("+"):
+        ds = [by[n]["delta"] for n in [m, f"{m}_s1", f"{m}_s2"] if n in by]
+        cells = [f"{by[n]['delta']:+.3f} ± {by[n]['delta_se']:.3f}" if n in by else "—" for n in [m, f"{m}_s1", f"{m}_s2"]]
+        mean = sum(ds) / len(ds)
+        se = (sum((d - mean) ** 2 for d in ds) / max(1, len(ds) - 1) / len(ds)) ** 0.5 if len(ds) > 1 else float("nan")
+        md.append(f"| {m} | " + " | ".join(cells) + f" | {mean:+.3f} ± {se:.3f} |\n")
+    md.append("\nPaired differences between methods (seed 0, same images):\n\n| comparison | Δ ± SE |\n|---|---|\n")
+    for a, b in [("sharpen_sft", "sft"), ("sharpen_rlhf", "raft"), ("sharpen_sft", "raft"), ("sharpen_rlhf", "sharpen_sft"),
+                 ("sft", "continued"), ("raft", "continued")]:
+        if a in by and b in by:
+            m, se = paired(by[a]["gold_per_image"], by[b]["gold_per_image"])
+            md.append(f"| {a} − {b} | {m:+.3f} ± {se:.3f} |\n")
+    md.append(f"\nAmortisation: the N at which the base model's best-of-N (gold verifier, N x {nfe1} NFE) matches each "
+              "trained model at 1x, with 95 % bounds (1,000 resamples of the prompts):\n\n"
+              "| model | gold | matches best-of-N | 95 % bounds |\n|---|---|---|---|\n")
+    md += [f"| {k} | {by[k]['overall']:.3f} | {a['n']:.2f} | {a['lo']:.2f} – {a['hi']:.2f} |\n" for k, a in amo["models"].items()]
+    md.append(f"\nBase model best-of-N, N = 1..{len(amo['curve'])}: " + ", ".join(f"{v:.3f}" for v in amo["curve"]) + "\n")
+    amortisation_figure(os.path.join(out, "amortisation.png"), amo["curve"],
+                        {k: by[k]["overall"] for k in runs if k in by}, nfe1)
+    md.append(f"\nAblations (sharpen_rlhf at {budget} UNet passes, one change each; Δ vs base ± SE):\n\n"
+              "| run | gold | Δ vs base ± SE | binding | counting | spatial | diversity |\n|---|---|---|---|---|---|---|\n")
+    for tag, r in zip(["base", "default"] + list(abl), abl_rows):
+        delta = "—" if r["delta"] is None else f"{r['delta']:+.3f} ± {r['delta_se']:.3f}"
+        md.append(f"| {tag} | {r['overall']:.3f} | {delta} | " + " | ".join(f"{v:.3f}" for v in r["per_skill"].values())
                   + f" | {r['diversity']:.3f} |\n")
     for m, d in hack.items():
-        md.append(f"\nReward hacking ({m} on `{hack_reward}`; held-out, 2 seeds):\n\n| step | nfe | {hack_reward} | gold |\n|---|---|---|---|\n")
+        md.append(f"\nReward hacking ({m} on `{hack_reward}`; held-out, {1 if quick else 2} seeds):\n\n| step | nfe | {hack_reward} | gold |\n|---|---|---|---|\n")
         for step, nfe, g, kv in evals(d):
             md.append(f"| {step} | {nfe} | {kv.get('heldout ' + hack_reward, '')} | {g:.4f} |\n")
         best = max(evals(d), key=lambda e: e[2])
@@ -189,7 +216,11 @@ def write_results(runs, main_rows, abl, abl_rows, hack):
     md.append("\nConvergence (held-out gold during each main run):\n\n| method | training UNet passes | gold |\n|---|---|---|\n")
     md += [f"| {m} | {nfe} | {g:.4f} |\n" for m, c in curves.items() for nfe, g in c]
     convergence_figure(os.path.join(out, "convergence.png"), curves)
-    md.append("\nFigures: eval/reward_vs_nfe.png, convergence.png, amortisation.png\n")
+    rows = main_rows + [dict(name=f"bon{n}", search=f"bon{n}", overall=v, nfe_per_image=n * nfe1)
+                        for n, v in enumerate(amo["curve"], 1) if n & (n - 1) == 0]
+    E.reward_vs_nfe_figure(os.path.join(out, "reward_vs_nfe.png"), [r for r in rows if r["search"] or r["name"] in runs
+                                                                    or r is base])
+    md.append("\nFigures: reward_vs_nfe.png, convergence.png, amortisation.png\n")
     open(os.path.join(out, "results.md"), "w").write("".join(md))
     print("".join(md))
 
@@ -213,7 +244,8 @@ def tables(path):
 
 def redraw_figures(results, figs):
     """amortisation.png, convergence.png and reward_vs_nfe.png from a results.md this script wrote."""
-    rows, curves = [], {}
+    text = open(results, encoding="utf-8").read()
+    rows, curves, levels = [], {}, {}
     for head, body in tables(results):
         if head[0] == "model" and "NFE/image" in head:  # eval.py's table
             for c in body:
@@ -224,11 +256,18 @@ def redraw_figures(results, figs):
         elif head == ["method", "training UNet passes", "gold"]:
             for m, nfe, g in body:
                 curves.setdefault(m, []).append((float(nfe), float(g)))
-    if not rows or not curves:
-        raise SystemExit(f"error: {results} lacks eval.py's table or the Convergence table")
+        elif head[:3] == ["model", "gold", "matches best-of-N"]:
+            levels = {c[0]: float(c[1]) for c in body}
+    found = re.search(r"Base model best-of-N, N = 1\.\.\d+: ([-\d., ]+)", text)
+    if not rows or not curves or not found:
+        raise SystemExit(f"error: {results} lacks eval.py's table, the Convergence table or the best-of-N curve")
+    curve, nfe1 = [float(v) for v in found.group(1).split(",")], rows[0]["nfe_per_image"]
     os.makedirs(figs, exist_ok=True)
-    E.reward_vs_nfe_figure(os.path.join(figs, "reward_vs_nfe.png"), rows)
-    amortisation_figure(os.path.join(figs, "amortisation.png"), rows)
+    bon = [dict(name=f"bon{n}", search=f"bon{n}", overall=v, nfe_per_image=n * nfe1)
+           for n, v in enumerate(curve, 1) if n & (n - 1) == 0]
+    E.reward_vs_nfe_figure(os.path.join(figs, "reward_vs_nfe.png"),
+                           [r for r in rows if r["search"] or r["name"] in curves or r is rows[0]] + bon)
+    amortisation_figure(os.path.join(figs, "amortisation.png"), curve, {k: v for k, v in levels.items() if k in curves}, nfe1)
     convergence_figure(os.path.join(figs, "convergence.png"), curves)
     print(f"wrote {figs}/reward_vs_nfe.png, amortisation.png, convergence.png from {results}")
 
