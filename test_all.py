@@ -1479,11 +1479,11 @@ def test_kill9_at_random_points_resume_exact():
 # evaluation
 
 def test_builtin_model_is_in_target_band():
-    """The shipped base model draws shapes but is imperfect at composition: held-out gold in 0.35-0.75
-    (82 of the 328 images `python eval.py` scores)."""
+    """The shipped base model (pretrained to a plateau on alt-text captions) draws shapes but is imperfect at
+    composition: held-out gold in 0.35-0.60 and every skill below 0.75 (82 of the images `python eval.py` scores)."""
     import eval as E
     res = E.gold_eval(S.load_model(S.TOY_MODEL), seeds=2)
-    assert 0.35 <= res["overall"] <= 0.75, res["overall"]
+    assert 0.35 <= res["overall"] <= 0.60 and max(res["per_skill"].values()) < 0.75, (res["overall"], res["per_skill"])
 
 
 def test_eval_cli_two_models_and_search():

@@ -8,7 +8,7 @@ The defaults are the variables below; config files and --key=value override them
     python train.py --device=cuda --model=/path/to/diffusers/folder --lora_rank=16 --dtype=bf16   # README, real models
     torchrun --standalone --nproc_per_node=8 train.py --device=cuda   # 8 GPUs (on CPU: 2 processes, gloo)
     python train.py --init_from=resume --out_dir=out/sharpen_rlhf    # continue out_dir/ckpt.pt
-    torchrun --standalone --nproc_per_node=2 train.py config/pretrain_toy.py   # the built-in model
+    torchrun --standalone --nproc_per_node=2 train.py config/pretrain_alttext.py   # the built-in model
 """
 import collections
 import contextlib
@@ -77,8 +77,8 @@ raft_n = 4               # raft: samples per train prompt (the evaluation sample
 raft_epochs = 2          # raft: optimizer steps each sampled round serves (each at fresh t and noise)
 # pretraining (toy world) and its continuation (method continued: the UNet alone, from `model`)
 flow = False             # pretrain: a rectified-flow toy model (velocity target, Euler sampler) instead of DDIM v-pred
-captions = "noisy"       # pretraining captions: noisy (exact, caption_noise of them with one field wrong: assets/toy-model)
-                         # | alttext (web-like, under-specified: toyworld.ALT_TEXT)
+captions = "alttext"     # pretraining captions: alttext (web-like, under-specified: toyworld.ALT_TEXT; assets/toy-model)
+                         # | noisy (exact, caption_noise of them with one field wrong: the model before 2026-12-01)
 caption_noise = 0.1      # noisy: fraction of captions changed in one field
 caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-free guidance)
 # optim
