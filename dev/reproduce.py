@@ -51,8 +51,8 @@ fig_dir = ""             # where redraw writes them ("" = beside the results.md)
 SFT_CONFIG = os.path.join(ROOT, "config", "sharpen_sft.py")
 FLAGS = {  # each method's settings; the controls share sharpen_sft's so that each is one paired difference
     "sharpen_sft": [SFT_CONFIG],
-    "sft": [SFT_CONFIG, "--method=sft", "--sft_t=sampler"],  # plain SFT: random noise at the same noise levels
-    "continued": [SFT_CONFIG, "--method=continued", "--captions=alttext"],  # more pretraining: "more training"
+    "sft": [SFT_CONFIG, "--sft_t=sampler"],  # plain SFT: random noise at the same noise levels
+    "continued": [SFT_CONFIG, "--captions=alttext"],  # more pretraining: "more training"
 }
 
 
@@ -66,9 +66,10 @@ def sh(script, *args, log=None):
     if p.returncode:
         tail = open(log).read()[-1500:] if log else ""
         raise SystemExit(f"error: {' '.join(cmd)} failed ({p.returncode}); see {log}\n{tail}")
-    wall = json.load(open(os.path.join(out, "wall.json"))) if os.path.exists(os.path.join(out, "wall.json")) else {}
-    wall[os.path.relpath(log or script, out)] = wall.get(os.path.relpath(log or script, out), 0) + time.time() - t0
-    json.dump(wall, open(os.path.join(out, "wall.json"), "w"), indent=1)
+    path, key = os.path.join(out, "wall.json"), os.path.relpath(log or script, out)
+    wall = json.load(open(path)) if os.path.exists(path) else {}
+    wall[key] = wall.get(key, 0) + time.time() - t0
+    json.dump(wall, open(path, "w"), indent=1)
     print(f"  {script} {' '.join(map(str, args))[:100]} ({time.time() - t0:.0f}s)", flush=True)
 
 
@@ -135,8 +136,8 @@ def main():
     print("3/4 ablations of sharpen_rlhf at the same budget: n, m, last-step reward, lambda")
     abl = {a: method_run("abl_" + re.sub(r"\W+", "_", a), "sharpen_rlhf", 0, f"--{a}", "--eval_seeds=0",
                          "--ckpt_interval=10") for a in ablations.split("+")}
-    abl_rows = evaluate("ablations", [S.TOY_MODEL, os.path.join(runs.get("sharpen_rlhf", out), "model")]
-                        + [os.path.join(d, "model") for d in abl.values()])
+    default = method_run("sharpen_rlhf", "sharpen_rlhf", 0, *curve)  # stage 1's run (trained here if not in methods)
+    abl_rows = evaluate("ablations", [S.TOY_MODEL] + [os.path.join(d, "model") for d in [default, *abl.values()]])
     print(f"4/4 reward hacking: {hack_methods} on {hack_reward} for {hack_budget}x the budget, gold tracked")
     hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={m}", f"--reward={hack_reward}",
                      f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, 6)}",
@@ -162,11 +163,10 @@ def convergence_figure(path, curves):
     E.line_plot(path, curves, "training UNet passes (forward passes, grad counted 3x)", "held-out gold reward (2 seeds)")
 
 
-def paired(a, b):
-    """Mean and standard error of the per-image difference a - b (same (prompt, seed) pairs)."""
-    d = [x - y for x, y in zip(a, b)]
-    m = sum(d) / len(d)
-    return m, (sum((x - m) ** 2 for x in d) / max(1, len(d) - 1) / len(d)) ** 0.5
+def mean_se(values):
+    """Mean and standard error of the mean (nan for one value)."""
+    m, n = sum(values) / len(values), len(values)
+    return m, (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
 
 
 def write_results(runs, seeds, main_rows, abl, abl_rows, hack):
@@ -182,24 +182,21 @@ def write_results(runs, seeds, main_rows, abl, abl_rows, hack):
     md.append(f"\nThree training seeds (Δ: paired difference from the base ± SE over {base['n']} images; "
               "mean: over the seeds ± their SE):\n\n| method | seed 0 | seed 1 | seed 2 | mean |\n|---|---|---|---|---|\n")
     for m in seeded.split("+"):
-        ds = [by[n]["delta"] for n in [m, f"{m}_s1", f"{m}_s2"] if n in by]
-        cells = [f"{by[n]['delta']:+.3f} ± {by[n]['delta_se']:.3f}" if n in by else "—" for n in [m, f"{m}_s1", f"{m}_s2"]]
-        mean = sum(ds) / len(ds)
-        se = (sum((d - mean) ** 2 for d in ds) / max(1, len(ds) - 1) / len(ds)) ** 0.5 if len(ds) > 1 else float("nan")
+        names = [m, f"{m}_s1", f"{m}_s2"]
+        cells = [f"{by[n]['delta']:+.3f} ± {by[n]['delta_se']:.3f}" if n in by else "—" for n in names]
+        mean, se = mean_se([by[n]["delta"] for n in names if n in by])
         md.append(f"| {m} | " + " | ".join(cells) + f" | {mean:+.3f} ± {se:.3f} |\n")
     md.append("\nPaired differences between methods (seed 0, same images):\n\n| comparison | Δ ± SE |\n|---|---|\n")
     for a, b in [("sharpen_sft", "sft"), ("sharpen_rlhf", "raft"), ("sharpen_sft", "raft"), ("sharpen_rlhf", "sharpen_sft"),
                  ("sft", "continued"), ("raft", "continued")]:
         if a in by and b in by:
-            m, se = paired(by[a]["gold_per_image"], by[b]["gold_per_image"])
+            m, se = mean_se([x - y for x, y in zip(by[a]["gold_per_image"], by[b]["gold_per_image"])])
             md.append(f"| {a} − {b} | {m:+.3f} ± {se:.3f} |\n")
     md.append(f"\nAmortisation: the N at which the base model's best-of-N (gold verifier, N x {nfe1} NFE) matches each "
               "trained model at 1x, with 95 % bounds (1,000 resamples of the prompts):\n\n"
               "| model | gold | matches best-of-N | 95 % bounds |\n|---|---|---|---|\n")
     md += [f"| {k} | {by[k]['overall']:.3f} | {a['n']:.2f} | {a['lo']:.2f} – {a['hi']:.2f} |\n" for k, a in amo["models"].items()]
     md.append(f"\nBase model best-of-N, N = 1..{len(amo['curve'])}: " + ", ".join(f"{v:.3f}" for v in amo["curve"]) + "\n")
-    amortisation_figure(os.path.join(out, "amortisation.png"), amo["curve"],
-                        {k: by[k]["overall"] for k in runs if k in by}, nfe1)
     md.append(f"\nAblations (sharpen_rlhf at {budget} UNet passes, one change each; Δ vs base ± SE):\n\n"
               "| run | gold | Δ vs base ± SE | binding | counting | spatial | diversity |\n|---|---|---|---|---|---|---|\n")
     for tag, r in zip(["base", "default"] + list(abl), abl_rows):
@@ -215,14 +212,10 @@ def write_results(runs, seeds, main_rows, abl, abl_rows, hack):
     curves = {m: [(nfe, g) for _, nfe, g, _ in evals(d)] for m, d in runs.items()}
     md.append("\nConvergence (held-out gold during each main run):\n\n| method | training UNet passes | gold |\n|---|---|---|\n")
     md += [f"| {m} | {nfe} | {g:.4f} |\n" for m, c in curves.items() for nfe, g in c]
-    convergence_figure(os.path.join(out, "convergence.png"), curves)
-    rows = main_rows + [dict(name=f"bon{n}", search=f"bon{n}", overall=v, nfe_per_image=n * nfe1)
-                        for n, v in enumerate(amo["curve"], 1) if n & (n - 1) == 0]
-    E.reward_vs_nfe_figure(os.path.join(out, "reward_vs_nfe.png"), [r for r in rows if r["search"] or r["name"] in runs
-                                                                    or r is base])
     md.append("\nFigures: reward_vs_nfe.png, convergence.png, amortisation.png\n")
     open(os.path.join(out, "results.md"), "w").write("".join(md))
     print("".join(md))
+    redraw_figures(os.path.join(out, "results.md"), out)  # the figures from the numbers above, as a committed copy's
 
 
 def tables(path):
