@@ -316,6 +316,15 @@ def reward_vs_nfe_figure(path, rows):
               xticks=nfe_ticks([r["nfe_per_image"] for r in rows]))
 
 
+def amortisation_figure(path, curve, levels, nfe1, ylabel="held-out gold reward"):
+    """The base model's best-of-N curve (curve[N-1], gold verifier) against NFE per image, each trained model
+    as a level line (levels {name: gold}); where a line crosses the curve is the N that model amortises."""
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(curve)]
+    line_plot(path, {"bon": [(n * nfe1, curve[n - 1]) for n in range(1, len(curve) + 1)]},
+              "NFE per image (UNet passes, log scale)", ylabel, xticks=[n * nfe1 for n in ns],
+              levels=levels, top_axis=("N (best-of-N of the base model, gold verifier)", nfe1, ns))
+
+
 # -----------------------------------------------------------------------------
 
 def train_nfe(folder):
@@ -417,11 +426,9 @@ def amortisation_report(rows, prompts, seed_list):
     with open(os.path.join(out_dir, "amortisation.json"), "w") as f:
         json.dump(dict(curve=curve, models={k: {kk: v for kk, v in a.items() if kk != "curve"} for k, a in out.items()}),
                   f, indent=1)
-    line_plot(os.path.join(out_dir, "amortisation.png"), {"bon": [(n + 1, v) for n, v in enumerate(curve)]},
-              "N (base model's best-of-N, gold verifier, log scale)", f"{split} gold reward",
-              xticks=[n for n in (1, 2, 4, 8, 16, 32, 64) if n <= amortise],
-              levels={r["name"]: r["overall"] for r in rows[1:] if r["name"] in out})
-
+    amortisation_figure(os.path.join(out_dir, "amortisation.png"), curve,
+                        {r["name"]: r["overall"] for r in rows[1:] if r["name"] in out}, rows[0]["nfe_per_image"],
+                        f"{split} gold reward")
 
 if __name__ == "__main__":
     main()

@@ -149,15 +149,6 @@ def main():
 # -----------------------------------------------------------------------------
 # figures: drawn from the numbers results.md holds, so that its committed copy redraws them
 
-def amortisation_figure(path, curve, levels, nfe1):
-    """The base model's best-of-N curve (curve[N-1], gold verifier) against NFE per image, each trained model
-    as a level line (levels {name: gold}); where a line crosses the curve is the N that model amortises."""
-    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(curve)]
-    E.line_plot(path, {"bon": [(n * nfe1, curve[n - 1]) for n in range(1, len(curve) + 1)]},
-                "NFE per image (UNet passes, log scale)", "held-out gold reward", xticks=[n * nfe1 for n in ns],
-                levels=levels, top_axis=("N (best-of-N of the base model, gold verifier)", nfe1, ns))
-
-
 def convergence_figure(path, curves):
     """curves {method: [(training UNet passes, held-out gold), ...]}."""
     E.line_plot(path, curves, "training UNet passes (forward passes, grad counted 3x)", "held-out gold reward (2 seeds)")
@@ -260,7 +251,7 @@ def redraw_figures(results, figs):
            for n, v in enumerate(curve, 1) if n & (n - 1) == 0]
     E.reward_vs_nfe_figure(os.path.join(figs, "reward_vs_nfe.png"),
                            [r for r in rows if r["search"] or r["name"] in curves or r is rows[0]] + bon)
-    amortisation_figure(os.path.join(figs, "amortisation.png"), curve, {k: v for k, v in levels.items() if k in curves}, nfe1)
+    E.amortisation_figure(os.path.join(figs, "amortisation.png"), curve, {k: v for k, v in levels.items() if k in curves}, nfe1)
     convergence_figure(os.path.join(figs, "convergence.png"), curves)
     print(f"wrote {figs}/reward_vs_nfe.png, amortisation.png, convergence.png from {results}")
 
