@@ -54,6 +54,7 @@ FLAGS = {  # each method's settings; the controls share sharpen_sft's so that ea
     "sft": [SFT_CONFIG, "--sft_t=sampler"],  # plain SFT: random noise at the same noise levels
     "continued": [SFT_CONFIG, "--captions=alttext"],  # more pretraining: "more training"
 }
+OWN_SAMPLER = {"ddpo": ["--eta=1"]}  # methods trained on another sampler than the evaluation's: eval.py flags for it
 
 
 def sh(script, *args, log=None):
@@ -105,13 +106,13 @@ def evals(d):
 
 
 def evaluate(name, models, extra=()):
-    """eval.py over the fixed held-out list -> its rows (cached in out/name/results.json)."""
-    d = os.path.join(out, name)
-    if not os.path.exists(os.path.join(d, "results.json")):
+    """eval.py over the fixed held-out list -> its rows (cached in out/name/results.json; rerun if the models change)."""
+    d, path = os.path.join(out, name), os.path.join(out, name, "results.json")
+    if not os.path.exists(path) or json.load(open(path))["config"]["models"] != "+".join(models):  # stale: rerun
         tiny = ["--num_steps=4", "--per_skill=1"] if quick else []
         sh("eval.py", f"--models={'+'.join(models)}", f"--seeds={eval_seeds}", f"--out_dir={d}", "--rewards=toyclip",
            *tiny, *extra, log=os.path.join(out, f"{name}.txt"))
-    return json.load(open(os.path.join(d, "results.json")))["rows"]
+    return json.load(open(path))["rows"]
 
 
 def main():
@@ -122,7 +123,7 @@ def main():
     out = os.path.abspath(out)
     if quick:
         budget, eval_seeds, amortise, search, curve_evals = 400, 1, 2, "greedy2", 1
-        methods, seeded, ablations = "sharpen_rlhf+raft", "raft", "n_traj=2"
+        methods, seeded, ablations = "sharpen_rlhf+raft+ddpo", "raft", "n_traj=2"
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     print(f"1/4 every method at equal compute ({budget} UNet passes each, grad x3); seeds 1, 2 of {seeded}")
@@ -133,6 +134,8 @@ def main():
     print(f"2/4 held-out evaluation, the base model's best-of-N ({amortise} candidates) and search")
     models = [S.TOY_MODEL] + [os.path.join(d, "model") for d in list(runs.values()) + list(seeds.values())]
     main_rows = evaluate("eval", models, [f"--amortise={amortise}", f"--search={search}"])
+    own = {m: evaluate(f"eval_{m}_own_sampler", [S.TOY_MODEL, os.path.join(runs[m], "model")], flags)
+           for m, flags in OWN_SAMPLER.items() if m in runs}  # trained with another sampler: evaluated with it too
     print("3/4 ablations of sharpen_rlhf at the same budget: n, m, last-step reward, lambda")
     abl = {a: method_run("abl_" + re.sub(r"\W+", "_", a), "sharpen_rlhf", 0, f"--{a}", "--eval_seeds=0",
                          "--ckpt_interval=10") for a in ablations.split("+")}
@@ -142,7 +145,7 @@ def main():
     hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={m}", f"--reward={hack_reward}",
                      f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, 6)}",
                      f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in hack_methods.split("+")}
-    write_results(runs, seeds, main_rows, abl, abl_rows, hack)
+    write_results(runs, seeds, main_rows, own, abl, abl_rows, hack)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {out}/results.md")
 
 
@@ -160,7 +163,7 @@ def mean_se(values):
     return m, (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
 
 
-def write_results(runs, seeds, main_rows, abl, abl_rows, hack):
+def write_results(runs, seeds, main_rows, own, abl, abl_rows, hack):
     ev = os.path.join(out, "eval")
     amo = json.load(open(os.path.join(ev, "amortisation.json")))
     wall = json.load(open(os.path.join(out, "wall.json")))
@@ -183,6 +186,11 @@ def write_results(runs, seeds, main_rows, abl, abl_rows, hack):
         if a in by and b in by:
             m, se = mean_se([x - y for x, y in zip(by[a]["gold_per_image"], by[b]["gold_per_image"])])
             md.append(f"| {a} − {b} | {m:+.3f} ± {se:.3f} |\n")
+    for m, (b, r) in own.items():
+        md.append(f"\n{m} evaluated with the sampler it trains with ({' '.join(OWN_SAMPLER[m])}; the base with the same; "
+                  f"Δ paired over {b['n']} images):\n\n| sampler | base | {m} | Δ ± SE |\n|---|---|---|---|\n"
+                  f"| evaluation default | {base['overall']:.3f} | {by[m]['overall']:.3f} | {by[m]['delta']:+.3f} ± {by[m]['delta_se']:.3f} |\n"
+                  f"| {' '.join(OWN_SAMPLER[m])} | {b['overall']:.3f} | {r['overall']:.3f} | {r['delta']:+.3f} ± {r['delta_se']:.3f} |\n")
     md.append(f"\nAmortisation: the N at which the base model's best-of-N (gold verifier, N x {nfe1} NFE) matches each "
               "trained model at 1x, with 95 % bounds (1,000 resamples of the prompts):\n\n"
               "| model | gold | matches best-of-N | 95 % bounds |\n|---|---|---|---|\n")
