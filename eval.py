@@ -226,7 +226,7 @@ def run_search(pipe, name, prompts, seed_list, verifier):
 COLOURS = {  # method -> colour; a name is coloured by the longest method it contains
     "toy-model": "#7f7f7f", "pretrain": "#bcbd22", "sharpen_rlhf": "#1f77b4", "sharpen_sft": "#d62728",
     "sft": "#2ca02c", "diffusion_dpo": "#ff7f0e", "ddpo": "#9467bd", "bon": "#17becf", "noise": "#8c564b",
-    "greedy": "#e377c2", "continued": "#aec7e8", "raft": "#8c6d31"}
+    "greedy": "#e377c2", "continued": "#aec7e8", "raft": "#8c6d31", "sft_steps": "#98df8a"}
 NAMES = {"bon": "best-of-N", "noise": "noise search", "greedy": "greedy search"}
 
 

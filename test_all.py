@@ -1510,7 +1510,7 @@ def test_reproduce_quick_end_to_end_and_resumable():
         _, log = run("dev/reproduce.py", "--quick", f"--out={d}")
         md = open(f"{d}/results.md").read()
         for needle in ("| sharpen_rlhf |", "| raft_s2 |", "greedy2", "Three training seeds", "| raft |", "Amortisation",
-                       "| n_traj=2 |", "| sharpen_rlhf − raft |", "| --eta=1 |", "Reward hacking", "Selected by gold", "Base model best-of-N"):
+                       "| n_traj=2 |", "| sharpen_rlhf − raft |", "| sharpen_sft − sft_steps |", "| --eta=1 |", "Reward hacking", "Selected by gold", "Base model best-of-N"):
             assert needle in md, needle
         for f in ("convergence.png", "amortisation.png", "reward_vs_nfe.png"):
             assert os.path.getsize(f"{d}/{f}") > 0, f

@@ -1,9 +1,10 @@
 """
 Reproduce the results on the toy world, end to end and resumable. The question: does training on selected
 trajectories buy, at 1x inference cost, what search buys at Nx? Every method at equal UNet compute, each with
-its own settings (train.py's defaults; sharpen_sft and its controls config/sharpen_sft.py's), three training
-seeds for the central ones; 41 held-out prompts x 16 seeds per model; the base model's best-of-N curve with the
-gold verifier and the N each trained model matches; the paper's ablations (n, m, path sum vs last step,
+its own settings (train.py's defaults; sharpen_sft and its controls config/sharpen_sft.py's; plain sft also at
+sharpen_sft's steps, half its compute: what the selection adds per step), three training seeds for the central
+ones; 41 held-out prompts x 16 seeds per model; the base model's best-of-N curve with the gold verifier and the
+N each trained model matches; the paper's ablations (n, m, path sum vs last step,
 lambda) on sharpen_rlhf at the same budget; reward hacking on the learned toyclip proxy with gold tracked.
 
     python dev/reproduce.py            # ~5 h on 2 CPU cores -> out/reproduce/results.md + figures
@@ -123,12 +124,15 @@ def main():
     out = os.path.abspath(out)
     if quick:
         budget, eval_seeds, amortise, search, curve_evals = 400, 1, 2, "greedy2", 1
-        methods, seeded, ablations = "sharpen_rlhf+raft+ddpo", "raft", "n_traj=2"
+        methods, seeded, ablations = "sharpen_rlhf+sharpen_sft+sft+raft+ddpo", "raft", "n_traj=2"
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     print(f"1/4 every method at equal compute ({budget} UNet passes each, grad x3); seeds 1, 2 of {seeded}")
     curve = [f"--eval_count={curve_evals}", f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10"]
     runs = {m: method_run(m, m, 0, *curve) for m in methods.split("+")}
+    if "sharpen_sft" in runs and "sft" in runs:  # and at sharpen_sft's steps (equal compute gives sft twice the steps)
+        runs["sft_steps"] = train("sft_steps", *FLAGS["sft"], "--method=sft", "--seed=1337", *curve,
+                                  f"--steps={evals(runs['sharpen_sft'])[-1][0]}")
     seeds = {f"{m}_s{s}": method_run(f"{m}_s{s}", m, s, "--eval_seeds=0", "--ckpt_interval=10")
              for s in (1, 2) for m in seeded.split("+")}
     print(f"2/4 held-out evaluation, the base model's best-of-N ({amortise} candidates) and search")
@@ -181,8 +185,8 @@ def write_results(runs, seeds, main_rows, own, abl, abl_rows, hack):
         mean, se = mean_se([by[n]["delta"] for n in names if n in by])
         md.append(f"| {m} | " + " | ".join(cells) + f" | {mean:+.3f} ± {se:.3f} |\n")
     md.append("\nPaired differences between methods (seed 0, same images):\n\n| comparison | Δ ± SE |\n|---|---|\n")
-    for a, b in [("sharpen_sft", "sft"), ("sharpen_rlhf", "raft"), ("sharpen_sft", "raft"), ("sharpen_rlhf", "sharpen_sft"),
-                 ("sft", "continued"), ("raft", "continued")]:
+    for a, b in [("sharpen_sft", "sft_steps"), ("sharpen_sft", "sft"), ("sharpen_rlhf", "raft"), ("sharpen_sft", "raft"),
+                 ("sharpen_rlhf", "sharpen_sft"), ("sft", "continued"), ("raft", "continued")]:
         if a in by and b in by:
             m, se = mean_se([x - y for x, y in zip(by[a]["gold_per_image"], by[b]["gold_per_image"])])
             md.append(f"| {a} − {b} | {m:+.3f} ± {se:.3f} |\n")
