@@ -1518,6 +1518,11 @@ def test_reproduce_quick_end_to_end_and_resumable():
         assert "train.py" not in log2 and "eval.py" not in log2, log2
         run("dev/reproduce.py", f"--redraw={d}/results.md", f"--fig_dir={d}/redrawn")
         assert all(os.path.getsize(f"{d}/redrawn/{f}") > 0 for f in ("convergence.png", "amortisation.png"))
+        from dev import reproduce  # a resumed run logs its evals again: one row per step, the last line wins
+        first = next(l for l in open(f"{d}/raft/log.txt") if l.startswith("eval "))
+        open(f"{d}/raft/log.txt", "a").write(first.replace("heldout gold ", "heldout gold 9"))
+        rows = reproduce.evals(f"{d}/raft")
+        assert len({r[0] for r in rows}) == len(rows) >= 2 and rows[0][2] >= 9, rows
 
 
 # -----------------------------------------------------------------------------

@@ -97,13 +97,14 @@ def method_run(name, method, seed=0, *extra):
 
 
 def evals(d):
-    """The eval lines of a train.py log: [(step, nfe, gold, {extra: value})]."""
-    rows = []
+    """The eval lines of a train.py log: [(step, nfe, gold, {extra: value})], one per step (a resumed run logs
+    again from its checkpoint: the last line of a step wins)."""
+    rows = {}
     for line in open(os.path.join(d, "log.txt")):
         if line.startswith("eval "):
             kv = dict(re.findall(r"\| ([\w ]+?) ([-\d.]+)(?= \||$)", line.strip()))
-            rows.append((int(kv["step"]), int(kv["nfe"]), float(kv["heldout gold"]), kv))
-    return rows
+            rows[int(kv["step"])] = (int(kv["step"]), int(kv["nfe"]), float(kv["heldout gold"]), kv)
+    return [rows[k] for k in sorted(rows)]
 
 
 def evaluate(name, models, extra=()):
