@@ -1473,6 +1473,8 @@ def test_kill9_at_random_points_resume_exact():
                 torch.load(ckpt, weights_only=False)  # never unreadable (TEST_SEED above)
         run(*args, f"--out_dir={d}/part", *(["--init_from=resume"] if os.path.exists(ckpt) else []))
         weights_equal(f"{d}/full/model", f"{d}/part/model", why=f"(kill times from TEST_SEED={seed})")
+        steps = [int(s["step"]) for s in step_lines(f"{d}/part")]  # step 3 ran twice: logged once
+        assert steps == [int(s["step"]) for s in step_lines(f"{d}/full")] == list(range(1, 11)), steps
 
 
 # -----------------------------------------------------------------------------

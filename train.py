@@ -18,6 +18,7 @@ import gc
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -718,6 +719,10 @@ def checkpoint():
 
 
 quiet = not master or not sys.stderr.isatty()  # no progress bar in a redirected log
+if master:  # a fresh run starts the log; a resumed one keeps its lines up to the checkpoint's step (not those after)
+    path = os.path.join(out_dir, "log.txt")
+    lines = open(path).readlines() if init_from == "resume" and os.path.exists(path) else []
+    open(path, "w").writelines(l for l in lines if int((re.search(r"\bstep (\d+)", l) or [0, 0])[1]) <= step)
 if master:  # the resolved config, on screen and at the top of this run's part of the log
     log("config " + " ".join(f"{k}={v!r}" for k, v in config.items()))
 probe = None  # sharpen_rlhf: fixed pairs never trained on (negative global indices): is the preference learned?
