@@ -430,5 +430,6 @@ def amortisation_report(rows, prompts, seed_list):
                         {r["name"]: r["overall"] for r in rows[1:] if r["name"] in out}, rows[0]["nfe_per_image"],
                         f"{split} gold reward")
 
+
 if __name__ == "__main__":
     main()

@@ -722,8 +722,9 @@ quiet = not master or not sys.stderr.isatty()  # no progress bar in a redirected
 if master:  # a fresh run starts the log; a resumed one keeps its lines up to the checkpoint's step (not those after)
     path = os.path.join(out_dir, "log.txt")
     lines = open(path).readlines() if init_from == "resume" and os.path.exists(path) else []
-    open(path, "w").writelines(l for l in lines if int((re.search(r"\bstep (\d+)", l) or [0, 0])[1]) <= step)
-if master:  # the resolved config, on screen and at the top of this run's part of the log
+    logged = [re.search(r"\bstep (\d+)", l) for l in lines]  # None: a line of no step (config, probe)
+    open(path, "w").writelines(l for l, m in zip(lines, logged) if m is None or int(m[1]) <= step)
+    # the resolved config, on screen and at the top of this run's part of the log
     log("config " + " ".join(f"{k}={v!r}" for k, v in config.items()))
 probe = None  # sharpen_rlhf: fixed pairs never trained on (negative global indices): is the preference learned?
 if method == "sharpen_rlhf" and probe_pairs and master:

@@ -90,10 +90,11 @@ def train(name, *args):
     return d
 
 
-def method_run(name, method, seed=0, *extra):
-    """One training run of `method` at the budget: seed 0 is train.py's default seed, others --seed=s."""
+def method_run(name, method, seed=0, *extra, steps=0):
+    """One training run of `method` at the budget (or for `steps` optimizer steps): seed 0 is train.py's default
+    seed, others --seed=s."""
     return train(name, *FLAGS.get(method, []), f"--method={method}", f"--seed={seed or 1337}",
-                 f"--nfe_budget={budget}", *extra)
+                 f"--steps={steps}" if steps else f"--nfe_budget={budget}", *extra)
 
 
 def evals(d):
@@ -110,11 +111,13 @@ def evals(d):
 def evaluate(name, models, extra=()):
     """eval.py over the fixed held-out list -> its rows (cached in out/name/results.json; rerun if the models change)."""
     d, path = os.path.join(out, name), os.path.join(out, name, "results.json")
-    if not os.path.exists(path) or json.load(open(path))["config"]["models"] != "+".join(models):  # stale: rerun
+    done = json.load(open(path)) if os.path.exists(path) else None
+    if done is None or done["config"]["models"] != "+".join(models):  # not run, or stale: run
         tiny = ["--num_steps=4", "--per_skill=1"] if quick else []
         sh("eval.py", f"--models={'+'.join(models)}", f"--seeds={eval_seeds}", f"--out_dir={d}", "--rewards=toyclip",
            *tiny, *extra, log=os.path.join(out, f"{name}.txt"))
-    return json.load(open(path))["rows"]
+        done = json.load(open(path))
+    return done["rows"]
 
 
 def main():
@@ -132,8 +135,7 @@ def main():
     curve = [f"--eval_count={curve_evals}", f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10"]
     runs = {m: method_run(m, m, 0, *curve) for m in methods.split("+")}
     if "sharpen_sft" in runs and "sft" in runs:  # and at sharpen_sft's steps (equal compute gives sft twice the steps)
-        runs["sft_steps"] = train("sft_steps", *FLAGS["sft"], "--method=sft", "--seed=1337", *curve,
-                                  f"--steps={evals(runs['sharpen_sft'])[-1][0]}")
+        runs["sft_steps"] = method_run("sft_steps", "sft", 0, *curve, steps=evals(runs["sharpen_sft"])[-1][0])
     seeds = {f"{m}_s{s}": method_run(f"{m}_s{s}", m, s, "--eval_seeds=0", "--ckpt_interval=10")
              for s in (1, 2) for m in seeded.split("+")}
     print(f"2/4 held-out evaluation, the base model's best-of-N ({amortise} candidates) and search")
