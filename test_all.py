@@ -1506,10 +1506,10 @@ def test_eval_cli_two_models_and_search():
 
 
 def test_reproduce_quick_end_to_end_and_resumable():
-    """dev/reproduce.py --quick writes every table and figure; run again, it trains and evaluates nothing; its
-    committed-copy redraw reads the figures back from its own results.md."""
+    """dev/reproduce.py --quick (two training runs at a time) writes every table and figure; run again, it trains
+    and evaluates nothing; its committed-copy redraw reads the figures back from its own results.md."""
     with tempfile.TemporaryDirectory() as d:
-        _, log = run("dev/reproduce.py", "--quick", f"--out={d}")
+        _, log = run("dev/reproduce.py", "--quick", "--jobs=2", f"--out={d}")
         md = open(f"{d}/results.md").read()
         for needle in ("| sharpen_rlhf |", "| raft_s2 |", "greedy2", "Three training seeds", "| raft |", "Amortisation",
                        "| n_traj=2 |", "| sharpen_rlhf − raft |", "| sharpen_sft − sft_steps |", "| --eta=1 |", "Reward hacking", "Selected by gold", "Base model best-of-N"):

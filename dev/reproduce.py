@@ -9,6 +9,7 @@ lambda) on sharpen_rlhf at the same budget; reward hacking on the learned toycli
 
     python dev/reproduce.py            # ~5 h on 2 CPU cores -> out/reproduce/results.md + figures
     python dev/reproduce.py --quick    # tiny settings, a few minutes (test_all.py runs it)
+    python dev/reproduce.py --jobs=2   # two training runs at a time, a thread each
     python dev/reproduce.py --redraw=docs/reproduce.md --fig_dir=docs/fig   # figures from a results.md
 
 Each stage is a train.py / eval.py subprocess that writes its own folder under `out` (relative to the
@@ -23,7 +24,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # python dev/reproduce.py from anywhere
@@ -46,6 +49,8 @@ curve_evals = 4          # held-out evaluations during each main run (2 seeds ea
 hack_reward = "toyclip"  # reward hacking: hack_methods on this learned reward for hack_budget x budget, gold tracked
 hack_methods = "sharpen_rlhf"
 hack_budget = 3
+jobs = 1                 # training runs side by side, each with cores / jobs torch threads (2 x 1 thread on 2 cores
+                         # is ~12 % faster than 1 x 2); the evaluations run one at a time on every core
 redraw = ""              # a results.md: only redraw its figures (amortisation, convergence, reward_vs_nfe)
 fig_dir = ""             # where redraw writes them ("" = beside the results.md)
 # -----------------------------------------------------------------------------
@@ -56,6 +61,7 @@ FLAGS = {  # each method's settings; the controls share sharpen_sft's so that ea
     "continued": [SFT_CONFIG, "--captions=alttext"],  # more pretraining: "more training"
 }
 OWN_SAMPLER = {"ddpo": ["--eta=1"]}  # methods trained on another sampler than the evaluation's: eval.py flags for it
+POOL, QUEUED, LOCK = None, [], threading.Lock()  # with jobs > 1: the training runs in flight, and out/wall.json's lock
 
 
 def sh(script, *args, log=None):
@@ -69,14 +75,16 @@ def sh(script, *args, log=None):
         tail = open(log).read()[-1500:] if log else ""
         raise SystemExit(f"error: {' '.join(cmd)} failed ({p.returncode}); see {log}\n{tail}")
     path, key = os.path.join(out, "wall.json"), os.path.relpath(log or script, out)
-    wall = json.load(open(path)) if os.path.exists(path) else {}
-    wall[key] = wall.get(key, 0) + time.time() - t0
-    json.dump(wall, open(path, "w"), indent=1)
+    with LOCK:
+        wall = json.load(open(path)) if os.path.exists(path) else {}
+        wall[key] = wall.get(key, 0) + time.time() - t0
+        json.dump(wall, open(path, "w"), indent=1)
     print(f"  {script} {' '.join(map(str, args))[:100]} ({time.time() - t0:.0f}s)", flush=True)
 
 
 def train(name, *args):
-    """train.py into out/name unless it already finished; resume it if it was interrupted."""
+    """train.py into out/name unless it already finished; resume it if it was interrupted. With jobs > 1 it is
+    queued and this returns at once: finished() waits for it."""
     d = os.path.join(out, name)
     if os.path.exists(os.path.join(d, "model", "unet")) and os.path.exists(os.path.join(d, "done")):
         return d
@@ -84,10 +92,25 @@ def train(name, *args):
     os.makedirs(d, exist_ok=True)
     tiny = [os.path.join(ROOT, "config", "reproduce_quick.py")] if quick else []
     files = [a for a in args if not a.startswith("--")]  # config files first, the tiny settings over them, then flags
-    sh("train.py", *files, *tiny, *[a for a in args if a.startswith("--")], f"--out_dir={d}", *resume,
-       log=os.path.join(d, "stdout.txt"))
-    open(os.path.join(d, "done"), "w").close()
+    threads = [f"--threads={max(1, (os.cpu_count() or 1) // jobs)}"] if jobs > 1 else []
+    run = lambda: (sh("train.py", *files, *tiny, *[a for a in args if a.startswith("--")], f"--out_dir={d}",  # noqa: E731
+                      *resume, *threads, log=os.path.join(d, "stdout.txt")), open(os.path.join(d, "done"), "w").close())
+    if POOL:
+        QUEUED.append((d, POOL.submit(run)))
+    else:
+        run()
     return d
+
+
+def finished(*dirs):
+    """Wait for the queued training runs (those in `dirs`, or all); a failed one raises its error here."""
+    for d, f in QUEUED:
+        if not dirs or d in dirs:
+            try:
+                f.result()
+            except BaseException:  # a failed run (or Ctrl-C) starts no further runs; those in flight end first
+                POOL.shutdown(wait=False, cancel_futures=True)
+                raise
 
 
 def method_run(name, method, seed=0, *extra, steps=0):
@@ -121,7 +144,7 @@ def evaluate(name, models, extra=()):
 
 
 def main():
-    global out, budget, eval_seeds, amortise, search, curve_evals, methods, seeded, ablations
+    global out, budget, eval_seeds, amortise, search, curve_evals, methods, seeded, ablations, POOL
     S.configure(globals(), sys.argv[1:])
     if redraw:
         return redraw_figures(redraw, fig_dir or os.path.dirname(os.path.abspath(redraw)))
@@ -130,28 +153,33 @@ def main():
         budget, eval_seeds, amortise, search, curve_evals = 400, 1, 2, "greedy2", 1
         methods, seeded, ablations = "sharpen_rlhf+sharpen_sft+sft+raft+ddpo", "raft", "n_traj=2"
     os.makedirs(out, exist_ok=True)
+    POOL = ThreadPoolExecutor(jobs) if jobs > 1 else None
     t0 = time.time()
-    print(f"1/4 every method at equal compute ({budget} UNet passes each, grad x3); seeds 1, 2 of {seeded}")
+    print(f"1/4 every method at equal compute ({budget} UNet passes each, grad x3); seeds 1, 2 of {seeded}; "
+          "ablations of sharpen_rlhf (n, m, last-step reward, lambda); reward hacking: "
+          f"{hack_methods} on {hack_reward} for {hack_budget}x the budget, gold tracked ({jobs} at a time)")
     curve = [f"--eval_count={curve_evals}", f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10"]
     runs = {m: method_run(m, m, 0, *curve) for m in methods.split("+")}
-    if "sharpen_sft" in runs and "sft" in runs:  # and at sharpen_sft's steps (equal compute gives sft twice the steps)
-        runs["sft_steps"] = method_run("sft_steps", "sft", 0, *curve, steps=evals(runs["sharpen_sft"])[-1][0])
     seeds = {f"{m}_s{s}": method_run(f"{m}_s{s}", m, s, "--eval_seeds=0", "--ckpt_interval=10")
              for s in (1, 2) for m in seeded.split("+")}
-    print(f"2/4 held-out evaluation, the base model's best-of-N ({amortise} candidates) and search")
-    models = [S.TOY_MODEL] + [os.path.join(d, "model") for d in list(runs.values()) + list(seeds.values())]
-    main_rows = evaluate("eval", models, [f"--amortise={amortise}", f"--search={search}"])
-    own = {m: evaluate(f"eval_{m}_own_sampler", [S.TOY_MODEL, os.path.join(runs[m], "model")], flags)
-           for m, flags in OWN_SAMPLER.items() if m in runs}  # trained with another sampler: evaluated with it too
-    print("3/4 ablations of sharpen_rlhf at the same budget: n, m, last-step reward, lambda")
     abl = {a: method_run("abl_" + re.sub(r"\W+", "_", a), "sharpen_rlhf", 0, f"--{a}", "--eval_seeds=0",
                          "--ckpt_interval=10") for a in ablations.split("+")}
-    default = method_run("sharpen_rlhf", "sharpen_rlhf", 0, *curve)  # stage 1's run (trained here if not in methods)
-    abl_rows = evaluate("ablations", [S.TOY_MODEL] + [os.path.join(d, "model") for d in [default, *abl.values()]])
-    print(f"4/4 reward hacking: {hack_methods} on {hack_reward} for {hack_budget}x the budget, gold tracked")
+    default = runs.get("sharpen_rlhf") or method_run("sharpen_rlhf", "sharpen_rlhf", 0, *curve)  # the ablations' reference
+    if "sharpen_sft" in runs and "sft" in runs:  # and at sharpen_sft's steps (equal compute gives sft twice the steps)
+        finished(runs["sharpen_sft"])
+        runs["sft_steps"] = method_run("sft_steps", "sft", 0, *curve, steps=evals(runs["sharpen_sft"])[-1][0])
     hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={m}", f"--reward={hack_reward}",
                      f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, 6)}",
                      f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in hack_methods.split("+")}
+    finished()
+    print(f"2/4 held-out evaluation, the base model's best-of-N ({amortise} candidates) and search")
+    models = [S.TOY_MODEL] + [os.path.join(d, "model") for d in list(runs.values()) + list(seeds.values())]
+    main_rows = evaluate("eval", models, [f"--amortise={amortise}", f"--search={search}"])
+    print("3/4 the same for the trained-with-another-sampler methods with their own sampler, and for the ablations")
+    own = {m: evaluate(f"eval_{m}_own_sampler", [S.TOY_MODEL, os.path.join(runs[m], "model")], flags)
+           for m, flags in OWN_SAMPLER.items() if m in runs}
+    abl_rows = evaluate("ablations", [S.TOY_MODEL] + [os.path.join(d, "model") for d in [default, *abl.values()]])
+    print("4/4 results.md and figures")
     write_results(runs, seeds, main_rows, own, abl, abl_rows, hack)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {out}/results.md")
 
