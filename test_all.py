@@ -516,6 +516,25 @@ def test_best_of_n_curve_and_matching_n_by_hand():
     assert a["lo"] <= 1 <= a["hi"] and a["lo"] <= a["n"] <= a["hi"] and a["hi"] - a["lo"] > 0.1, a
 
 
+def test_selection_statistics_by_hand():
+    """dev/selection.py's table on a hand case: prompt A's path rewards pick trajectory 0, prompt B's tie (a
+    uniform pick: its expectations over all three); agreement, gains, the winner-loser gap and the loss
+    difference by hand. And its rollouts on the built-in model: one path reward per trajectory in 0..m."""
+    from dev import selection
+    R = torch.tensor([[2.0, 1, 1], [1, 1, 1]], dtype=torch.float64)
+    G = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.5]], dtype=torch.float64)
+    L = torch.tensor([[0.1, 0.2, 0.3], [0.3, 0.3, 0.6]], dtype=torch.float64)
+    F = torch.tensor([[0.0, 1, 1], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    c = {k: v[0] for k, v in selection.summary(R, G, L, F).items()}
+    want = {"no preference": 0.5, "agree": 2 / 3, "agree by chance": 1 / 3, "selected − mean G": 0.25,
+            "oracle − mean G": 0.5, "best-of-n of independent samples − mean": 1 / 6, "captured": 0.5,
+            "G_w − G_l (preference pairs)": 0.75, "oracle max − min": 1.0, "loss_sel − loss_mean": -0.05}
+    assert c.keys() == want.keys() and all(abs(c[k] - want[k]) < 1e-9 for k in want), c
+    selection.prompts, selection.n_traj, selection.batch = 3, 2, 2
+    R, G, L, F = selection.measure(S.load_model(S.TOY_MODEL), "rlhf", 2)
+    assert R.shape == G.shape == L.shape == F.shape == (3, 2) and ((R >= 0) & (R <= 2)).all(), (R, G)
+
+
 def test_start_step_drawn_per_prompt():
     """Alg. 2 draws the noise level per sample: the prompts of one micro-step start at different steps,
     each inside the range, and a prompt's start depends on its global index alone (so any split over ranks

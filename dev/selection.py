@@ -1,0 +1,127 @@
+"""
+How much of search does the path-integral selection carry? For train prompts, as train.py rolls them (the
+prompt, the start step drawn per prompt, the n noises that reach x_t, the m scored DDIM steps), each of the n
+trajectories is also sampled on to the end, and its final image is scored with the gold judge. Selection
+(argmax of the path reward R, Eq. 8; ties broken uniformly) is then compared with the oracle that picks by the
+final gold G: best-of-n among the same trajectories, the search that sharpening tries to amortise.
+
+    python dev/selection.py                       # the built-in model, sharpen_rlhf's and sharpen_sft's settings
+    python dev/selection.py --n_traj=8 --prompts=128
+
+Per algorithm (rlhf: the model's own sample is noised, m = 3; sft: the dataset render, m = 1, as
+config/sharpen_sft.py), over prompts (mean ± SE): `no preference`: prompts whose n path rewards all tie;
+`agree`: P(the selected trajectory has the best final G) against chance (a uniform pick); `selected − mean G`:
+the final gold the selection gains over a uniform pick; `oracle − mean G`: best-of-n's gain among the same
+trajectories; `captured`: their ratio; `best-of-n of independent samples`: its gain among n samples from fresh
+noise (eval.py's best-of-n, the search the comparison is about); `G_w − G_l`: the final gold gap between RLHF's winner and loser (oracle: max − min); `loss_sel −
+loss_mean`: the denoising loss of the base model at the selected trajectories' states minus the mean over all n
+(< 0: the selection picks states the model already denoises well).
+"""
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import sample as S  # noqa: E402
+import sharpen  # noqa: E402
+import toyworld  # noqa: E402
+from reward import compositional  # noqa: E402
+
+# -----------------------------------------------------------------------------
+model = S.TOY_MODEL      # the model folder
+prompts = 256            # train prompts (train.py's prompts 0..prompts-1 of seed `seed`)
+n_traj = 3               # trajectories per prompt (train.py's default)
+m_rlhf = 3               # rolled, scored steps for rlhf (train.py's default) and sft (config/sharpen_sft.py)
+m_sft = 1
+start_range = "0.05:0.45"
+num_steps = 20
+agg = "sum"
+seed = 1337
+batch = 32               # prompts per batch
+# -----------------------------------------------------------------------------
+
+
+def gold(pipe, x, prompts_):
+    return compositional(S.to_images(pipe, x), prompts_)[0].double()
+
+
+@torch.no_grad()
+def measure(pipe, algo, m):
+    """Per prompt: R (n,), G (n,), loss (n,) for `algo` (rlhf | sft), and F (n,): the final gold of n samples
+    from independent noise (eval.py's best-of-n)."""
+    ts, u, n = S.timesteps(pipe, num_steps), S.uncond(pipe), n_traj
+    lo, hi = (float(v) for v in start_range.split(":"))
+    k_range = tuple(min(round(f * num_steps), num_steps - m) for f in (lo, hi))
+    R, G, L, F = [], [], [], []
+    for b0 in range(0, prompts, batch):
+        gidx = list(range(b0, min(prompts, b0 + batch)))
+        ps = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g))) for g in gidx]
+        cond = S.encode(pipe, ps)
+        if algo == "sft":
+            x0 = S.from_images(pipe, torch.stack([torch.from_numpy(toyworld.render(toyworld.parse(p), np.random.default_rng(
+                seed + g))[0]) for p, g in zip(ps, gidx)]))
+        else:
+            gens = [torch.Generator().manual_seed(seed * 31 + g) for g in gidx]
+            x0 = S.rollout(pipe, S.randn(pipe.latent_shape, gens), ts, cond, u, 1.0, 0.0, gens, record=False)
+        gens = [torch.Generator().manual_seed((seed * 1_000_003 + g) * 64 + 32 + j) for g in gidx for j in range(n)]
+        fresh = S.rollout(pipe, S.randn(pipe.latent_shape, gens), ts, cond.repeat_interleave(n, 0), u, 1.0, 0.0, gens,
+                          record=False)
+        F += list(gold(pipe, fresh, [p for p in ps for _ in range(n)]).view(len(gidx), n))
+        ks = sharpen.start_steps(gidx, k_range, seed)
+        for k in sorted(set(ks)):  # prompts that start at step k: their n trajectories rolled on to the end
+            rows = [i for i, kk in enumerate(ks) if kk == k]
+            gens = [torch.Generator().manual_seed((seed * 1_000_003 + gidx[i]) * 64 + j) for i in rows for j in range(n)]
+            x0n, condn = x0[rows].repeat_interleave(n, 0), cond[rows].repeat_interleave(n, 0)
+            eps0 = S.randn(pipe.latent_shape, gens)
+            traj = S.rollout(pipe, S.add_noise(pipe, x0n, ts[k].expand(len(x0n)), eps0), ts[k:], condn, u, 1.0, 0.0, gens)
+            pn = [ps[i] for i in rows for _ in range(n)]
+            per_step = torch.stack([gold(pipe, traj.x0_pred[:, j], pn) for j in range(m)], 1)
+            R += list(sharpen.trajectory_rewards(per_step.view(len(rows), n, m), agg))
+            G += list(gold(pipe, traj.x_final, pn).view(len(rows), n))
+            tgt, _ = S.training_target(pipe, traj.x[:, :m].flatten(0, 1), x0n.repeat_interleave(m, 0),
+                                       traj.t[:m].repeat(len(x0n)))
+            mse = (traj.model_out[:, :m].flatten(0, 1) - tgt).pow(2).flatten(1).mean(1).double()
+            L += list(mse.view(len(rows), n, m).mean(2))
+    return torch.stack(R), torch.stack(G), torch.stack(L), torch.stack(F)
+
+
+def summary(R, G, L, F):
+    """The table's cells: mean ± SE over prompts of each statistic (see the docstring)."""
+    best_r = (R == R.max(1, keepdim=True).values).double()  # the selection's tie set
+    worst_r = (R == R.min(1, keepdim=True).values).double()
+    best_g = (G == G.max(1, keepdim=True).values).double()
+    pick = lambda w, v: (w * v).sum(1) / w.sum(1)  # noqa: E731  expected value under a uniform pick within w
+    tie = (R.max(1).values == R.min(1).values).double()
+    pref = tie == 0
+    stats = {"no preference": tie,
+             "agree": pick(best_r, best_g), "agree by chance": best_g.mean(1),
+             "selected − mean G": pick(best_r, G) - G.mean(1), "oracle − mean G": G.max(1).values - G.mean(1),
+             "best-of-n of independent samples − mean": F.max(1).values - F.mean(1),
+             "G_w − G_l (preference pairs)": (pick(best_r, G) - pick(worst_r, G))[pref],
+             "oracle max − min": (G.max(1).values - G.min(1).values)[pref],
+             "loss_sel − loss_mean": pick(best_r, L) - L.mean(1)}
+    cells = {k: (v.mean().item(), v.std().item() / len(v) ** 0.5) for k, v in stats.items()}
+    cells["captured"] = (cells["selected − mean G"][0] / max(cells["oracle − mean G"][0], 1e-9), float("nan"))
+    return cells
+
+
+def main():
+    S.configure(globals(), sys.argv[1:])
+    torch.set_num_threads(os.cpu_count())
+    pipe = S.load_model(model)
+    cols = {}
+    for algo, m in (("rlhf", m_rlhf), ("sft", m_sft)):
+        cols[f"{algo} (n={n_traj}, m={m})"] = summary(*measure(pipe, algo, m))
+    print(f"{prompts} train prompts of seed {seed}, {num_steps} DDIM steps, start_range {start_range}, agg {agg}\n")
+    print("| statistic | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    for k in next(iter(cols.values())):
+        print(f"| {k} | " + " | ".join(f"{c[k][0]:.3f}" + ("" if c[k][1] != c[k][1] else f" ± {c[k][1]:.3f}")
+                                       for c in cols.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
