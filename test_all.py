@@ -531,8 +531,9 @@ def test_selection_statistics_by_hand():
             "G_w − G_l (preference pairs)": 0.75, "oracle max − min": 1.0, "loss_sel − loss_mean": -0.05}
     assert c.keys() == want.keys() and all(abs(c[k] - want[k]) < 1e-9 for k in want), c
     selection.prompts, selection.n_traj, selection.batch = 3, 2, 2
-    R, G, L, F = selection.measure(S.load_model(S.TOY_MODEL), "rlhf", 2)
+    R, G, L, F, K = selection.measure(S.load_model(S.TOY_MODEL), "rlhf", 2)
     assert R.shape == G.shape == L.shape == F.shape == (3, 2) and ((R >= 0) & (R <= 2)).all(), (R, G)
+    assert K.tolist() == sharpen.start_steps(range(3), (1, 9), selection.seed) and (L > 0).all(), (K, L)
 
 
 def test_start_step_drawn_per_prompt():

@@ -51,12 +51,12 @@ def gold(pipe, x, prompts_):
 
 @torch.no_grad()
 def measure(pipe, algo, m):
-    """Per prompt: R (n,), G (n,), loss (n,) for `algo` (rlhf | sft), and F (n,): the final gold of n samples
-    from independent noise (eval.py's best-of-n)."""
+    """Per prompt: R (n,), G (n,), loss (n,) for `algo` (rlhf | sft), F (n,): the final gold of n samples from
+    independent noise (eval.py's best-of-n), and K: the start step."""
     ts, u, n = S.timesteps(pipe, num_steps), S.uncond(pipe), n_traj
     lo, hi = (float(v) for v in start_range.split(":"))
     k_range = tuple(min(round(f * num_steps), num_steps - m) for f in (lo, hi))
-    R, G, L, F = [], [], [], []
+    R, G, L, F, K = [], [], [], [], []
     for b0 in range(0, prompts, batch):
         gidx = list(range(b0, min(prompts, b0 + batch)))
         ps = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g))) for g in gidx]
@@ -72,6 +72,7 @@ def measure(pipe, algo, m):
                           record=False)
         F += list(gold(pipe, fresh, [p for p in ps for _ in range(n)]).view(len(gidx), n))
         ks = sharpen.start_steps(gidx, k_range, seed)
+        Rb, Gb, Lb = (torch.zeros(len(gidx), n, dtype=torch.float64) for _ in range(3))
         for k in sorted(set(ks)):  # prompts that start at step k: their n trajectories rolled on to the end
             rows = [i for i, kk in enumerate(ks) if kk == k]
             gens = [torch.Generator().manual_seed((seed * 1_000_003 + gidx[i]) * 64 + j) for i in rows for j in range(n)]
@@ -80,13 +81,14 @@ def measure(pipe, algo, m):
             traj = S.rollout(pipe, S.add_noise(pipe, x0n, ts[k].expand(len(x0n)), eps0), ts[k:], condn, u, 1.0, 0.0, gens)
             pn = [ps[i] for i in rows for _ in range(n)]
             per_step = torch.stack([gold(pipe, traj.x0_pred[:, j], pn) for j in range(m)], 1)
-            R += list(sharpen.trajectory_rewards(per_step.view(len(rows), n, m), agg))
-            G += list(gold(pipe, traj.x_final, pn).view(len(rows), n))
+            Rb[rows] = sharpen.trajectory_rewards(per_step.view(len(rows), n, m), agg)
+            Gb[rows] = gold(pipe, traj.x_final, pn).view(len(rows), n)
             tgt, _ = S.training_target(pipe, traj.x[:, :m].flatten(0, 1), x0n.repeat_interleave(m, 0),
                                        traj.t[:m].repeat(len(x0n)))
             mse = (traj.model_out[:, :m].flatten(0, 1) - tgt).pow(2).flatten(1).mean(1).double()
-            L += list(mse.view(len(rows), n, m).mean(2))
-    return torch.stack(R), torch.stack(G), torch.stack(L), torch.stack(F)
+            Lb[rows] = mse.view(len(rows), n, m).mean(2)
+        R, G, L, K = R + [Rb], G + [Gb], L + [Lb], K + ks
+    return torch.cat(R), torch.cat(G), torch.cat(L), torch.stack(F), torch.tensor(K)
 
 
 def summary(R, G, L, F):
@@ -104,7 +106,9 @@ def summary(R, G, L, F):
              "G_w − G_l (preference pairs)": (pick(best_r, G) - pick(worst_r, G))[pref],
              "oracle max − min": (G.max(1).values - G.min(1).values)[pref],
              "loss_sel − loss_mean": pick(best_r, L) - L.mean(1)}
-    cells = {k: (v.mean().item(), v.std().item() / len(v) ** 0.5) for k, v in stats.items()}
+    nan = float("nan")
+    cells = {k: (v.mean().item() if len(v) else nan, v.std().item() / len(v) ** 0.5 if len(v) > 1 else nan)
+             for k, v in stats.items()}
     cells["captured"] = (cells["selected − mean G"][0] / max(cells["oracle − mean G"][0], 1e-9), float("nan"))
     return cells
 
@@ -113,14 +117,24 @@ def main():
     S.configure(globals(), sys.argv[1:])
     torch.set_num_threads(os.cpu_count())
     pipe = S.load_model(model)
-    cols = {}
+    cols, by_k = {}, []
     for algo, m in (("rlhf", m_rlhf), ("sft", m_sft)):
-        cols[f"{algo} (n={n_traj}, m={m})"] = summary(*measure(pipe, algo, m))
+        R, G, L, F, K = measure(pipe, algo, m)
+        cols[f"{algo} (n={n_traj}, m={m})"] = summary(R, G, L, F)
+        for k in sorted(set(K.tolist())):  # where the trajectories start: how much they still differ
+            c, i = summary(R[K == k], G[K == k], L[K == k], F[K == k]), K == k
+            by_k.append(f"| {algo} | {k} | {int(i.sum())} | {c['no preference'][0]:.2f} | {c['selected − mean G'][0]:+.3f} | "
+                        f"{c['oracle − mean G'][0]:+.3f} ± {c['oracle − mean G'][1]:.3f} | "
+                        f"{c['best-of-n of independent samples − mean'][0]:+.3f} |")
+    cell = lambda v: f"{v[0]:.3f}" + ("" if v[1] != v[1] else f" ± {v[1]:.3f}")  # noqa: E731
     print(f"{prompts} train prompts of seed {seed}, {num_steps} DDIM steps, start_range {start_range}, agg {agg}\n")
     print("| statistic | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for k in next(iter(cols.values())):
-        print(f"| {k} | " + " | ".join(f"{c[k][0]:.3f}" + ("" if c[k][1] != c[k][1] else f" ± {c[k][1]:.3f}")
-                                       for c in cols.values()) + " |")
+        print(f"| {k} | " + " | ".join(cell(c[k]) for c in cols.values()) + " |")
+    print(f"\nBy start step k (of {num_steps}):\n")
+    print("| algorithm | k | prompts | no preference | selected − mean G | oracle − mean G | independent best-of-n "
+          "− mean |\n|---|---|---|---|---|---|---|")
+    print("\n".join(by_k))
 
 
 if __name__ == "__main__":
