@@ -5,7 +5,7 @@ its own settings (train.py's defaults; sharpen_sft and its controls config/sharp
 sharpen_sft's steps, half its compute: what the selection adds per step), three training seeds for the central
 ones; 41 held-out prompts x 16 seeds per model; the base model's best-of-N curve with the gold verifier and the
 N each trained model matches; the paper's ablations (n, m, path sum vs last step,
-lambda) on sharpen_rlhf at the same budget; reward hacking on the learned toyclip proxy with gold tracked.
+lambda; and the start range) on sharpen_rlhf at the same budget; reward hacking on the learned toyclip proxy with gold tracked.
 
     python dev/reproduce.py            # ~5 h on 2 CPU cores -> out/reproduce/results.md + figures
     python dev/reproduce.py --quick    # tiny settings, a few minutes (test_all.py runs it)
@@ -41,7 +41,8 @@ budget = 184320          # UNet cost of every training run (train.py nfe_budget:
                          # config/sharpen_sft.py's 480 steps
 methods = "sharpen_rlhf+sharpen_sft+sft+raft+diffusion_dpo+ddpo+continued"
 seeded = "sharpen_rlhf+sharpen_sft+sft+raft"  # these are trained with seeds 1 and 2 as well
-ablations = "n_traj=2+n_traj=5+m_steps=1+m_steps=5+score_steps=last+lam=inf"  # sharpen_rlhf, one change each
+ablations = "n_traj=2+n_traj=5+m_steps=1+m_steps=5+score_steps=last+lam=inf+start_range=0.05:0.15"  # sharpen_rlhf,
+                         # one change each; the last: starts at steps 1-3, where dev/selection.py finds the trajectories differ
 eval_seeds = 16          # seeds per held-out prompt in the final tables (41 prompts x 16 = 656 images)
 amortise = 16            # candidates per (prompt, seed) for the base model's best-of-N curve (N = 1..amortise)
 search = "noise1x3+greedy2"  # other inference-time search rows beside best-of-N
@@ -156,7 +157,7 @@ def main():
     POOL = ThreadPoolExecutor(jobs) if jobs > 1 else None
     t0 = time.time()
     print(f"1/4 every method at equal compute ({budget} UNet passes each, grad x3); seeds 1, 2 of {seeded}; "
-          "ablations of sharpen_rlhf (n, m, last-step reward, lambda); reward hacking: "
+          "ablations of sharpen_rlhf (n, m, last-step reward, lambda, start range); reward hacking: "
           f"{hack_methods} on {hack_reward} for {hack_budget}x the budget, gold tracked ({jobs} at a time)")
     curve = [f"--eval_count={curve_evals}", f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10"]
     runs = {m: method_run(m, m, 0, *curve) for m in methods.split("+")}
