@@ -41,8 +41,8 @@ budget = 184320          # UNet cost of every training run (train.py nfe_budget:
                          # config/sharpen_sft.py's 480 steps
 methods = "sharpen_rlhf+sharpen_sft+sft+raft+diffusion_dpo+ddpo+continued"
 seeded = "sharpen_rlhf+sharpen_sft+sft+raft"  # these are trained with seeds 1 and 2 as well
-ablations = "n_traj=2+n_traj=5+m_steps=1+m_steps=5+score_steps=last+lam=inf+start_range=0.05:0.15"  # sharpen_rlhf,
-                         # one change each; the last: starts at steps 1-3, where dev/selection.py finds the trajectories differ
+ablations = "n_traj=2+n_traj=5+m_steps=1+m_steps=5+score_steps=last+lam=inf+start_range=0.05:0.15"
+                         # sharpen_rlhf, one change each; the last starts at steps 1-3 only (dev/selection.py)
 eval_seeds = 16          # seeds per held-out prompt in the final tables (41 prompts x 16 = 656 images)
 amortise = 16            # candidates per (prompt, seed) for the base model's best-of-N curve (N = 1..amortise)
 search = "noise1x3+greedy2"  # other inference-time search rows beside best-of-N
