@@ -341,6 +341,11 @@ amp = (lambda: torch.autocast(dev.split(":")[0], amp_dtype)) if dtype != "fp32" 
 scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
 uncond = S.uncond(pipe)
 ts = S.timesteps(pipe, num_steps)  # the sampler schedule every trajectory follows (num_steps + 1,)
+if master and method == "sharpen_sft" and m_steps > 1 and sft_target == "exact":  # rolled states, aimed at the render
+    s_min = S.coeffs(pipe, ts[k_range[1] + m_steps - 1].view(1))[1].item()
+    if s_min < 0.1:  # x_t off the line to x0: eps = (x_t - a x0) / s grows as 1/s (flow: v, the same)
+        print(f"warning: sharpen_sft's rolled states reach noise level {s_min:.3f}, where the exact target toward the "
+              "image grows as 1/noise; --sft_target=official or an earlier --start_range end keeps it bounded")
 
 
 def lr_at(it):
