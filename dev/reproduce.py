@@ -58,6 +58,7 @@ fig_dir = ""             # where redraw writes them ("" = beside the results.md)
 SFT_CONFIG = os.path.join(ROOT, "config", "sharpen_sft.py")
 FLAGS = {  # each method's settings; the controls share sharpen_sft's so that each is one paired difference
     "sharpen_sft": [SFT_CONFIG],
+    "raft": [os.path.join(ROOT, "config", "raft.py")],  # its lr chosen on train prompts (train.py's collapses it)
     "sft": [SFT_CONFIG, "--sft_t=sampler"],  # plain SFT: random noise at the same noise levels
     "continued": [SFT_CONFIG, "--captions=alttext"],  # more pretraining: "more training"
 }
