@@ -1150,13 +1150,16 @@ def test_script_errors_are_one_line():
 
 def test_train_bad_input_one_line():
     """A bad setting or input stops train.py with one line naming it (before any work, besides its
-    overrides; a malformed model folder, found when loading, with one error line and no traceback)."""
+    overrides; a malformed model folder, found when loading, with one error line and no traceback). The
+    cases run two at a time (each is one process, and none writes)."""
     import shutil
-    with tempfile.TemporaryDirectory() as d:
+    from concurrent.futures import ThreadPoolExecutor
+    with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(2) as pool:
         open(f"{d}/file", "w").close()
         open(f"{d}/empty.txt", "w").close()
         os.makedirs(f"{d}/o")
         torch.save({"config": {"method": "sft", "seed": 1337}}, f"{d}/o/ckpt.pt")
+        cases = []
         for args, needle in [(["--method=dance"], "unknown method 'dance'"),
                              (["--prompts_per_step=3", "--grad_accum=2"], "prompts_per_step=3 is not divisible"),
                              (["--model=/no/such/model"], "/no/such/model"), (["--reward=nope"], "unknown reward 'nope'"),
@@ -1176,7 +1179,9 @@ def test_train_bad_input_one_line():
                              ([f"--prompt_file={d}/empty.txt"], "has no prompts"),
                              (["--method=sharpen_sft", f"--prompt_file={d}/empty.txt"], "dataset images")]:
             if "cuda" not in args[0] or not torch.cuda.is_available():
-                assert_one_line_error(needle, f"--out_dir={d}/o", *args)
+                cases.append(pool.submit(assert_one_line_error, needle, f"--out_dir={d}/o", *args))
+        for c in cases:
+            c.result()  # a failed case raises its assertion here
         shutil.copytree(S.TOY_MODEL, f"{d}/m")
         with open(f"{d}/m/unet/config.json", "w") as f:
             f.write("{ not json")
