@@ -1340,21 +1340,26 @@ def test_ddp_ties_on_one_rank_equal_one_rank():
     ranks and micro-steps): sharpen_rlhf, also with grad_accum = 2 (idle micro-steps under no_sync), and
     sharpen_sft and raft when every score of a rank fails. The other baselines finish too; a pool of ties is
     one error line."""
+    from concurrent.futures import ThreadPoolExecutor
     stub = StubGrader()
     try:
         with tempfile.TemporaryDirectory() as d:
             with open(f"{d}/prompts.txt", "w") as f:
                 f.write("tie a red circle\nvary a red circle\ngarbage a red circle\nvary two blue squares\n")
             grader = [f"--prompt_file={d}/prompts.txt", f"--reward=mllm@{stub.url}"]
-            for name, extra in (("rlhf", ["--method=sharpen_rlhf", "--prompts_per_step=2", "--probe_pairs=4", *grader]),
-                                ("accum", ["--method=sharpen_rlhf", "--prompts_per_step=4", "--grad_accum=2", *grader]),
-                                ("sft", ["--method=sharpen_sft", "--prompts_per_step=2",
-                                         f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"]),
-                                ("raft", ["--method=raft", "--prompts_per_step=2", "--raft_n=2", "--raft_epochs=1",
-                                          f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"])):
-                args = ["train.py", "--steps=4", *SHARPEN_TINY, "--lr=1e-4", "--grad_clip=1e6", *extra]  # unclipped:
-                run(*args, f"--out_dir={d}/{name}1")                       # Adam sees the gradient's scale
-                run(*TORCHRUN, *args, f"--out_dir={d}/{name}2")
+            cases = {"rlhf": ["--method=sharpen_rlhf", "--prompts_per_step=2", "--probe_pairs=4", *grader],
+                     "accum": ["--method=sharpen_rlhf", "--prompts_per_step=4", "--grad_accum=2", *grader],
+                     "sft": ["--method=sharpen_sft", "--prompts_per_step=2",
+                             f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"],
+                     "raft": ["--method=raft", "--prompts_per_step=2", "--raft_n=2", "--raft_epochs=1",
+                              f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"]}
+            args = {name: ["train.py", "--steps=4", *SHARPEN_TINY, "--lr=1e-4", "--grad_clip=1e6", *extra]  # unclipped:
+                    for name, extra in cases.items()}                                            # Adam sees the scale
+            with ThreadPoolExecutor(2) as pool:  # the 1-rank runs (1 thread each) two at a time
+                for f in [pool.submit(run, *a, f"--out_dir={d}/{name}1") for name, a in args.items()]:
+                    f.result()
+            for name in cases:
+                run(*TORCHRUN, *args[name], f"--out_dir={d}/{name}2")
                 one, two = step_lines(f"{d}/{name}1"), step_lines(f"{d}/{name}2")
                 assert len(two) == 4 and any(s["idle"] >= 1 and s["kept"] >= 1 for s in two), (name, two)  # one idled
                 for a, b in zip(one, two):  # an idle rank that halved the mean, or a mean per rank, shows here
