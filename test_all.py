@@ -1397,48 +1397,55 @@ def test_real_folders_sharpen_full_and_lora_export_reload():
     the other two combinations on one UNet each (rlhf full: SD1.5, sft LoRA: SDXL): the exported folder is a
     plain diffusers folder that reloads and samples, two Adam steps from the base; LoRA runs also write the
     adapters' file; the SDXL, SD3 and FLUX exports load as their diffusers pipelines and sample as we do."""
+    from concurrent.futures import ThreadPoolExecutor
     from dev import sdconfigs
-    with tempfile.TemporaryDirectory() as d:
-        for kind in ("sd15", "sdxl", "sd3", "flux"):
-            base = sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction="v_prediction" if kind == "sdxl" else "")
+    with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(2) as pool:
+        bases = {kind: sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction="v_prediction" if kind == "sdxl" else "")
+                 for kind in ("sd15", "sdxl", "sd3", "flux")}
+        runs = {}  # every training run first, two at a time (1 thread each), then the checks in order
+        for kind, base in bases.items():
             for method, lora in itertools.product(("sharpen_sft", "sharpen_rlhf"), (0, 4)):
                 if (method == "sharpen_rlhf") != bool(lora) and (kind, method) not in (("sd15", "sharpen_rlhf"),
                                                                                       ("sdxl", "sharpen_sft")):
                     continue
                 out = f"{d}/{kind}-{method}-{lora}"
-                _, log = run("train.py", f"--model={base}", f"--method={method}", "--steps=2",
-                             f"--lora_rank={lora}", f"--out_dir={out}", "--resolution=32", *REAL_TINY,
-                             *["--guidance=3.5"] * (kind == "flux"))  # FLUX: an input, one pass per step
-                losses = [s["loss"] for s in step_lines(out)]
-                assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
-                if kind == "flux":  # planned = counted UNet passes
-                    assert f"x 2 steps = {step_lines(out)[-1]['nfe']:.0f}" in log, log
-                assert_two_adam_steps(base, out, lora)
-                pipe = S.load_model(f"{out}/model", resolution=32)
-                assert not any(".lora_" in k for k in pipe.unet.state_dict())
-                assert S.sample(pipe, ["a red circle"], [0], num_steps=2).isfinite().all()
-                if lora:  # the adapters' file: merged weight = base weight + up @ down
-                    from safetensors.torch import load_file
-                    sd, w0 = load_file(f"{out}/model/pytorch_lora_weights.safetensors"), S.load_model(base).unet
-                    up, down = ("lora.up", "lora.down") if pipe.denoiser == "unet" else ("lora_B", "lora_A")
-                    key = next(k for k in sd if k.endswith(f".to_k.{up}.weight"))
-                    name = key.split(".", 1)[1].removesuffix(f".{up}.weight")
-                    torch.testing.assert_close(pipe.unet.get_submodule(name).weight, w0.get_submodule(name).weight
-                                               + sd[key] @ sd[key.replace(up, down)])
-                if kind != "sd15" and method == "sharpen_rlhf":  # a diffusers pipeline loads and samples it
-                    from diffusers import DiffusionPipeline
-                    ref = DiffusionPipeline.from_pretrained(f"{out}/model")
-                    ref.set_progress_bar_config(disable=True)
-                    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-                    img = ref(["a red circle"], latents=flux_tokens(x) if kind == "flux" else x.clone(),
-                              num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="pt").images
-                    want = S.to_images(pipe, S.rollout(pipe, x, S.timesteps(pipe, 2), S.encode(pipe, ["a red circle"]),
-                                                       S.uncond(pipe), 5.0, record=False))
-                    assert (img - want).abs().max() <= 1e-4
-                if kind == "sd15" and method == "sharpen_sft" and not lora:  # checkpointing changes no result
-                    run("train.py", f"--model={base}", f"--method={method}", "--steps=2", "--grad_ckpt",
-                        f"--out_dir={out}-ckpt", *REAL_TINY)
-                    weights_equal(f"{out}/model", f"{out}-ckpt/model", exact=False)
+                runs[kind, method, lora, base, out] = pool.submit(
+                    run, "train.py", f"--model={base}", f"--method={method}", "--steps=2", f"--lora_rank={lora}",
+                    f"--out_dir={out}", "--resolution=32", *REAL_TINY,
+                    *["--guidance=3.5"] * (kind == "flux"))  # FLUX: an input, one pass per step
+        ckpt = pool.submit(run, "train.py", f"--model={bases['sd15']}", "--method=sharpen_sft", "--steps=2", "--grad_ckpt",
+                           f"--out_dir={d}/sd15-sharpen_sft-0-ckpt", *REAL_TINY)
+        for (kind, method, lora, base, out), job in runs.items():
+            _, log = job.result()
+            losses = [s["loss"] for s in step_lines(out)]
+            assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
+            if kind == "flux":  # planned = counted UNet passes
+                assert f"x 2 steps = {step_lines(out)[-1]['nfe']:.0f}" in log, log
+            assert_two_adam_steps(base, out, lora)
+            pipe = S.load_model(f"{out}/model", resolution=32)
+            assert not any(".lora_" in k for k in pipe.unet.state_dict())
+            assert S.sample(pipe, ["a red circle"], [0], num_steps=2).isfinite().all()
+            if lora:  # the adapters' file: merged weight = base weight + up @ down
+                from safetensors.torch import load_file
+                sd, w0 = load_file(f"{out}/model/pytorch_lora_weights.safetensors"), S.load_model(base).unet
+                up, down = ("lora.up", "lora.down") if pipe.denoiser == "unet" else ("lora_B", "lora_A")
+                key = next(k for k in sd if k.endswith(f".to_k.{up}.weight"))
+                name = key.split(".", 1)[1].removesuffix(f".{up}.weight")
+                torch.testing.assert_close(pipe.unet.get_submodule(name).weight, w0.get_submodule(name).weight
+                                           + sd[key] @ sd[key.replace(up, down)])
+            if kind != "sd15" and method == "sharpen_rlhf":  # a diffusers pipeline loads and samples it
+                from diffusers import DiffusionPipeline
+                ref = DiffusionPipeline.from_pretrained(f"{out}/model")
+                ref.set_progress_bar_config(disable=True)
+                x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+                img = ref(["a red circle"], latents=flux_tokens(x) if kind == "flux" else x.clone(),
+                          num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="pt").images
+                want = S.to_images(pipe, S.rollout(pipe, x, S.timesteps(pipe, 2), S.encode(pipe, ["a red circle"]),
+                                                   S.uncond(pipe), 5.0, record=False))
+                assert (img - want).abs().max() <= 1e-4
+            if kind == "sd15" and method == "sharpen_sft" and not lora:  # checkpointing changes no result
+                ckpt.result()
+                weights_equal(f"{out}/model", f"{out}-ckpt/model", exact=False)
 
 
 def test_lora_bf16_resume_exact_and_prompt_file():
