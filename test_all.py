@@ -1267,12 +1267,21 @@ def raft_first_loss(seed=1337, P=4, N=4, num_steps=4):
 def test_baseline_methods_train_count_nfe_and_resume():
     """sft, continued, raft, diffusion_dpo, ddpo: planned = counted UNet passes, two exact Adam steps; raft's
     first loss equals a hand computation and its round serves raft_epochs steps (sampled once); raft killed
-    between the steps that share a sampled round resumes exactly (ddpo's round is checkpointed alike)."""
-    with tempfile.TemporaryDirectory() as d:
-        for method, per_step in (("sft", 3 * 4), ("continued", 3 * 4), ("diffusion_dpo", 4 * 8),
-                                 ("ddpo", 4 * 2 * (4 / 2 + 3 * 2)), ("raft", 4 * (4 * 4 / 2 + 3))):
-            _, log = run("train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}", *SHARPEN_TINY, "--captions=alttext",
-                         "--dpo_pool=8", "--nfe_budget=" + str(int(2 * per_step) + (64 if method == "diffusion_dpo" else 0)))
+    between the steps that share a sampled round resumes exactly (ddpo's round is checkpointed alike). The
+    runs go two at a time (1 thread each)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(2) as pool:
+        cases = (("sft", 3 * 4), ("continued", 3 * 4), ("diffusion_dpo", 4 * 8), ("ddpo", 4 * 2 * (4 / 2 + 3 * 2)),
+                 ("raft", 4 * (4 * 4 / 2 + 3)))
+        jobs = {method: pool.submit(run, "train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}",
+                                    *SHARPEN_TINY, "--captions=alttext", "--dpo_pool=8", "--nfe_budget="
+                                    + str(int(2 * per_step) + (64 if method == "diffusion_dpo" else 0)))
+                for method, per_step in cases}
+        os.makedirs(f"{d}/kill")  # raft killed between two steps that share a round
+        killed = pool.submit(crash_and_resume, ["train.py", "--method=raft", "--steps=4", "--ckpt_interval=1",
+                                                "--raft_epochs=4", *SHARPEN_TINY], f"{d}/kill")
+        for method, per_step in cases:
+            _, log = jobs[method].result()
             assert f"compute: {per_step:.0f} UNet passes per step planned (grad x3) x 2 steps" in log, log
             nfe = [s["nfe"] for s in step_lines(f"{d}/{method}")]
             pool = 8 * 2 * 4 if method == "diffusion_dpo" else 0  # 8 prompts x 2 samples x 4 steps, once
@@ -1281,9 +1290,7 @@ def test_baseline_methods_train_count_nfe_and_resume():
         lines = step_lines(f"{d}/raft")
         assert [s["scored"] for s in lines] == [16, 16], lines  # 4 prompts x 4 samples, once for 2 steps
         assert abs(lines[0]["loss"] - raft_first_loss()) < 2e-6, (lines[0]["loss"], raft_first_loss())
-    with tempfile.TemporaryDirectory() as d:  # killed between two steps that share a round
-        crash_and_resume(["train.py", "--method=raft", "--steps=4", "--ckpt_interval=1", "--raft_epochs=4",
-                          *SHARPEN_TINY], d)
+        killed.result()
 
 
 def test_train_with_every_reward_and_a_flaky_grader():
