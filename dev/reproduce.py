@@ -1,11 +1,11 @@
 """
 Reproduce the results on the toy world, end to end and resumable. The question: does training on selected
-trajectories buy, at 1x inference cost, what search buys at Nx? Every method at equal UNet compute, each with
-its own settings (train.py's defaults; sharpen_sft and its controls config/sharpen_sft.py's; plain sft also at
-sharpen_sft's steps, half its compute: what the selection adds per step), three training seeds for the central
-ones; 41 held-out prompts x 16 seeds per model; the base model's best-of-N curve with the gold verifier and the
-N each trained model matches; the paper's ablations (n, m, path sum vs last step, lambda; and the start
-range) on sharpen_rlhf at the same budget; reward hacking on the learned toyclip proxy with gold tracked.
+trajectories buy, at 1x inference cost, what search buys at Nx? Every method at equal UNet compute, each with its
+own settings (train.py's defaults; raft config/raft.py's; sharpen_sft and its controls config/sharpen_sft.py's;
+plain sft also at sharpen_sft's steps, half its compute: what the selection adds per step), three training seeds
+for the central ones; 41 held-out prompts x 16 seeds per model; the base model's best-of-N curve with the gold
+verifier and the N each trained model matches; the paper's ablations (n, m, path sum vs last step, lambda; and the
+start range) on sharpen_rlhf at the same budget; reward hacking on the learned toyclip proxy with gold tracked.
 
     python dev/reproduce.py            # ~5 h on 2 CPU cores -> out/reproduce/results.md + figures
     python dev/reproduce.py --quick    # tiny settings, a few minutes (test_all.py runs it)
