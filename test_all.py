@@ -1560,12 +1560,14 @@ def test_reproduce_quick_end_to_end_and_resumable():
         _, log = run("dev/reproduce.py", "--quick", "--jobs=2", f"--out={d}")
         md = open(f"{d}/results.md").read()
         for needle in ("| sharpen_rlhf |", "| raft_s2 |", "greedy2", "Three training seeds", "| raft |", "Amortisation",
-                       "| n_traj=2 |", "| sharpen_rlhf − raft |", "| sharpen_sft − sft_steps |", "| --eta=1 |", "Reward hacking", "Selected by gold", "Base model best-of-N"):
+                       "| n_traj=2 |", "| sharpen_rlhf − raft |", "| sharpen_sft − sft_steps |", "| --eta=1 |", "Reward hacking", "Selected by gold", "Base model best-of-N",
+                       "What the selection can carry", "| oracle − mean G |"):
             assert needle in md, needle
         for f in ("convergence.png", "amortisation.png", "reward_vs_nfe.png"):
             assert os.path.getsize(f"{d}/{f}") > 0, f
         _, log2 = run("dev/reproduce.py", "--quick", f"--out={d}")  # everything done: nothing runs again
-        assert "train.py" not in log2 and "eval.py" not in log2, log2
+        ran = [l for l in log2.splitlines() if l.startswith("  ")]  # sh() prints one such line per script it runs
+        assert "train.py" not in log2 and "eval.py" not in log2 and not ran, log2
         run("dev/reproduce.py", f"--redraw={d}/results.md", f"--fig_dir={d}/redrawn")
         assert all(os.path.getsize(f"{d}/redrawn/{f}") > 0 for f in ("convergence.png", "amortisation.png"))
         from dev import reproduce  # a resumed run logs its evals again: one row per step, the last line wins

@@ -181,8 +181,9 @@ def main():
     own = {m: evaluate(f"eval_{m}_own_sampler", [S.TOY_MODEL, os.path.join(runs[m], "model")], flags)
            for m, flags in OWN_SAMPLER.items() if m in runs}
     abl_rows = evaluate("ablations", [S.TOY_MODEL] + [os.path.join(d, "model") for d in [default, *abl.values()]])
-    print("4/4 results.md and figures")
-    write_results(runs, seeds, main_rows, own, abl, abl_rows, hack)
+    print("4/4 what the selection can carry (dev/selection.py, train prompts), results.md and figures")
+    sel = [selection(f"selection_n{n}", f"--n_traj={n}", f"--prompts={p}") for n, p in ((3, 256), (8, 128))[:1 + (not quick)]]
+    write_results(runs, seeds, main_rows, own, abl, abl_rows, hack, sel)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {out}/results.md")
 
 
@@ -200,7 +201,17 @@ def mean_se(values):
     return m, (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
 
 
-def write_results(runs, seeds, main_rows, own, abl, abl_rows, hack):
+def selection(name, *args):
+    """dev/selection.py's tables (its output from the first table on), cached in out/name.md."""
+    path = os.path.join(out, f"{name}.md")
+    if not os.path.exists(path):
+        sh("dev/selection.py", *args, *(["--prompts=4", "--num_steps=4"] if quick else []), log=path + ".part")
+        os.replace(path + ".part", path)
+    text = open(path).read()
+    return text[text.index("| statistic"):]
+
+
+def write_results(runs, seeds, main_rows, own, abl, abl_rows, hack, sel):
     ev = os.path.join(out, "eval")
     amo = json.load(open(os.path.join(ev, "amortisation.json")))
     wall = json.load(open(os.path.join(out, "wall.json")))
@@ -248,6 +259,9 @@ def write_results(runs, seeds, main_rows, own, abl, abl_rows, hack):
     curves = {m: [(nfe, g) for _, nfe, g, _ in evals(d)] for m, d in runs.items()}
     md.append("\nConvergence (held-out gold during each main run):\n\n| method | training UNet passes | gold |\n|---|---|---|\n")
     md += [f"| {m} | {nfe} | {g:.4f} |\n" for m, c in curves.items() for nfe, g in c]
+    for (n, p), table in zip(((3, 256), (8, 128)), sel):
+        md.append(f"\nWhat the selection can carry (dev/selection.py --n_traj={n}: {4 if quick else p} train prompts; "
+                  "each trajectory sampled on to the end, G its final gold):\n\n" + table)
     md.append("\nFigures: reward_vs_nfe.png, convergence.png, amortisation.png\n")
     open(os.path.join(out, "results.md"), "w").write("".join(md))
     print("".join(md))
