@@ -158,7 +158,7 @@ def main():
     POOL = ThreadPoolExecutor(jobs) if jobs > 1 else None
     t0 = time.time()
     print(f"1/4 every method at equal compute ({budget} UNet passes each, grad x3); seeds 1, 2 of {seeded}; "
-          "ablations of sharpen_rlhf (n, m, last-step reward, lambda, start range); reward hacking: "
+          f"ablations of sharpen_rlhf ({ablations.replace('+', ', ')}); reward hacking: "
           f"{hack_methods} on {hack_reward} for {hack_budget}x the budget, gold tracked ({jobs} at a time)")
     curve = [f"--eval_count={curve_evals}", f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10"]
     runs = {m: method_run(m, m, 0, *curve) for m in methods.split("+")}
