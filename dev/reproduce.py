@@ -14,7 +14,8 @@ start range) on sharpen_rlhf at the same budget; reward hacking on the learned t
 
 Each stage is a train.py / eval.py subprocess that writes its own folder under `out` (relative to the
 working directory); a stage whose output exists is skipped and an interrupted training run continues from
-its checkpoint, so re-running the command after a crash picks up where it stopped. --quick puts
+its checkpoint, so re-running the command after a crash picks up where it stopped. results.md is written
+once the main evaluation is done (the headline tables) and again, whole, at the end. --quick puts
 config/reproduce_quick.py into every train.py run, after its config files and before its flags. Held-out
 prompts and seeds are fixed (eval.py); no setting here was chosen on them. docs/reproduce.md and docs/fig/
 are committed copies of a full run's output.
@@ -157,31 +158,35 @@ def main():
     os.makedirs(out, exist_ok=True)
     POOL = ThreadPoolExecutor(jobs) if jobs > 1 else None
     t0 = time.time()
-    print(f"1/4 every method at equal compute ({budget} UNet passes each, grad x3); seeds 1, 2 of {seeded}; "
-          f"ablations of sharpen_rlhf ({ablations.replace('+', ', ')}); reward hacking: "
-          f"{hack_methods} on {hack_reward} for {hack_budget}x the budget, gold tracked ({jobs} at a time)")
+    print(f"1/5 every method at equal compute ({budget} UNet passes each, grad x3); seeds 1, 2 of {seeded} "
+          f"({jobs} at a time)")
     curve = [f"--eval_count={curve_evals}", f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10"]
     runs = {m: method_run(m, m, 0, *curve) for m in methods.split("+")}
     seeds = {f"{m}_s{s}": method_run(f"{m}_s{s}", m, s, "--eval_seeds=0", "--ckpt_interval=10")
              for s in (1, 2) for m in seeded.split("+")}
-    abl = {a: method_run("abl_" + re.sub(r"\W+", "_", a), "sharpen_rlhf", 0, f"--{a}", "--eval_seeds=0",
-                         "--ckpt_interval=10") for a in ablations.split("+")}
-    default = runs.get("sharpen_rlhf") or method_run("sharpen_rlhf", "sharpen_rlhf", 0, *curve)  # the ablations' reference
     if "sharpen_sft" in runs and "sft" in runs:  # and at sharpen_sft's steps (equal compute gives sft twice the steps)
         finished(runs["sharpen_sft"])
         runs["sft_steps"] = method_run("sft_steps", "sft", 0, *curve, steps=evals(runs["sharpen_sft"])[-1][0])
+    finished()
+    print(f"2/5 held-out evaluation, the base model's best-of-N ({amortise} candidates) and search; the methods trained "
+          "with another sampler with their own too; results.md without the ablations")
+    models = [S.TOY_MODEL] + [os.path.join(d, "model") for d in list(runs.values()) + list(seeds.values())]
+    main_rows = evaluate("eval", models, [f"--amortise={amortise}", f"--search={search}"])
+    own = {m: evaluate(f"eval_{m}_own_sampler", [S.TOY_MODEL, os.path.join(runs[m], "model")], flags)
+           for m, flags in OWN_SAMPLER.items() if m in runs}
+    write_results(runs, seeds, main_rows, own)  # the headline tables now; the rest follows
+    print(f"3/5 ablations of sharpen_rlhf ({ablations.replace('+', ', ')}); reward hacking: {hack_methods} on "
+          f"{hack_reward} for {hack_budget}x the budget, gold tracked ({jobs} at a time)")
+    abl = {a: method_run("abl_" + re.sub(r"\W+", "_", a), "sharpen_rlhf", 0, f"--{a}", "--eval_seeds=0",
+                         "--ckpt_interval=10") for a in ablations.split("+")}
+    default = runs.get("sharpen_rlhf") or method_run("sharpen_rlhf", "sharpen_rlhf", 0, *curve)  # the ablations' reference
     hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={m}", f"--reward={hack_reward}",
                      f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, 6)}",
                      f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in hack_methods.split("+")}
     finished()
-    print(f"2/4 held-out evaluation, the base model's best-of-N ({amortise} candidates) and search")
-    models = [S.TOY_MODEL] + [os.path.join(d, "model") for d in list(runs.values()) + list(seeds.values())]
-    main_rows = evaluate("eval", models, [f"--amortise={amortise}", f"--search={search}"])
-    print("3/4 the same for the trained-with-another-sampler methods with their own sampler, and for the ablations")
-    own = {m: evaluate(f"eval_{m}_own_sampler", [S.TOY_MODEL, os.path.join(runs[m], "model")], flags)
-           for m, flags in OWN_SAMPLER.items() if m in runs}
+    print("4/5 held-out evaluation of the ablations")
     abl_rows = evaluate("ablations", [S.TOY_MODEL] + [os.path.join(d, "model") for d in [default, *abl.values()]])
-    print("4/4 what the selection can carry (dev/selection.py, train prompts), results.md and figures")
+    print("5/5 what the selection can carry (dev/selection.py, train prompts), results.md and figures")
     sel = [selection(f"selection_n{n}", f"--n_traj={n}", f"--prompts={p}") for n, p in ((3, 256), (8, 128))[:1 + (not quick)]]
     write_results(runs, seeds, main_rows, own, abl, abl_rows, hack, sel)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {out}/results.md")
@@ -211,7 +216,8 @@ def selection(name, *args):
     return text[text.index("| statistic"):]
 
 
-def write_results(runs, seeds, main_rows, own, abl, abl_rows, hack, sel):
+def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=None, sel=()):
+    """results.md and its figures; without abl_rows (the ablations still to run) it says so in their place."""
     ev = os.path.join(out, "eval")
     amo = json.load(open(os.path.join(ev, "amortisation.json")))
     wall = json.load(open(os.path.join(out, "wall.json")))
@@ -244,13 +250,14 @@ def write_results(runs, seeds, main_rows, own, abl, abl_rows, hack, sel):
               "| model | gold | matches best-of-N | 95 % bounds |\n|---|---|---|---|\n")
     md += [f"| {k} | {by[k]['overall']:.3f} | {a['n']:.2f} | {a['lo']:.2f} – {a['hi']:.2f} |\n" for k, a in amo["models"].items()]
     md.append(f"\nBase model best-of-N, N = 1..{len(amo['curve'])}: " + ", ".join(f"{v:.3f}" for v in amo["curve"]) + "\n")
-    md.append(f"\nAblations (sharpen_rlhf at {budget} UNet passes, one change each; Δ vs base ± SE):\n\n"
+    md.append("\nAblations, reward hacking and the selection tables: not run yet (dev/reproduce.py adds them).\n"
+              if not abl_rows else f"\nAblations (sharpen_rlhf at {budget} UNet passes, one change each; Δ vs base ± SE):\n\n"
               "| run | gold | Δ vs base ± SE | binding | counting | spatial | diversity |\n|---|---|---|---|---|---|---|\n")
-    for tag, r in zip(["base", "default"] + list(abl), abl_rows):
+    for tag, r in zip(["base", "default"] + list(abl or ()), abl_rows or ()):
         delta = "—" if r["delta"] is None else f"{r['delta']:+.3f} ± {r['delta_se']:.3f}"
         md.append(f"| {tag} | {r['overall']:.3f} | {delta} | " + " | ".join(f"{v:.3f}" for v in r["per_skill"].values())
                   + f" | {r['diversity']:.3f} |\n")
-    for m, d in hack.items():
+    for m, d in (hack or {}).items():
         md.append(f"\nReward hacking ({m} on `{hack_reward}`; held-out, {1 if quick else 2} seeds):\n\n| step | nfe | {hack_reward} | gold |\n|---|---|---|---|\n")
         for step, nfe, g, kv in evals(d):
             md.append(f"| {step} | {nfe} | {kv.get('heldout ' + hack_reward, '')} | {g:.4f} |\n")
