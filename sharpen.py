@@ -194,6 +194,25 @@ def ppo_clip_loss(logp, logp_old, adv, clip):
     return loss, ((ratio - 1).abs() > clip).float().mean()
 
 
+def seed_for(seed, purpose, a, b=0):
+    """Every random draw's seed in a training run, from the run's seed and global indices (a prompt's draws do not
+    depend on its rank or micro-step): a = global prompt index g, or the step's first one, or (pretrain) the
+    micro-step. train.py draws with these; dev/selection.py re-rolls train.py's trajectories with the same."""
+    return {"prompt": seed * 1_000_003 + a, "scene": (seed * 1_000_003 + a) * 4096 + b,
+            "noise": (seed * 1_000_003 + a) * 64 + b, "sample": seed * 31 + a, "render": seed + a,
+            "t noise": seed * 7919 + a, "pool": seed * 7 + a, "pool prompts": seed * 99991,
+            "ddpo t": seed + a * 131 + b}[purpose]
+
+
+def step_range(start_range, num_steps, m):
+    """start_range 'a:b' (fractions of the schedule, 0 <= a <= b <= 1; '' = anywhere) -> the sampler steps (lo, hi)
+    a rollout may start from, leaving room for its m steps. ValueError if it is not of that form."""
+    f = tuple(float(v) for v in start_range.split(":")) if start_range else (0.0, 1.0)
+    if not (len(f) == 2 and 0 <= f[0] <= f[1] <= 1):
+        raise ValueError(start_range)
+    return tuple(min(round(v * num_steps), num_steps - m) for v in f)
+
+
 def start_steps(gidx, k_range, seed):
     """The DDIM step each prompt's rollouts start from, drawn per prompt as Alg. 2 draws t per sample, from
     (seed, global index) alone: the same prompt starts at the same step whatever its rank or micro-step."""

@@ -545,6 +545,14 @@ def test_start_step_drawn_per_prompt():
     assert sharpen.start_steps(range(32, 64), (1, 9), 1337) == ks[32:]
     assert sharpen.start_steps(range(64), (1, 9), 7) != ks
     assert set(sharpen.start_steps(range(16), (4, 4), 1337)) == {4}
+    assert sharpen.step_range("0.05:0.45", 20, 3) == (1, 9) and sharpen.step_range("", 20, 3) == (0, 17)
+    assert sharpen.step_range("0.5:1", 28, 1) == (14, 27)  # round(0.05 * 20) = 1; the last m steps stay free
+    for bad in ("0.5", "0.5:0.2", "a:b", "0:1.5", "0:0.2:0.4"):
+        try:
+            sharpen.step_range(bad, 20, 1)
+            raise AssertionError(bad)
+        except ValueError:
+            pass
 
 
 def test_weights_lam0_argmax_lam_inf_uniform():

@@ -175,11 +175,9 @@ if not 1 <= m_steps <= num_steps:
 if dtype == "fp16" and device != "cuda":
     fail("--dtype=fp16 needs --device=cuda (fp16 autocast + GradScaler); use bf16 on CPU")
 try:
-    k_range = tuple(float(v) for v in start_range.split(":")) if start_range else (0.0, 1.0)
-    assert len(k_range) == 2 and 0 <= k_range[0] <= k_range[1] <= 1
-except (ValueError, AssertionError):
+    k_range = sharpen.step_range(start_range, num_steps, m_steps)  # the start steps, room for m steps left
+except ValueError:
     fail(f"start_range={start_range!r}: expected 'a:b' with 0 <= a <= b <= 1 (fractions of the schedule)")
-k_range = tuple(min(round(f * num_steps), num_steps - m_steps) for f in k_range)  # room for m steps left
 if method == "sharpen_rlhf" and sft_target == "official" and dpo_target != "start":
     fail("--sft_target=official reuses the first noise, aimed at the sample that was noised: with sharpen_rlhf "
          "it needs --dpo_target=start (the outcome targets are exact by construction)")
@@ -355,12 +353,7 @@ def lr_at(it):
 
 
 def seed_for(purpose, a, b=0):
-    """Every random draw's seed, from the run's seed and global indices (a prompt's draws do not depend on
-    its rank or micro-step): a = global prompt index g, or the step's first one, or (pretrain) the micro-step."""
-    return {"prompt": seed * 1_000_003 + a, "scene": (seed * 1_000_003 + a) * 4096 + b,
-            "noise": (seed * 1_000_003 + a) * 64 + b, "sample": seed * 31 + a, "render": seed + a,
-            "t noise": seed * 7919 + a, "pool": seed * 7 + a, "pool prompts": seed * 99991,
-            "ddpo t": seed + a * 131 + b}[purpose]
+    return sharpen.seed_for(seed, purpose, a, b)  # every random draw's seed (see there)
 
 
 def train_prompt(g, rng=None):

@@ -54,20 +54,20 @@ def measure(pipe, algo, m):
     """Per prompt: R (n,), G (n,), loss (n,) for `algo` (rlhf | sft), F (n,): the final gold of n samples from
     independent noise (eval.py's best-of-n), and K: the start step."""
     ts, u, n = S.timesteps(pipe, num_steps), S.uncond(pipe), n_traj
-    lo, hi = (float(v) for v in start_range.split(":"))
-    k_range = tuple(min(round(f * num_steps), num_steps - m) for f in (lo, hi))
+    k_range = sharpen.step_range(start_range, num_steps, m)
+    seed_for = lambda *a: sharpen.seed_for(seed, *a)  # train.py's seeds  # noqa: E731
     R, G, L, F, K = [], [], [], [], []
     for b0 in range(0, prompts, batch):
         gidx = list(range(b0, min(prompts, b0 + batch)))
-        ps = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g))) for g in gidx]
+        ps = [toyworld.caption(toyworld.random_spec(random.Random(seed_for("prompt", g)))) for g in gidx]
         cond = S.encode(pipe, ps)
         if algo == "sft":
             x0 = S.from_images(pipe, torch.stack([torch.from_numpy(toyworld.render(toyworld.parse(p), np.random.default_rng(
-                seed + g))[0]) for p, g in zip(ps, gidx)]))
+                seed_for("render", g)))[0]) for p, g in zip(ps, gidx)]))
         else:
-            gens = [torch.Generator().manual_seed(seed * 31 + g) for g in gidx]
+            gens = [torch.Generator().manual_seed(seed_for("sample", g)) for g in gidx]
             x0 = S.rollout(pipe, S.randn(pipe.latent_shape, gens), ts, cond, u, 1.0, 0.0, gens, record=False)
-        gens = [torch.Generator().manual_seed((seed * 1_000_003 + g) * 64 + 32 + j) for g in gidx for j in range(n)]
+        gens = [torch.Generator().manual_seed(seed_for("noise", g, 32 + j)) for g in gidx for j in range(n)]
         fresh = S.rollout(pipe, S.randn(pipe.latent_shape, gens), ts, cond.repeat_interleave(n, 0), u, 1.0, 0.0, gens,
                           record=False)
         F += list(gold(pipe, fresh, [p for p in ps for _ in range(n)]).view(len(gidx), n))
@@ -75,7 +75,7 @@ def measure(pipe, algo, m):
         Rb, Gb, Lb = (torch.zeros(len(gidx), n, dtype=torch.float64) for _ in range(3))
         for k in sorted(set(ks)):  # prompts that start at step k: their n trajectories rolled on to the end
             rows = [i for i, kk in enumerate(ks) if kk == k]
-            gens = [torch.Generator().manual_seed((seed * 1_000_003 + gidx[i]) * 64 + j) for i in rows for j in range(n)]
+            gens = [torch.Generator().manual_seed(seed_for("noise", gidx[i], j)) for i in rows for j in range(n)]
             x0n, condn = x0[rows].repeat_interleave(n, 0), cond[rows].repeat_interleave(n, 0)
             eps0 = S.randn(pipe.latent_shape, gens)
             traj = S.rollout(pipe, S.add_noise(pipe, x0n, ts[k].expand(len(x0n)), eps0), ts[k:], condn, u, 1.0, 0.0, gens)
