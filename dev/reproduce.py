@@ -177,12 +177,13 @@ def main():
     write_results(runs, seeds, main_rows, own)  # the headline tables now; the rest follows
     print(f"3/5 ablations of sharpen_rlhf ({ablations.replace('+', ', ')}); reward hacking: {hack_methods} on "
           f"{hack_reward} for {hack_budget}x the budget, gold tracked ({jobs} at a time)")
-    abl = {a: method_run("abl_" + re.sub(r"\W+", "_", a), "sharpen_rlhf", 0, f"--{a}", "--eval_seeds=0",
-                         "--ckpt_interval=10") for a in ablations.split("+")}
-    default = runs.get("sharpen_rlhf") or method_run("sharpen_rlhf", "sharpen_rlhf", 0, *curve)  # the ablations' reference
+    # the long hacking run first: the ablations fill the other job slots beside it
     hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={m}", f"--reward={hack_reward}",
                      f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, 6)}",
                      f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in hack_methods.split("+")}
+    abl = {a: method_run("abl_" + re.sub(r"\W+", "_", a), "sharpen_rlhf", 0, f"--{a}", "--eval_seeds=0",
+                         "--ckpt_interval=10") for a in ablations.split("+")}
+    default = runs.get("sharpen_rlhf") or method_run("sharpen_rlhf", "sharpen_rlhf", 0, *curve)  # the ablations' reference
     finished()
     print("4/5 held-out evaluation of the ablations")
     abl_rows = evaluate("ablations", [S.TOY_MODEL] + [os.path.join(d, "model") for d in [default, *abl.values()]])
