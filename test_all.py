@@ -1288,6 +1288,9 @@ def test_baseline_methods_train_count_nfe_and_resume():
         os.makedirs(f"{d}/kill")  # raft killed between two steps that share a round
         killed = pool.submit(crash_and_resume, ["train.py", "--method=raft", "--steps=4", "--ckpt_interval=1",
                                                 "--raft_epochs=4", *SHARPEN_TINY], f"{d}/kill")
+        os.makedirs(f"{d}/dpokill")  # diffusion_dpo resumed: its pool, rebuilt, is counted once
+        dpo_killed = pool.submit(crash_and_resume, ["train.py", "--method=diffusion_dpo", "--steps=4", "--ckpt_interval=1",
+                                                    "--dpo_pool=8", *SHARPEN_TINY], f"{d}/dpokill")
         for method, per_step in cases:
             _, log = jobs[method].result()
             assert f"compute: {per_step:.0f} UNet passes per step planned (grad x3) x 2 steps" in log, log
@@ -1299,6 +1302,9 @@ def test_baseline_methods_train_count_nfe_and_resume():
         assert [s["scored"] for s in lines] == [16, 16], lines  # 4 prompts x 4 samples, once for 2 steps
         assert abs(lines[0]["loss"] - raft_first_loss()) < 2e-6, (lines[0]["loss"], raft_first_loss())
         killed.result()
+        dpo_killed.result()
+        full, part = (step_lines(f"{d}/dpokill/{k}")[-1] for k in ("full", "part"))
+        assert full["step"] == part["step"] == 4 and full["nfe"] == part["nfe"], (full, part)
 
 
 def test_train_with_every_reward_and_a_flaky_grader():

@@ -555,7 +555,10 @@ def dpo_pool_pairs():
 def dpo_loss(it, micro):
     """Diffusion-DPO (arXiv 2311.12908) on the offline pairs: one shared t and noise per pair."""
     if not pool:
+        counted = dict(spent)
         pool.extend(dpo_pool_pairs())
+        if it > 0:  # resumed: the checkpoint's counts hold the pool already (rebuilt here, the same pairs)
+            spent.update(counted)
     xw, xl, prompts = pool
     first = first_index(it, micro)
     idx = torch.tensor([g % len(prompts) for g in range(first, first + P)])  # cycles through the pool
