@@ -187,20 +187,31 @@ def matching_n(curve, g):
     return max(1 / len(curve), math.exp(logn[j - 1] + (g - curve[j - 1]) / slope)) if slope > 0 else float(j)
 
 
-def amortisation(base_rewards, model_gold, groups, boot=1000, seed=0):
+def amortisation(base_rewards, model_gold, groups, boot=1000, seed=0, base_gold=None):
     """base_rewards (B, K): the base model's K candidates per (prompt, seed) pair; model_gold (B,): a trained
     model's gold on the same pairs; groups (B,): the prompt of each pair. -> dict(n, lo, hi): the N whose
-    best-of-N the model matches, and its 95 % bounds from resampling prompts (paired)."""
+    best-of-N the model matches, and its 95 % bounds from resampling prompts (paired). With base_gold (B,), the
+    base's own sample of each pair (the noise the model's sample shares), also n_paired (lo_, hi_paired): the
+    N matched by best-of-1 of the curve plus the paired difference model - base, which leaves out how lucky
+    the shared noises are against the mean of the K candidates."""
     eb = expected_best(base_rewards)
     ids = sorted(set(groups))
     rows = {p: [i for i, q in enumerate(groups) if q == p] for p in ids}
-    n = matching_n(eb.mean(0), model_gold.double().mean().item())
+    d = None if base_gold is None else (model_gold.double() - base_gold.double())
+
+    def levels(pick):
+        c = eb[pick].mean(0)
+        out = [matching_n(c, model_gold[pick].double().mean().item())]
+        return out + ([] if d is None else [matching_n(c, c[0].item() + d[pick].mean().item())])
+    found = levels(list(range(len(groups))))
     g, draws = torch.Generator().manual_seed(seed), []
     for _ in range(boot):
-        pick = [i for j in torch.randint(len(ids), (len(ids),), generator=g).tolist() for i in rows[ids[j]]]
-        draws.append(matching_n(eb[pick].mean(0), model_gold[pick].double().mean().item()))
-    lo, hi = torch.tensor(draws, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return dict(n=n, lo=lo, hi=hi, curve=eb.mean(0).tolist())
+        draws.append(levels([i for j in torch.randint(len(ids), (len(ids),), generator=g).tolist() for i in rows[ids[j]]]))
+    q = torch.tensor(draws, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    out = dict(n=found[0], lo=q[0, 0].item(), hi=q[1, 0].item(), curve=eb.mean(0).tolist())
+    if d is not None:
+        out.update(n_paired=found[1], lo_paired=q[0, 1].item(), hi_paired=q[1, 1].item())
+    return out
 
 
 def run_search(pipe, name, prompts, seed_list, verifier):
@@ -412,14 +423,18 @@ def amortisation_report(rows, prompts, seed_list):
     for every other model (not search rows) the N it matches: amortisation.md/.json and amortisation.png."""
     pipe = S.load_model(str(models or model).split("+")[0], device, uncond=uncond_embed, resolution=resolution)
     base = best_of_n(pipe, prompts, seed_list, make_reward("compositional"), amortise, num_steps, guidance, eta)[2]
-    out = {r["name"]: amortisation(base["rewards"], r["gold_per_image"], prompts) for r in rows[1:] if not r["search"]}
+    gold = lambda r: torch.as_tensor(r["gold_per_image"])  # noqa: E731
+    out = {r["name"]: amortisation(base["rewards"], gold(r), prompts, base_gold=gold(rows[0]))
+           for r in rows[1:] if not r["search"]}
     curve = expected_best(base["rewards"]).mean(0).tolist()
-    md = f"| model | gold | matches the base's best-of-N | 95 % bounds |\n|---|---|---|---|\n"
-    md += "".join(f"| {name} | {r['overall']:.3f} | {a['n']:.2f} | {a['lo']:.2f} – {a['hi']:.2f} |\n"
-                  for r in rows[1:] if (name := r["name"]) in out for a in [out[name]])
+    md = (f"| model | gold | matches the base's best-of-N | 95 % bounds | paired: best-of-1 + Δ | 95 % bounds |\n"
+          "|---|---|---|---|---|---|\n")
+    md += "".join(f"| {name} | {r['overall']:.3f} | {a['n']:.2f} | {a['lo']:.2f} – {a['hi']:.2f} | {a['n_paired']:.2f} | "
+                  f"{a['lo_paired']:.2f} – {a['hi_paired']:.2f} |\n" for r in rows[1:] if (name := r["name"]) in out for a in [out[name]])
     md += f"\nBase ({rows[0]['name']}) best-of-N, N = 1..{amortise} (gold verifier, expected max of N of {amortise} " \
           "candidates per pair): " + ", ".join(f"{v:.3f}" for v in curve) + \
-          ". Bounds: 1,000 resamples of the prompts, each with its seeds, the same for base and model."
+          ". Bounds: 1,000 resamples of the prompts, each with its seeds, the same for base and model. Paired: the N whose " \
+          "best-of-N reaches best-of-1 + the model's paired difference from the base's own samples (the seeds' luck left out)."
     print(md)
     with open(os.path.join(out_dir, "amortisation.md"), "w") as f:
         f.write(md + "\n")

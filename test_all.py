@@ -514,6 +514,12 @@ def test_best_of_n_curve_and_matching_n_by_hand():
     assert abs(a["n"] - 1) < 1e-6 and abs(a["lo"] - 1) < 1e-6 and abs(a["hi"] - 1) < 1e-6, a  # paired: no spread
     a = E.amortisation(base, base[:, 0], [i // 4 for i in range(40)], boot=200)  # one candidate: noisy, still ~1
     assert a["lo"] <= 1 <= a["hi"] and a["lo"] <= a["n"] <= a["hi"] and a["hi"] - a["lo"] > 0.1, a
+    lucky = base[:, 0].double() + 0.05  # the base's own samples, luckier than its candidates' mean: paired leaves that out
+    a = E.amortisation(base, lucky + 0.1, [i // 4 for i in range(40)], boot=200, base_gold=lucky)
+    c = E.expected_best(base).mean(0)
+    assert abs(a["n_paired"] - E.matching_n(c, c[0].item() + 0.1)) < 1e-9 and a["n_paired"] < a["n"], a
+    assert abs(a["n"] - E.matching_n(c, (lucky + 0.1).double().mean().item())) < 1e-9, a
+    assert a["lo_paired"] <= a["n_paired"] <= a["hi_paired"] and a["hi_paired"] - a["lo_paired"] < a["hi"] - a["lo"], a
 
 
 def test_selection_statistics_by_hand():

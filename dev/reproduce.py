@@ -247,9 +247,12 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
                   f"| evaluation default | {base['overall']:.3f} | {by[m]['overall']:.3f} | {by[m]['delta']:+.3f} ± {by[m]['delta_se']:.3f} |\n"
                   f"| {' '.join(OWN_SAMPLER[m])} | {b['overall']:.3f} | {r['overall']:.3f} | {r['delta']:+.3f} ± {r['delta_se']:.3f} |\n")
     md.append(f"\nAmortisation: the N at which the base model's best-of-N (gold verifier, N x {nfe1} NFE) matches each "
-              "trained model at 1x, with 95 % bounds (1,000 resamples of the prompts):\n\n"
-              "| model | gold | matches best-of-N | 95 % bounds |\n|---|---|---|---|\n")
-    md += [f"| {k} | {by[k]['overall']:.3f} | {a['n']:.2f} | {a['lo']:.2f} – {a['hi']:.2f} |\n" for k, a in amo["models"].items()]
+              "trained model at 1x, with 95 % bounds (1,000 resamples of the prompts); paired: the N at which it reaches "
+              "best-of-1 plus the model's paired Δ from the base (the shared seeds' luck left out):\n\n"
+              "| model | gold | matches best-of-N | 95 % bounds | paired: best-of-1 + Δ | 95 % bounds |\n|---|---|---|---|---|---|\n")
+    md += [f"| {k} | {by[k]['overall']:.3f} | {a['n']:.2f} | {a['lo']:.2f} – {a['hi']:.2f} | " + (
+        f"{a['n_paired']:.2f} | {a['lo_paired']:.2f} – {a['hi_paired']:.2f} |\n" if "n_paired" in a else "— | — |\n")
+        for k, a in amo["models"].items()]
     md.append(f"\nBase model best-of-N, N = 1..{len(amo['curve'])}: " + ", ".join(f"{v:.3f}" for v in amo["curve"]) + "\n")
     md.append("\nAblations, reward hacking and the selection tables: not run yet (dev/reproduce.py adds them).\n"
               if not abl_rows else f"\nAblations (sharpen_rlhf at {budget} UNet passes, one change each; Δ vs base ± SE):\n\n"
