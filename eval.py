@@ -423,8 +423,7 @@ def amortisation_report(rows, prompts, seed_list):
     for every other model (not search rows) the N it matches: amortisation.md/.json and amortisation.png."""
     pipe = S.load_model(str(models or model).split("+")[0], device, uncond=uncond_embed, resolution=resolution)
     base = best_of_n(pipe, prompts, seed_list, make_reward("compositional"), amortise, num_steps, guidance, eta)[2]
-    gold = lambda r: torch.as_tensor(r["gold_per_image"])  # noqa: E731
-    out = {r["name"]: amortisation(base["rewards"], gold(r), prompts, base_gold=gold(rows[0]))
+    out = {r["name"]: amortisation(base["rewards"], r["gold_per_image"], prompts, base_gold=rows[0]["gold_per_image"])
            for r in rows[1:] if not r["search"]}
     curve = expected_best(base["rewards"]).mean(0).tolist()
     md = (f"| model | gold | matches the base's best-of-N | 95 % bounds | paired: best-of-1 + Δ | 95 % bounds |\n"

@@ -518,7 +518,7 @@ def test_best_of_n_curve_and_matching_n_by_hand():
     a = E.amortisation(base, lucky + 0.1, [i // 4 for i in range(40)], boot=200, base_gold=lucky)
     c = E.expected_best(base).mean(0)
     assert abs(a["n_paired"] - E.matching_n(c, c[0].item() + 0.1)) < 1e-9 and a["n_paired"] < a["n"], a
-    assert abs(a["n"] - E.matching_n(c, (lucky + 0.1).double().mean().item())) < 1e-9, a
+    assert abs(a["n"] - E.matching_n(c, (lucky + 0.1).mean().item())) < 1e-9, a
     assert a["lo_paired"] <= a["n_paired"] <= a["hi_paired"] and a["hi_paired"] - a["lo_paired"] < a["hi"] - a["lo"], a
 
 
