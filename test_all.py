@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -1067,7 +1068,6 @@ def test_sampler_equals_diffusers_pipeline_every_step():
 
 def step_lines(out_dir):
     """out_dir/log.txt's step lines as {column: number} ("step 2 | loss 0.1 | kept 4 | ...")."""
-    import re
     return [{k: float(v) for k, v in re.findall(r"(\w+) (-?\d[\d.]*(?:e[-+]\d+)?|nan)(?= \||$)", l.strip())}
             for l in open(f"{out_dir}/log.txt") if l.startswith("step ") and "| loss " in l]
 
@@ -1181,6 +1181,7 @@ def test_train_bad_input_one_line():
                              (["--init_from=resume"], "is from another config: method='sft' there, 'sharpen_rlhf' here"),
                              ([f"--out_dir={d}/file/sub"], "out_dir"), (["--device=cuda"], "no CUDA device"),
                              (["--method=sharpen_rlhf", "--n_traj=1"], "n_traj >= 2"),
+                             (["--lam=inf"], "sharpen_rlhf does not use them"),
                              (["--start_range=0.5:"], "start_range='0.5:'"), (["--start_range=0:2"], "start_range='0:2'"),
                              (["--start_range=0.9:0.3"], "start_range='0.9:0.3'"),
                              (["--dpo_target=end"], "dpo_target must be"), (["--eval_split=val"], "eval_split must be"),
@@ -1349,7 +1350,6 @@ def test_ddp_two_ranks_and_grad_accum_equal_one_rank():
     """2 ranks with 1 or 2 micro-steps end where 1 rank with 1 ends: the same prompts and noises (global
     indices) and loss scaling. no_sync keeps the first micro-step's gradients local: with grad_accum = 2 a
     rank all-reduces as often as with 1 (TRAIN_COUNT_SYNCS: each rank prints its count)."""
-    import re
     with tempfile.TemporaryDirectory() as d:
         syncs = {}
         args = ["train.py", "--method=sharpen_sft", "--steps=2", "--lam=0.5", *SHARPEN_TINY]
@@ -1585,17 +1585,21 @@ def test_reproduce_quick_end_to_end_and_resumable():
         _, log = run("dev/reproduce.py", "--quick", "--jobs=2", f"--out={d}")
         md = open(f"{d}/results.md").read()
         for needle in ("| sharpen_rlhf |", "| raft_s2 |", "greedy2", "Three training seeds", "| raft |", "Amortisation",
-                       "| n_traj=2 |", "| sharpen_rlhf − raft |", "| sharpen_sft − sft_steps |", "| --eta=1 |", "Reward hacking", "Selected by gold", "Base model best-of-N",
+                       "| sharpen_rlhf n_traj=2 |", "| sharpen_sft lam=inf |", "| sharpen_rlhf − raft |",
+                       "| sharpen_sft − sft_steps |", "| --eta=1 |", "Reward hacking", "Selected by gold", "Base model best-of-N",
                        "What the selection can carry", "| oracle − mean G |"):
             assert needle in md, needle
         for f in ("convergence.png", "amortisation.png", "reward_vs_nfe.png"):
             assert os.path.getsize(f"{d}/{f}") > 0, f
+        from dev import reproduce
+        abl = {r[0]: r for h, rows in reproduce.tables(f"{d}/results.md") if "Δ vs its default ± SE" in h for r in rows}
+        assert abl["sharpen_sft"][3] == "—" and re.fullmatch(r"[-+]\d\.\d{3} ± \d\.\d{3}", abl["sharpen_sft lam=inf"][3]), abl
         _, log2 = run("dev/reproduce.py", "--quick", f"--out={d}")  # everything done: nothing runs again
         ran = [l for l in log2.splitlines() if l.startswith("  ")]  # sh() prints one such line per script it runs
         assert "train.py" not in log2 and "eval.py" not in log2 and not ran, log2
         run("dev/reproduce.py", f"--redraw={d}/results.md", f"--fig_dir={d}/redrawn")
         assert all(os.path.getsize(f"{d}/redrawn/{f}") > 0 for f in ("convergence.png", "amortisation.png"))
-        from dev import reproduce  # a resumed run logs its evals again: one row per step, the last line wins
+        # a resumed run logs its evals again: one row per step, the last line wins
         first = next(l for l in open(f"{d}/raft/log.txt") if l.startswith("eval "))
         open(f"{d}/raft/log.txt", "a").write(first.replace("heldout gold ", "heldout gold 9"))
         rows = reproduce.evals(f"{d}/raft")

@@ -166,6 +166,9 @@ if method == "sharpen_rlhf" and n_traj < 2:
 if flow and method != "pretrain":
     fail("--flow builds a fresh flow toy model to pretrain (--method=pretrain); to train a flow model, pass its "
          "folder with --model")
+if method != "sharpen_sft" and (lam != 0 or normalize):  # an ablation that silently changed nothing
+    fail(f"lam={lam} normalize={normalize}: the path-integral weights (Eq. 9) select sharpen_sft's trajectories; "
+         f"{method} does not use them (sharpen_rlhf trains each prompt's best vs worst trajectory, Eq. 11)")
 if not 0 <= ddpo_fraction <= 1:
     fail(f"ddpo_fraction must be in [0, 1], got {ddpo_fraction}")
 if method == "raft" and (raft_n < 2 or raft_epochs < 1):

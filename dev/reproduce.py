@@ -4,8 +4,8 @@ trajectories buy, at 1x inference cost, what search buys at Nx? Every method at 
 own settings (train.py's defaults; raft config/raft.py's; sharpen_sft and its controls config/sharpen_sft.py's;
 plain sft also at sharpen_sft's steps, half its compute: what the selection adds per step), three training seeds
 for the central ones; 41 held-out prompts x 16 seeds per model; the base model's best-of-N curve with the gold
-verifier and the N each trained model matches; the paper's ablations (n, m, path sum vs last step, lambda; and the
-start range) on sharpen_rlhf at the same budget; reward hacking on the learned toyclip proxy with gold tracked.
+verifier and the N each trained model matches; the paper's ablations (n, m, path sum vs last step, and the start
+range on sharpen_rlhf; lambda on sharpen_sft) at the same budget; reward hacking on the learned toyclip proxy with gold tracked.
 
     python dev/reproduce.py            # ~5 h on 2 CPU cores -> out/reproduce/results.md + figures
     python dev/reproduce.py --quick    # tiny settings, a few minutes (test_all.py runs it)
@@ -42,8 +42,10 @@ budget = 184320          # UNet cost of every training run (train.py nfe_budget:
                          # config/sharpen_sft.py's 480 steps
 methods = "sharpen_rlhf+sharpen_sft+sft+raft+diffusion_dpo+ddpo+continued"
 seeded = "sharpen_rlhf+sharpen_sft+sft+raft"  # these are trained with seeds 1 and 2 as well
-ablations = "n_traj=2+n_traj=5+m_steps=1+m_steps=5+score_steps=last+lam=inf+start_range=0.05:0.15"
+ablations = "n_traj=2+n_traj=5+m_steps=1+m_steps=5+score_steps=last+start_range=0.05:0.15"
                          # sharpen_rlhf, one change each; the last starts at steps 1-3 only (dev/selection.py)
+sft_ablations = "lam=0.1+lam=inf"  # sharpen_sft, one change each: the path-integral temperature (Eq. 9; sharpen_rlhf
+                         # trains best vs worst and has none): soft weights, and uniform ones (no selection)
 eval_seeds = 16          # seeds per held-out prompt in the final tables (41 prompts x 16 = 656 images)
 amortise = 16            # candidates per (prompt, seed) for the base model's best-of-N curve (N = 1..amortise)
 search = "noise1x3+greedy2"  # other inference-time search rows beside best-of-N
@@ -147,14 +149,14 @@ def evaluate(name, models, extra=()):
 
 
 def main():
-    global out, budget, eval_seeds, amortise, search, curve_evals, methods, seeded, ablations, POOL
+    global out, budget, eval_seeds, amortise, search, curve_evals, methods, seeded, ablations, sft_ablations, POOL
     S.configure(globals(), sys.argv[1:])
     if redraw:
         return redraw_figures(redraw, fig_dir or os.path.dirname(os.path.abspath(redraw)))
     out = os.path.abspath(out)
     if quick:
         budget, eval_seeds, amortise, search, curve_evals = 400, 1, 2, "greedy2", 1
-        methods, seeded, ablations = "sharpen_rlhf+sharpen_sft+sft+raft+ddpo", "raft", "n_traj=2"
+        methods, seeded, ablations, sft_ablations = "sharpen_rlhf+sharpen_sft+sft+raft+ddpo", "raft", "n_traj=2", "lam=inf"
     os.makedirs(out, exist_ok=True)
     POOL = ThreadPoolExecutor(jobs) if jobs > 1 else None
     t0 = time.time()
@@ -175,18 +177,22 @@ def main():
     own = {m: evaluate(f"eval_{m}_own_sampler", [S.TOY_MODEL, os.path.join(runs[m], "model")], flags)
            for m, flags in OWN_SAMPLER.items() if m in runs}
     write_results(runs, seeds, main_rows, own)  # the headline tables now; the rest follows
-    print(f"3/5 ablations of sharpen_rlhf ({ablations.replace('+', ', ')}); reward hacking: {hack_methods} on "
+    print(f"3/5 ablations of sharpen_rlhf ({ablations.replace('+', ', ')}) and sharpen_sft "
+          f"({sft_ablations.replace('+', ', ')}); reward hacking: {hack_methods} on "
           f"{hack_reward} for {hack_budget}x the budget, gold tracked ({jobs} at a time)")
     # the long hacking run first: the ablations fill the other job slots beside it
     hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={m}", f"--reward={hack_reward}",
                      f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, 6)}",
                      f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in hack_methods.split("+")}
-    abl = {a: method_run("abl_" + re.sub(r"\W+", "_", a), "sharpen_rlhf", 0, f"--{a}", "--eval_seeds=0",
-                         "--ckpt_interval=10") for a in ablations.split("+")}
-    default = runs.get("sharpen_rlhf") or method_run("sharpen_rlhf", "sharpen_rlhf", 0, *curve)  # the ablations' reference
+    abl = {}  # "method change" -> its run; each method's own default run first: the reference of its changes
+    for m, changes, prefix in (("sharpen_rlhf", ablations, "abl_"), ("sharpen_sft", sft_ablations, "abl_sft_")):
+        if changes:
+            abl[m] = runs.get(m) or method_run(m, m, 0, *curve)
+            abl.update({f"{m} {a}": method_run(prefix + re.sub(r"\W+", "_", a), m, 0, f"--{a}", "--eval_seeds=0",
+                                               "--ckpt_interval=10") for a in changes.split("+")})
     finished()
     print("4/5 held-out evaluation of the ablations")
-    abl_rows = evaluate("ablations", [S.TOY_MODEL] + [os.path.join(d, "model") for d in [default, *abl.values()]])
+    abl_rows = evaluate("ablations", [S.TOY_MODEL] + [os.path.join(d, "model") for d in abl.values()])
     print("5/5 what the selection can carry (dev/selection.py, train prompts), results.md and figures")
     sel = [selection(f"selection_n{n}", f"--n_traj={n}", f"--prompts={p}") for n, p in ((3, 256), (8, 128))[:1 + (not quick)]]
     write_results(runs, seeds, main_rows, own, abl, abl_rows, hack, sel)
@@ -255,11 +261,15 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
         for k, a in amo["models"].items()]
     md.append(f"\nBase model best-of-N, N = 1..{len(amo['curve'])}: " + ", ".join(f"{v:.3f}" for v in amo["curve"]) + "\n")
     md.append("\nAblations, reward hacking and the selection tables: not run yet (dev/reproduce.py adds them).\n"
-              if not abl_rows else f"\nAblations (sharpen_rlhf at {budget} UNet passes, one change each; Δ vs base ± SE):\n\n"
-              "| run | gold | Δ vs base ± SE | binding | counting | spatial | diversity |\n|---|---|---|---|---|---|---|\n")
-    for tag, r in zip(["base", "default"] + list(abl or ()), abl_rows or ()):
+              if not abl_rows else f"\nAblations (each method at {budget} UNet passes with one change from its default "
+              "run; Δ: paired differences ± SE over the same images):\n\n| run | gold | Δ vs base ± SE | Δ vs its default "
+              "± SE | binding | counting | spatial | diversity |\n|---|---|---|---|---|---|---|---|\n")
+    for tag, r in zip(["base"] + list(abl or ()), abl_rows or ()):
         delta = "—" if r["delta"] is None else f"{r['delta']:+.3f} ± {r['delta_se']:.3f}"
-        md.append(f"| {tag} | {r['overall']:.3f} | {delta} | " + " | ".join(f"{v:.3f}" for v in r["per_skill"].values())
+        ref = next((x for t, x in zip(abl, abl_rows[1:]) if t == tag.split()[0]), None) if " " in tag else None
+        vs = "—" if ref is None else "{:+.3f} ± {:.3f}".format(*mean_se(
+            [a - b for a, b in zip(r["gold_per_image"], ref["gold_per_image"])]))
+        md.append(f"| {tag} | {r['overall']:.3f} | {delta} | {vs} | " + " | ".join(f"{v:.3f}" for v in r["per_skill"].values())
                   + f" | {r['diversity']:.3f} |\n")
     for m, d in (hack or {}).items():
         md.append(f"\nReward hacking ({m} on `{hack_reward}`; held-out, {1 if quick else 2} seeds):\n\n| step | nfe | {hack_reward} | gold |\n|---|---|---|---|\n")
