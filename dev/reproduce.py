@@ -227,12 +227,16 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
     """results.md and its figures; without abl_rows (the ablations still to run) it says so in their place."""
     ev = os.path.join(out, "eval")
     amo = json.load(open(os.path.join(ev, "amortisation.json")))
-    wall = json.load(open(os.path.join(out, "wall.json")))
+    wall = json.load(open(os.path.join(out, "wall.json")))  # scripts' run times (a resumed run: its last part only)
+    logs = {os.path.join(d, "log.txt") for d in [*runs.values(), *seeds.values(), *(abl or {}).values(), *(hack or {}).values()]}
+    train_h = sum(int(t) for f in logs if os.path.exists(f) for t in re.findall(r"\| dt (\d+)ms", open(f).read())) / 3.6e6
+    eval_h = sum(v for k, v in wall.items() if not k.endswith("stdout.txt")) / 3600
     by = {r["name"]: r for r in main_rows if not r["search"]}
     base, nfe1 = main_rows[0], main_rows[0]["nfe_per_image"]
     md = [f"## Results (python dev/reproduce.py{' --quick' if quick else ''})\n\n",
           f"Training budget {budget} UNet passes per run (forward passes, grad counted 3x); held-out prompts x "
-          f"{eval_seeds} seeds per row; {sum(wall.values()) / 3600:.2f} h of wall time in all (out/wall.json).\n\n",
+          f"{eval_seeds} seeds per row. Time: {train_h:.1f} h of training steps (the sum of every run's logged step "
+          f"times, resumed parts included) and {eval_h:.1f} h of evaluation (out/wall.json).\n\n",
           open(os.path.join(ev, "results.md")).read()]
     md.append(f"\nThree training seeds (Δ: paired difference from the base ± SE over {base['n']} images; "
               "mean: over the seeds ± their SE):\n\n| method | seed 0 | seed 1 | seed 2 | mean |\n|---|---|---|---|---|\n")
