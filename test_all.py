@@ -1211,7 +1211,7 @@ def test_train_bad_input_one_line():
 def test_flow_pretrain_short_run_and_resume_exact():
     """Pretraining the rectified-flow toy model (the DDIM one: the kill -9 test) with EMA, alt-text captions:
     killed and resumed ends where an uninterrupted run ends; the export loads as a flow model, samples, and
-    sharpen_rlhf and sharpen_sft train on it."""
+    dev/reproduce.py --model trains sharpen_rlhf and sharpen_sft on it and evaluates them against it."""
     with tempfile.TemporaryDirectory() as d:
         crash_and_resume(["train.py", "--method=pretrain", "--flow", "--captions=alttext", "--batch_size=8",
                           "--eval_seeds=0", "--steps=4", "--ckpt_interval=2", "--ema=0.9"], d)
@@ -1219,10 +1219,14 @@ def test_flow_pretrain_short_run_and_resume_exact():
         assert ck["step"] == 4 and ck["config"]["batch_size"] == 8 and ck["config"]["flow"]
         full = S.load_model(f"{d}/full/model")
         assert S.is_flow(full) and S.sample(full, ["a red circle"], [0], num_steps=2).shape == (1, 3, 32, 32)
-        for method in ("sharpen_rlhf", "sharpen_sft"):  # and it sharpens through the same code
-            run("train.py", f"--method={method}", "--steps=1", f"--model={d}/full/model", f"--out_dir={d}/{method}",
-                *SHARPEN_TINY)
-            assert len(step_lines(f"{d}/{method}")) == 1 and S.is_flow(S.load_model(f"{d}/{method}/model")), method
+        # and it sharpens through the same code: the flow study's dev/reproduce.py command, at tiny settings
+        run("dev/reproduce.py", "--quick", "--jobs=2", f"--model={d}/full/model", f"--out={d}/study", "--seeded=",
+            "--methods=sharpen_rlhf+sharpen_sft", "--ablations=", "--sft_ablations=", "--hack_methods=", "--search=")
+        md, ev = open(f"{d}/study/results.md").read(), open(f"{d}/study/eval.txt").read()
+        assert f"models = '{d}/full/model+" in ev and "Ablations" not in md and "| sharpen_rlhf − sharpen_sft |" in md
+        for method in ("sharpen_rlhf", "sharpen_sft"):
+            assert f"| {method} |" in md and S.is_flow(S.load_model(f"{d}/study/{method}/model")), method
+            assert f"model='{d}/full/model'" in open(f"{d}/study/{method}/stdout.txt").read(), method
 
 
 def test_sharpen_sft_and_rlhf_train_log_export_resume():

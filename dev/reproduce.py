@@ -11,6 +11,8 @@ range on sharpen_rlhf; lambda on sharpen_sft) at the same budget; reward hacking
     python dev/reproduce.py --quick    # tiny settings, a few minutes (test_all.py runs it)
     python dev/reproduce.py --jobs=2   # two training runs at a time, a thread each
     python dev/reproduce.py --redraw=docs/reproduce.md --fig_dir=docs/fig   # figures from a results.md
+    python dev/reproduce.py --model=assets/toy-flow-model --out=out/reproduce_flow --methods=sharpen_rlhf+sharpen_sft \
+        --seeded=sharpen_rlhf+sharpen_sft --ablations= --sft_ablations= --hack_methods= --search= --amortise=4
 
 Each stage is a train.py / eval.py subprocess that writes its own folder under `out` (relative to the
 working directory); a stage whose output exists is skipped and an interrupted training run continues from
@@ -37,6 +39,8 @@ import sample as S  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out/reproduce"    # everything goes here
+model = ""               # the model every run trains from and every table starts with ("" = the built-in toy model;
+                         # assets/toy-flow-model: the flow study, docs/results.md)
 quick = False            # tiny settings: checks the pipeline, numbers mean nothing
 budget = 184320          # UNet cost of every training run (train.py nfe_budget: forward passes, grad x3):
                          # config/sharpen_sft.py's 480 steps
@@ -66,6 +70,7 @@ FLAGS = {  # each method's settings; the controls share sharpen_sft's so that ea
     "continued": [SFT_CONFIG, "--captions=alttext"],  # more pretraining: "more training"
 }
 OWN_SAMPLER = {"ddpo": ["--eta=1"]}  # methods trained on another sampler than the evaluation's: eval.py flags for it
+BASE = S.TOY_MODEL  # model's folder
 POOL, QUEUED, LOCK = None, [], threading.Lock()  # with jobs > 1: the training runs in flight, and out/wall.json's lock
 
 
@@ -98,6 +103,7 @@ def train(name, *args):
     tiny = [os.path.join(ROOT, "config", "reproduce_quick.py")] if quick else []
     files = [a for a in args if not a.startswith("--")]  # config files first, the tiny settings over them, then flags
     threads = [f"--threads={max(1, (os.cpu_count() or 1) // jobs)}"] if jobs > 1 else []
+    threads += [f"--model={BASE}"] if model else []
     run = lambda: (sh("train.py", *files, *tiny, *[a for a in args if a.startswith("--")], f"--out_dir={d}",  # noqa: E731
                       *resume, *threads, log=os.path.join(d, "stdout.txt")), open(os.path.join(d, "done"), "w").close())
     if POOL:
@@ -149,32 +155,36 @@ def evaluate(name, models, extra=()):
 
 
 def main():
-    global out, budget, eval_seeds, amortise, search, curve_evals, methods, seeded, ablations, sft_ablations, POOL
+    global out, BASE, POOL
     S.configure(globals(), sys.argv[1:])
     if redraw:
         return redraw_figures(redraw, fig_dir or os.path.dirname(os.path.abspath(redraw)))
-    out = os.path.abspath(out)
-    if quick:
-        budget, eval_seeds, amortise, search, curve_evals = 400, 1, 2, "greedy2", 1
-        methods, seeded, ablations, sft_ablations = "sharpen_rlhf+sharpen_sft+sft+raft+ddpo", "raft", "n_traj=2", "lam=inf"
+    out, BASE = os.path.abspath(out), os.path.abspath(model) if model else S.TOY_MODEL
+    if model:
+        S.check_model_folder(BASE)
+    if quick:  # tiny settings, except those given as flags
+        given = {a[2:].split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+        tiny = dict(budget=400, eval_seeds=1, amortise=2, search="greedy2", curve_evals=1, seeded="raft",
+                    methods="sharpen_rlhf+sharpen_sft+sft+raft+ddpo", ablations="n_traj=2", sft_ablations="lam=inf")
+        globals().update({k: v for k, v in tiny.items() if k not in given})
     os.makedirs(out, exist_ok=True)
     POOL = ThreadPoolExecutor(jobs) if jobs > 1 else None
     t0 = time.time()
     print(f"1/5 every method at equal compute ({budget} UNet passes each, grad x3); seeds 1, 2 of {seeded} "
           f"({jobs} at a time)")
     curve = [f"--eval_count={curve_evals}", f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10"]
-    runs = {m: method_run(m, m, 0, *curve) for m in methods.split("+")}
+    runs = {m: method_run(m, m, 0, *curve) for m in names(methods)}
     seeds = {f"{m}_s{s}": method_run(f"{m}_s{s}", m, s, "--eval_seeds=0", "--ckpt_interval=10")
-             for s in (1, 2) for m in seeded.split("+")}
+             for s in (1, 2) for m in names(seeded)}
     if "sharpen_sft" in runs and "sft" in runs:  # and at sharpen_sft's steps (equal compute gives sft twice the steps)
         finished(runs["sharpen_sft"])
         runs["sft_steps"] = method_run("sft_steps", "sft", 0, *curve, steps=evals(runs["sharpen_sft"])[-1][0])
     finished()
     print(f"2/5 held-out evaluation, the base model's best-of-N ({amortise} candidates) and search; the methods trained "
           "with another sampler with their own too; results.md without the ablations")
-    models = [S.TOY_MODEL] + [os.path.join(d, "model") for d in list(runs.values()) + list(seeds.values())]
+    models = [BASE] + [os.path.join(d, "model") for d in list(runs.values()) + list(seeds.values())]
     main_rows = evaluate("eval", models, [f"--amortise={amortise}", f"--search={search}"])
-    own = {m: evaluate(f"eval_{m}_own_sampler", [S.TOY_MODEL, os.path.join(runs[m], "model")], flags)
+    own = {m: evaluate(f"eval_{m}_own_sampler", [BASE, os.path.join(runs[m], "model")], flags)
            for m, flags in OWN_SAMPLER.items() if m in runs}
     write_results(runs, seeds, main_rows, own)  # the headline tables now; the rest follows
     print(f"3/5 ablations of sharpen_rlhf ({ablations.replace('+', ', ')}) and sharpen_sft "
@@ -183,7 +193,7 @@ def main():
     # the long hacking run first: the ablations fill the other job slots beside it
     hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={m}", f"--reward={hack_reward}",
                      f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, 6)}",
-                     f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in hack_methods.split("+")}
+                     f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in names(hack_methods)}
     abl = {}  # "method change" -> its run; each method's own default run first: the reference of its changes
     for m, changes, prefix in (("sharpen_rlhf", ablations, "abl_"), ("sharpen_sft", sft_ablations, "abl_sft_")):
         if changes:
@@ -192,7 +202,7 @@ def main():
                                                "--ckpt_interval=10") for a in changes.split("+")})
     finished()
     print("4/5 held-out evaluation of the ablations")
-    abl_rows = evaluate("ablations", [S.TOY_MODEL] + [os.path.join(d, "model") for d in abl.values()])
+    abl_rows = evaluate("ablations", [BASE] + [os.path.join(d, "model") for d in abl.values()]) if abl else []
     print("5/5 what the selection can carry (dev/selection.py, train prompts), results.md and figures")
     sel = [selection(f"selection_n{n}", f"--n_traj={n}", f"--prompts={p}") for n, p in ((3, 256), (8, 128))[:1 + (not quick)]]
     write_results(runs, seeds, main_rows, own, abl, abl_rows, hack, sel)
@@ -207,6 +217,11 @@ def convergence_figure(path, curves):
     E.line_plot(path, curves, "training UNet passes (forward passes, grad counted 3x)", "held-out gold reward (2 seeds)")
 
 
+def names(plus):
+    """'a+b' -> ['a', 'b']; '' -> []."""
+    return [x for x in plus.split("+") if x]
+
+
 def mean_se(values):
     """Mean and standard error of the mean (nan for one value)."""
     m, n = sum(values) / len(values), len(values)
@@ -217,14 +232,14 @@ def selection(name, *args):
     """dev/selection.py's tables (its output from the first table on), cached in out/name.md."""
     path = os.path.join(out, f"{name}.md")
     if not os.path.exists(path):
-        sh("dev/selection.py", *args, *(["--prompts=4", "--num_steps=4"] if quick else []), log=path + ".part")
+        sh("dev/selection.py", *args, *([f"--model={BASE}"] if model else []), *(["--prompts=4", "--num_steps=4"] if quick else []), log=path + ".part")
         os.replace(path + ".part", path)
     text = open(path).read()
     return text[text.index("| statistic"):]
 
 
 def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=None, sel=()):
-    """results.md and its figures; without abl_rows (the ablations still to run) it says so in their place."""
+    """results.md and its figures; without abl (the ablations still to run) it says so in their place."""
     ev = os.path.join(out, "eval")
     amo = json.load(open(os.path.join(ev, "amortisation.json")))
     wall = json.load(open(os.path.join(out, "wall.json")))  # scripts' run times (a resumed run: its last part only)
@@ -240,7 +255,7 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
           open(os.path.join(ev, "results.md")).read()]
     md.append(f"\nThree training seeds (Δ: paired difference from the base ± SE over {base['n']} images; "
               "mean: over the seeds ± their SE):\n\n| method | seed 0 | seed 1 | seed 2 | mean |\n|---|---|---|---|---|\n")
-    for m in seeded.split("+"):
+    for m in names(seeded):
         names = [m, f"{m}_s1", f"{m}_s2"]
         cells = [f"{by[n]['delta']:+.3f} ± {by[n]['delta_se']:.3f}" if n in by else "—" for n in names]
         mean, se = mean_se([by[n]["delta"] for n in names if n in by])
@@ -265,7 +280,7 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
         for k, a in amo["models"].items()]
     md.append(f"\nBase model best-of-N, N = 1..{len(amo['curve'])}: " + ", ".join(f"{v:.3f}" for v in amo["curve"]) + "\n")
     md.append("\nAblations, reward hacking and the selection tables: not run yet (dev/reproduce.py adds them).\n"
-              if not abl_rows else f"\nAblations (each method at {budget} UNet passes with one change from its default "
+              if abl is None else "" if not abl_rows else f"\nAblations (each method at {budget} UNet passes with one change from its default "
               "run; Δ: paired differences ± SE over the same images):\n\n| run | gold | Δ vs base ± SE | Δ vs its default "
               "± SE | binding | counting | spatial | diversity |\n|---|---|---|---|---|---|---|---|\n")
     for tag, r in zip(["base"] + list(abl or ()), abl_rows or ()):
