@@ -7,12 +7,12 @@ for the central ones; 41 held-out prompts x 16 seeds per model; the base model's
 verifier and the N each trained model matches; the paper's ablations (n, m, path sum vs last step, and the start
 range on sharpen_rlhf; lambda on sharpen_sft) at the same budget; reward hacking on the learned toyclip proxy with gold tracked.
 
-    python dev/reproduce.py            # ~5 h on 2 CPU cores -> out/reproduce/results.md + figures
+    python dev/reproduce.py --jobs=2   # ~6.5 h on 2 CPU cores -> out/reproduce/results.md + figures (two training
+                                       # runs at a time, a thread each: 10.5 h of training steps, 1.1 h of evaluation)
     python dev/reproduce.py --quick    # tiny settings, a few minutes (test_all.py runs it)
-    python dev/reproduce.py --jobs=2   # two training runs at a time, a thread each
     python dev/reproduce.py --redraw=docs/reproduce.md --fig_dir=docs/fig   # figures from a results.md
-    python dev/reproduce.py --model=assets/toy-flow-model --out=out/reproduce_flow --methods=sharpen_rlhf+sharpen_sft \
-        --seeded=sharpen_rlhf+sharpen_sft --ablations= --sft_ablations= --hack_methods= --search= --amortise=4
+    python dev/reproduce.py --model=F --out=out/F --methods=sharpen_rlhf+sharpen_sft --seeded=sharpen_rlhf+sharpen_sft \
+        --ablations= --sft_ablations= --hack_methods= --search= --amortise=4   # two methods, 3 seeds, from folder F
 
 Each stage is a train.py / eval.py subprocess that writes its own folder under `out` (relative to the
 working directory); a stage whose output exists is skipped and an interrupted training run continues from
@@ -39,8 +39,7 @@ import sample as S  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out/reproduce"    # everything goes here
-model = ""               # the model every run trains from and every table starts with ("" = the built-in toy model;
-                         # assets/toy-flow-model: the flow study, docs/results.md)
+model = ""               # the model every run trains from and every table starts with ("" = the built-in toy model)
 quick = False            # tiny settings: checks the pipeline, numbers mean nothing
 budget = 184320          # UNet cost of every training run (train.py nfe_budget: forward passes, grad x3):
                          # config/sharpen_sft.py's 480 steps
@@ -256,9 +255,9 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
     md.append(f"\nThree training seeds (Δ: paired difference from the base ± SE over {base['n']} images; "
               "mean: over the seeds ± their SE):\n\n| method | seed 0 | seed 1 | seed 2 | mean |\n|---|---|---|---|---|\n")
     for m in names(seeded):
-        names = [m, f"{m}_s1", f"{m}_s2"]
-        cells = [f"{by[n]['delta']:+.3f} ± {by[n]['delta_se']:.3f}" if n in by else "—" for n in names]
-        mean, se = mean_se([by[n]["delta"] for n in names if n in by])
+        three = [m, f"{m}_s1", f"{m}_s2"]
+        cells = [f"{by[n]['delta']:+.3f} ± {by[n]['delta_se']:.3f}" if n in by else "—" for n in three]
+        mean, se = mean_se([by[n]["delta"] for n in three if n in by])
         md.append(f"| {m} | " + " | ".join(cells) + f" | {mean:+.3f} ± {se:.3f} |\n")
     md.append("\nPaired differences between methods (seed 0, same images):\n\n| comparison | Δ ± SE |\n|---|---|\n")
     for a, b in [("sharpen_sft", "sft_steps"), ("sharpen_sft", "sft"), ("sharpen_rlhf", "raft"), ("sharpen_sft", "raft"),
