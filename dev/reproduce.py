@@ -5,7 +5,8 @@ own settings (train.py's defaults; raft config/raft.py's; sharpen_sft and its co
 plain sft also at sharpen_sft's steps, half its compute: what the selection adds per step), three training seeds
 for the central ones; 41 held-out prompts x 16 seeds per model; the base model's best-of-N curve with the gold
 verifier and the N each trained model matches; the paper's ablations (n, m, path sum vs last step, and the start
-range on sharpen_rlhf; lambda on sharpen_sft) at the same budget; reward hacking on the learned toyclip proxy with gold tracked.
+range on sharpen_rlhf; lambda on sharpen_sft) at the same budget; reward hacking on the learned toyclip proxy with
+gold tracked.
 
     python dev/reproduce.py --jobs=2   # ~6.5 h on 2 CPU cores -> out/reproduce/results.md + figures (two training
                                        # runs at a time, a thread each: 10.5 h of training steps, 1.1 h of evaluation)
@@ -101,10 +102,10 @@ def train(name, *args):
     os.makedirs(d, exist_ok=True)
     tiny = [os.path.join(ROOT, "config", "reproduce_quick.py")] if quick else []
     files = [a for a in args if not a.startswith("--")]  # config files first, the tiny settings over them, then flags
-    threads = [f"--threads={max(1, (os.cpu_count() or 1) // jobs)}"] if jobs > 1 else []
-    threads += [f"--model={BASE}"] if model else []
+    extra = [f"--threads={max(1, (os.cpu_count() or 1) // jobs)}"] if jobs > 1 else []
+    extra += [f"--model={BASE}"] if model else []  # the run starts from model
     run = lambda: (sh("train.py", *files, *tiny, *[a for a in args if a.startswith("--")], f"--out_dir={d}",  # noqa: E731
-                      *resume, *threads, log=os.path.join(d, "stdout.txt")), open(os.path.join(d, "done"), "w").close())
+                      *resume, *extra, log=os.path.join(d, "stdout.txt")), open(os.path.join(d, "done"), "w").close())
     if POOL:
         QUEUED.append((d, POOL.submit(run)))
     else:
@@ -195,10 +196,10 @@ def main():
                      f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in names(hack_methods)}
     abl = {}  # "method change" -> its run; each method's own default run first: the reference of its changes
     for m, changes, prefix in (("sharpen_rlhf", ablations, "abl_"), ("sharpen_sft", sft_ablations, "abl_sft_")):
-        if changes:
+        if names(changes):
             abl[m] = runs.get(m) or method_run(m, m, 0, *curve)
             abl.update({f"{m} {a}": method_run(prefix + re.sub(r"\W+", "_", a), m, 0, f"--{a}", "--eval_seeds=0",
-                                               "--ckpt_interval=10") for a in changes.split("+")})
+                                               "--ckpt_interval=10") for a in names(changes)})
     finished()
     print("4/5 held-out evaluation of the ablations")
     abl_rows = evaluate("ablations", [BASE] + [os.path.join(d, "model") for d in abl.values()]) if abl else []
@@ -221,6 +222,11 @@ def names(plus):
     return [x for x in plus.split("+") if x]
 
 
+def paired(r, ref):
+    """Mean and SE of eval rows r - ref, image by image (the same prompts and seeds)."""
+    return mean_se([a - b for a, b in zip(r["gold_per_image"], ref["gold_per_image"])])
+
+
 def mean_se(values):
     """Mean and standard error of the mean (nan for one value)."""
     m, n = sum(values) / len(values), len(values)
@@ -231,7 +237,8 @@ def selection(name, *args):
     """dev/selection.py's tables (its output from the first table on), cached in out/name.md."""
     path = os.path.join(out, f"{name}.md")
     if not os.path.exists(path):
-        sh("dev/selection.py", *args, *([f"--model={BASE}"] if model else []), *(["--prompts=4", "--num_steps=4"] if quick else []), log=path + ".part")
+        sh("dev/selection.py", *args, *([f"--model={BASE}"] if model else []),
+           *(["--prompts=4", "--num_steps=4"] if quick else []), log=path + ".part")
         os.replace(path + ".part", path)
     text = open(path).read()
     return text[text.index("| statistic"):]
@@ -242,8 +249,9 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
     ev = os.path.join(out, "eval")
     amo = json.load(open(os.path.join(ev, "amortisation.json")))
     wall = json.load(open(os.path.join(out, "wall.json")))  # scripts' run times (a resumed run: its last part only)
-    logs = {os.path.join(d, "log.txt") for d in [*runs.values(), *seeds.values(), *(abl or {}).values(), *(hack or {}).values()]}
-    train_h = sum(int(t) for f in logs if os.path.exists(f) for t in re.findall(r"\| dt (\d+)ms", open(f).read())) / 3.6e6
+    logs = {os.path.join(d, "log.txt") for runs_ in (runs, seeds, abl or {}, hack or {}) for d in runs_.values()}
+    steps_ms = [int(t) for f in logs if os.path.exists(f) for t in re.findall(r"\| dt (\d+)ms", open(f).read())]
+    train_h = sum(steps_ms) / 3.6e6
     eval_h = sum(v for k, v in wall.items() if not k.endswith("stdout.txt")) / 3600
     by = {r["name"]: r for r in main_rows if not r["search"]}
     base, nfe1 = main_rows[0], main_rows[0]["nfe_per_image"]
@@ -263,7 +271,7 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
     for a, b in [("sharpen_sft", "sft_steps"), ("sharpen_sft", "sft"), ("sharpen_rlhf", "raft"), ("sharpen_sft", "raft"),
                  ("sharpen_rlhf", "sharpen_sft"), ("sft", "continued"), ("raft", "continued")]:
         if a in by and b in by:
-            m, se = mean_se([x - y for x, y in zip(by[a]["gold_per_image"], by[b]["gold_per_image"])])
+            m, se = paired(by[a], by[b])
             md.append(f"| {a} − {b} | {m:+.3f} ± {se:.3f} |\n")
     for m, (b, r) in own.items():
         md.append(f"\n{m} evaluated with the sampler it trains with ({' '.join(OWN_SAMPLER[m])}; the base with the same; "
@@ -282,11 +290,10 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
               if abl is None else "" if not abl_rows else f"\nAblations (each method at {budget} UNet passes with one change from its default "
               "run; Δ: paired differences ± SE over the same images):\n\n| run | gold | Δ vs base ± SE | Δ vs its default "
               "± SE | binding | counting | spatial | diversity |\n|---|---|---|---|---|---|---|---|\n")
-    for tag, r in zip(["base"] + list(abl or ()), abl_rows or ()):
+    tagged = dict(zip(["base", *(abl or ())], abl_rows or ()))  # "method change" rows are paired with "method"'s
+    for tag, r in tagged.items():
         delta = "—" if r["delta"] is None else f"{r['delta']:+.3f} ± {r['delta_se']:.3f}"
-        ref = next((x for t, x in zip(abl, abl_rows[1:]) if t == tag.split()[0]), None) if " " in tag else None
-        vs = "—" if ref is None else "{:+.3f} ± {:.3f}".format(*mean_se(
-            [a - b for a, b in zip(r["gold_per_image"], ref["gold_per_image"])]))
+        vs = "{:+.3f} ± {:.3f}".format(*paired(r, tagged[tag.split()[0]])) if " " in tag else "—"
         md.append(f"| {tag} | {r['overall']:.3f} | {delta} | {vs} | " + " | ".join(f"{v:.3f}" for v in r["per_skill"].values())
                   + f" | {r['diversity']:.3f} |\n")
     for m, d in (hack or {}).items():
