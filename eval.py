@@ -397,8 +397,8 @@ def main():
         delta = "—" if r["delta"] is None else f"{r['delta']:+.3f} ± {r['delta_se']:.3f}"
         table += f"| {r['name']} | {vals[0]:.3f} | {delta} | " + " | ".join(f"{v:.3f}" for v in vals[1:]) + \
             f" | {r['nfe_per_image']} | {r['ms_per_image']:.0f} | {r['train_nfe'] or '—'} |\n"
-    table += f"\n{len(prompts)} images per row ({split} prompts x {seeds} seeds), {num_steps} DDIM steps, " \
-             f"guidance {guidance}; search verifier: {search_reward}; on {device}. Δ: mean paired difference in " \
+    table += f"\n{len(prompts)} images per row ({split} prompts x {seeds} seeds), {num_steps} steps (DDIM; Euler for a " \
+             f"flow model), guidance {guidance}; search verifier: {search_reward}; on {device}. Δ: mean paired difference in " \
              f"gold from the first row over the same (prompt, seed) pairs, ± its standard error."
     print(table)
     os.makedirs(out_dir, exist_ok=True)

@@ -629,4 +629,5 @@ if __name__ == "__main__":
                     num_steps, guidance, eta, progress=True)
     save_grid(images, [prompt] * num_images, out)
     print(f"wrote {num_images} images of {prompt!r} to {out} "
-          f"({num_steps} DDIM steps, guidance {guidance}, NFE/image {num_steps * passes_per_call(guidance, pipe.family)})")
+          f"({num_steps} {'Euler' if is_flow(pipe) else 'DDIM'} steps, guidance {guidance}, "
+          f"NFE/image {num_steps * passes_per_call(guidance, pipe.family)})")

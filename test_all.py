@@ -3,6 +3,7 @@ The whole test suite: `python test_all.py [name substrings]` (one line per test 
 `N passed, N failed, N skipped`; a test that cannot run here, e.g. without Triton, says `SKIP name (why)`).
 Unit tests first, then the scripts end to end. pytest collects the same functions: `pytest test_all.py`.
 """
+import glob
 import itertools
 import math
 import os
@@ -906,6 +907,38 @@ def test_config_file_then_overrides():
         assert "\n" not in err, err
 
 
+def test_every_config_file_resolves():
+    """Each config/*.py sets only train.py's keys, with their types, from any working directory; the model folder
+    it names exists, and a flow config's model samples as a flow (the diffusion configs' as DDIM)."""
+    import contextlib
+    import io
+    import json
+    src = open(os.path.join(HERE, "train.py")).read()
+    defaults = {"__file__": os.path.join(HERE, "train.py"), "__name__": "train_defaults"}
+    exec(compile(src[:src.index("config = S.configure(")], "train.py", "exec"), defaults)  # the variables at its top
+    files = sorted(glob.glob(os.path.join(HERE, "config", "*.py")))
+    assert len(files) >= 7, files
+    cwd = os.getcwd()
+    try:
+        os.chdir(tempfile.gettempdir())
+        for path in files:
+            cfg = dict(defaults)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    S.configure(cfg, [path])
+                S.check_model_folder(cfg["model"])
+            except SystemExit as e:  # one error line: a failure here, not the end of the suite
+                raise AssertionError(f"{path}: {e}") from None
+            sched = json.load(open(os.path.join(cfg["model"], "scheduler", "scheduler_config.json")))["_class_name"]
+            name = os.path.basename(path)
+            if cfg["method"] == "pretrain":  # a fresh network: the flag picks the kind
+                assert cfg["flow"] == ("flow" in name), (path, cfg["flow"])
+            else:
+                assert sched.startswith("FlowMatch") == name.startswith("flow_"), (path, sched)
+    finally:
+        os.chdir(cwd)
+
+
 # -----------------------------------------------------------------------------
 # real models: SD1.x- and SDXL-shaped tiny folders (dev/sdconfigs.py), LoRA
 
@@ -1583,9 +1616,11 @@ def test_eval_cli_two_models_and_search():
 
 
 def test_reproduce_quick_end_to_end_and_resumable():
-    """dev/reproduce.py --quick (two training runs at a time) writes every table and figure; run again, it trains
-    and evaluates nothing; its committed-copy redraw reads the figures back from its own results.md."""
-    with tempfile.TemporaryDirectory() as d:
+    """dev/reproduce.py --quick (two training runs at a time) writes every table and figure; run again from another
+    folder (the study moved), it trains and evaluates nothing; its committed-copy redraw reads the figures back from
+    its own results.md."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = f"{tmp}/a"
         _, log = run("dev/reproduce.py", "--quick", "--jobs=2", f"--out={d}")
         md = open(f"{d}/results.md").read()
         for needle in ("| sharpen_rlhf |", "| raft_s2 |", "greedy2", "Three training seeds", "| raft |", "Amortisation",
@@ -1598,6 +1633,8 @@ def test_reproduce_quick_end_to_end_and_resumable():
         from dev import reproduce
         abl = {r[0]: r for h, rows in reproduce.tables(f"{d}/results.md") if "Δ vs its default ± SE" in h for r in rows}
         assert abl["sharpen_sft"][3] == "—" and re.fullmatch(r"[-+]\d\.\d{3} ± \d\.\d{3}", abl["sharpen_sft lam=inf"][3]), abl
+        os.rename(d, f"{tmp}/b")
+        d = f"{tmp}/b"
         _, log2 = run("dev/reproduce.py", "--quick", f"--out={d}")  # everything done: nothing runs again
         ran = [l for l in log2.splitlines() if l.startswith("  ")]  # sh() prints one such line per script it runs
         assert "train.py" not in log2 and "eval.py" not in log2 and not ran, log2

@@ -143,10 +143,12 @@ def evals(d):
 
 
 def evaluate(name, models, extra=()):
-    """eval.py over the fixed held-out list -> its rows (cached in out/name/results.json; rerun if the models change)."""
+    """eval.py over the fixed held-out list -> its rows (cached in out/name/results.json; rerun if the models change:
+    compared by each path's last two parts, so that a finished study read from another checkout is not rerun)."""
     d, path = os.path.join(out, name), os.path.join(out, name, "results.json")
     done = json.load(open(path)) if os.path.exists(path) else None
-    if done is None or done["config"]["models"] != "+".join(models):  # not run, or stale: run
+    tails = lambda paths: [os.path.join(*os.path.normpath(p).split(os.sep)[-2:]) for p in paths]  # <run>/model
+    if done is None or tails(done["config"]["models"].split("+")) != tails(models):  # not run, or stale: run
         tiny = ["--num_steps=4", "--per_skill=1"] if quick else []
         sh("eval.py", f"--models={'+'.join(models)}", f"--seeds={eval_seeds}", f"--out_dir={d}", "--rewards=toyclip",
            *tiny, *extra, log=os.path.join(out, f"{name}.txt"))
