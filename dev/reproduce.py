@@ -12,8 +12,9 @@ gold tracked.
                                        # runs at a time, a thread each: 10.5 h of training steps, 1.1 h of evaluation)
     python dev/reproduce.py --quick    # tiny settings, a few minutes (test_all.py runs it)
     python dev/reproduce.py --redraw=docs/reproduce.md --fig_dir=docs/fig   # figures from a results.md
-    python dev/reproduce.py --model=F --out=out/F --methods=sharpen_rlhf+sharpen_sft --seeded=sharpen_rlhf+sharpen_sft \
-        --ablations= --sft_ablations= --hack_methods= --search= --amortise=4   # two methods, 3 seeds, from folder F
+    python dev/reproduce.py --model=assets/toy-flow-model --out=out/reproduce_flow --methods=sharpen_rlhf+sharpen_sft \
+        --seeded=sharpen_rlhf+sharpen_sft --ablations= --sft_ablations= --hack_methods= --search= --amortise=4 --jobs=2
+                                       # two methods, 3 seeds, on the flow toy model (or any model folder)
 
 Each stage is a train.py / eval.py subprocess that writes its own folder under `out` (relative to the
 working directory); a stage whose output exists is skipped and an interrupted training run continues from
