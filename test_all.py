@@ -1,7 +1,9 @@
 """
-The whole test suite: `python test_all.py [name substrings]` (one line per test with its time, then
+The whole test suite: `python test_all.py [--jobs=N] [name substrings]` (one line per test with its time, then
 `N passed, N failed, N skipped`; a test that cannot run here, e.g. without Triton, says `SKIP name (why)`).
-Unit tests first, then the scripts end to end. pytest collects the same functions: `pytest test_all.py`.
+Unit tests first, then the scripts end to end. Two tests run at a time by default (two worker processes, the
+end-to-end tests first); --jobs=1 runs them one by one in this process. pytest collects the same functions:
+`pytest test_all.py`.
 """
 import glob
 import itertools
@@ -1649,26 +1651,44 @@ def test_reproduce_quick_end_to_end_and_resumable():
 
 # -----------------------------------------------------------------------------
 
+def run_one(name):
+    """Run test `name` -> (name, status, the rest of its line, traceback or "")."""
+    t0 = time.time()
+    try:
+        globals()[name]()
+        return name, "PASS", f"({time.time() - t0:.1f}s)", ""
+    except Skip as e:
+        return name, "SKIP", f"({e})", ""
+    except (Exception, SystemExit) as e:  # SystemExit too: a test that calls sys.exit must not end the run
+        import traceback
+        msg = str(e).strip().splitlines()
+        return name, "FAIL", f"({time.time() - t0:.1f}s): {type(e).__name__}: {msg[0] if msg else ''}", traceback.format_exc()
+
+
+def _worker_init(threads):
+    torch.set_num_threads(threads)
+
+
 if __name__ == "__main__":
-    tests = [(k, v) for k, v in list(globals().items()) if k.startswith("test_") and callable(v)]
-    only = sys.argv[1:]
-    passed = failed = skipped = 0
-    for name, fn in tests:
-        if only and not any(o in name for o in only):
-            continue
-        t0 = time.time()
-        try:
-            fn()
-            passed += 1
-            print(f"PASS {name} ({time.time() - t0:.1f}s)", flush=True)
-        except Skip as e:
-            skipped += 1
-            print(f"SKIP {name} ({e})", flush=True)
-        except Exception as e:
-            failed += 1
-            msg = str(e).strip().splitlines()
-            print(f"FAIL {name} ({time.time() - t0:.1f}s): {type(e).__name__}: {msg[0] if msg else ''}", flush=True)
-            import traceback
-            traceback.print_exc()
-    print(f"{passed} passed, {failed} failed, {skipped} skipped")
-    sys.exit(1 if failed else 0)
+    # python test_all.py [--jobs=N] [name substrings]: N tests at a time in worker processes (default 2, each
+    # with cores / N torch threads), the end-to-end ones (last in this file, the longest) first; --jobs=1 runs
+    # them one by one in file order in this process
+    jobs = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--jobs=")), 2))
+    only = [a for a in sys.argv[1:] if not a.startswith("--jobs=")]
+    names = [k for k, v in list(globals().items()) if k.startswith("test_") and callable(v)
+             and (not only or any(o in k for o in only))]
+    counts = Counter()
+    if jobs > 1 and len(names) > 1:
+        import multiprocessing
+        pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(names)), _worker_init,
+                                                         (max(1, (os.cpu_count() or 1) // jobs),))
+        results = pool.imap_unordered(run_one, names[::-1])  # a line as each test ends
+    else:
+        results = map(run_one, names)
+    for name, status, tail, tb in results:
+        counts[status] += 1
+        print(f"{status} {name} {tail}", flush=True)
+        if tb:
+            print(tb, file=sys.stderr, flush=True)
+    print(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
+    sys.exit(1 if counts["FAIL"] else 0)
