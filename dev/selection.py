@@ -127,7 +127,7 @@ def main():
                         f"{c['oracle − mean G'][0]:+.3f} ± {c['oracle − mean G'][1]:.3f} | "
                         f"{c['best-of-n of independent samples − mean'][0]:+.3f} |")
     cell = lambda v: f"{v[0]:.3f}" + ("" if v[1] != v[1] else f" ± {v[1]:.3f}")  # noqa: E731
-    print(f"{prompts} train prompts of seed {seed}, {num_steps} DDIM steps, start_range {start_range}, agg {agg}\n")
+    print(f"{prompts} train prompts of seed {seed}, {num_steps} {'Euler' if S.is_flow(pipe) else 'DDIM'} steps, start_range {start_range}, agg {agg}\n")
     print("| statistic | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for k in next(iter(cols.values())):
         print(f"| {k} | " + " | ".join(cell(c[k]) for c in cols.values()) + " |")
