@@ -82,6 +82,17 @@ def configure(config, argv):
     return {k: config[k] for k in sorted(keys)}
 
 
+def read_prompts(path):
+    """The non-blank lines of a UTF-8 text file, stripped; one error line if it cannot be read or has none."""
+    try:
+        prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read prompt_file {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    if not prompts:
+        raise SystemExit(f"error: prompt_file {path!r} has no prompts (one per line)")
+    return prompts
+
+
 # -----------------------------------------------------------------------------
 # the model: a diffusers-style folder
 
@@ -176,7 +187,7 @@ def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto", resolut
         raise SystemExit(f"error: {sub('unet')} is an SDXL UNet (addition_embed_type text_time) but "
                          f"{folder!r} lacks text_encoder_2/ or tokenizer_2/")
     sched = _load(DDIMScheduler, sub("scheduler"), config=True)  # SD/SDXL ship PNDM/Euler configs: no clip_sample there
-    if sched.get("_class_name", "").startswith("FlowMatch"):  # flow matching (SD3, FLUX, the flow toy model)
+    if is_flow_config(sched):  # flow matching (SD3, FLUX, the flow toy model)
         from diffusers import FlowMatchEulerDiscreteScheduler
         sched = FlowMatchEulerDiscreteScheduler.from_config(sched)
     else:
@@ -202,10 +213,7 @@ def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto", resolut
     index = json.load(open(index)) if os.path.isfile(index) else {}
     pipe.zero_uncond = uncond == "zeros" or (uncond == "auto" and index.get(
         "force_zeros_for_empty_prompt", pipe.family == "sdxl"))
-    step = pipe.vae_factor * pipe.patch
-    if not (isinstance(resolution, int) and resolution >= 0 and resolution % step == 0):
-        raise SystemExit(f"error: resolution must be 0 (the model's) or a positive multiple of {step} for {folder!r}, "
-                         f"got {resolution!r}")
+    check_resolution(folder, resolution)
     pipe.resolution = resolution
     for m in (pipe.unet, pipe.text_encoder, pipe.vae, pipe.text_encoder_2, pipe.text_encoder_3):
         if m is not None:
@@ -426,10 +434,42 @@ def passes_per_call(guidance, family="sd"):
     return 1 + (guidance != 1.0 and family != "flux")
 
 
+def size_step(folder):
+    """The image sides a folder's model takes are the multiples of this: the VAE's downsampling x the denoiser's
+    (a UNet: 2 per down block but the last; a transformer: its patch, FLUX's 2x2 packing), from its configs alone."""
+    vae, unet, tr = (_config_json(folder, d) for d in ("vae", "unet", "transformer"))
+    step = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 1
+    if unet:
+        return step * 2 ** (len(unet.get("down_block_types", ())) - 1)
+    return step * (2 if (tr or {}).get("_class_name") == "FluxTransformer2DModel" else (tr or {}).get("patch_size", 1))
+
+
+def _config_json(folder, sub):
+    path = os.path.join(folder, sub, "config.json")
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
+def check_resolution(folder, resolution):
+    """One error line unless resolution is 0 (the model's own) or a positive multiple of size_step(folder)."""
+    step = size_step(folder)
+    if not (isinstance(resolution, int) and resolution >= 0 and resolution % step == 0):
+        raise SystemExit(f"error: resolution={resolution!r}: {folder!r} takes 0 (its own size) or a positive multiple "
+                         f"of {step} pixels (its VAE's and denoiser's downsampling)")
+
+
+def is_flow_config(scheduler_config):
+    return scheduler_config.get("_class_name", "").startswith("FlowMatch")
+
+
+def folder_is_flow(folder):
+    """Whether load_model gives the folder a flow-matching scheduler (a FlowMatch* config), without loading it."""
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    return os.path.isfile(path) and is_flow_config(json.load(open(path)))
+
+
 def folder_family(folder):
     """The family load_model gives a folder (sd, sdxl, sd3, flux), from its config files alone."""
-    cfg = os.path.join(folder, "transformer", "config.json")
-    name = json.load(open(cfg)).get("_class_name", "") if os.path.isfile(cfg) else ""
+    name = (_config_json(folder, "transformer") or {}).get("_class_name", "")
     return family_of(name, os.path.isdir(os.path.join(folder, "text_encoder_2")))
 
 
@@ -616,15 +656,22 @@ def save_grid(images, captions, path, scale=4, ncol=8):
 
 if __name__ == "__main__":
     configure(globals(), sys.argv[1:])
-    for key, low in (("num_images", 1), ("num_steps", 1), ("eta", 0)):
-        if globals()[key] < low:
-            raise SystemExit(f"error: --{key} must be >= {low}, got {globals()[key]}")
-    if os.path.splitext(out)[1].lower() not in (".png", ".jpg", ".jpeg"):
-        raise SystemExit(f"error: --out must end in .png or .jpg, got {out!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device=cuda but no CUDA device is available")
+    for ok, message in [  # every setting with a range, checked before the model loads: one error line
+            (num_images >= 1, f"--num_images must be >= 1, got {num_images}"),
+            (num_steps >= 1, f"--num_steps must be >= 1, got {num_steps}"),
+            (seed >= 0, f"--seed must be >= 0, got {seed}"),
+            (0 <= guidance < math.inf, f"--guidance must be a finite scale >= 0 (1: conditional only), got {guidance}"),
+            (0 <= eta < math.inf, f"--eta must be a finite DDIM eta >= 0 (0: deterministic), got {eta}"),
+            (resolution >= 0, f"--resolution must be 0 (the model's) or a positive side in pixels, got {resolution}"),
+            (uncond_embed in ("auto", "zeros", "empty"), f"--uncond_embed must be auto, zeros or empty, got {uncond_embed!r}"),
+            (os.path.splitext(out)[1].lower() in (".png", ".jpg", ".jpeg"), f"--out must end in .png or .jpg, got {out!r}"),
+            (not device.startswith("cuda") or torch.cuda.is_available(), "--device=cuda but no CUDA device is available")]:
+        if not ok:
+            raise SystemExit(f"error: {message}")
     torch.set_num_threads(os.cpu_count())
     pipe = load_model(model, device, uncond=uncond_embed, resolution=resolution)
+    if eta > 0 and is_flow(pipe):  # known once the scheduler is loaded
+        raise SystemExit(f"error: {model} is a flow-matching model: --eta must be 0, got {eta}")
     images = sample(pipe, [prompt] * num_images, [seed + i for i in range(num_images)],
                     num_steps, guidance, eta, progress=True)
     save_grid(images, [prompt] * num_images, out)

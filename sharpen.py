@@ -14,22 +14,14 @@ Provenance: semantics checked against Gen-Verse/Diffusion-Sharpening train_{sft,
 and Diffusion-DPO's train.py (differences noted where they matter); no code copied.
 """
 import math
-import random
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 
-try:
-    from kernels import row_mse, weighted_mse
-except ImportError:  # no kernels/ package: the same math in plain torch, fp32 accumulation
-    def row_mse(pred, target, use_triton=None):
-        """(N, ...) x2 -> (N,): mean over the non-batch dims of (pred - target)^2."""
-        return reduce((pred.float() - target.float()) ** 2, "n ... -> n", "mean")
-
-    def weighted_mse(pred, target, weights, use_triton=None):
-        """sum_i w_i * row_mse_i -> 0-dim."""
-        return (weights.float() * row_mse(pred, target)).sum()
+import rollout as R
+import sample as S
+from kernels import row_mse, weighted_mse
 
 AGGREGATES = ("sum", "mean", "last")
 
@@ -171,49 +163,102 @@ def rlhf_loss(mse_w, mse_l, ref_mse_w, ref_mse_l, R_w, R_l, beta, reward_in_sigm
 
 
 # -----------------------------------------------------------------------------
-# baselines (train.py's ddpo; diffusion_dpo is rlhf_loss with no reward gap, sft a plain MSE)
+# the paper's two methods, behind rollout.py's contract: prepare(run, it, micro) -> batch, loss(run, batch)
+
+def rolled(run, gidx):
+    """Algorithms 1 and 2 up to the trajectory rewards for the prompts of global indices gidx: each prompt's image
+    (Alg. 1, sharpen_sft: a dataset render; Alg. 2, sharpen_rlhf: the model's own sample) is noised to a start step
+    drawn per prompt, and n trajectories roll m scored steps from there (rollout.roll). Adds R (P, n) (Eq. 8) and
+    the exact per-step targets (P*n, m, C, H, W): towards the image that was noised or (sharpen_rlhf,
+    dpo_target=outcome) towards each trajectory's own last x0 prediction, so winner and loser differ in it."""
+    c = run.cfg
+    prompts = [run.train_prompt(g) for g in gidx]
+    cond = S.encode(run.pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
+    x0 = R.renders(run, prompts, gidx) if c.method == "sharpen_sft" else R.own_samples(run, cond, gidx)
+    b = R.roll(run, prompts, gidx, cond, x0)
+    traj, outcome = b["traj"], c.method == "sharpen_rlhf" and c.dpo_target == "outcome"
+    target = S.state_targets(run.pipe, traj, traj.x0_pred[:, -1] if outcome else b["x0n"])[0]
+    if c.sft_target == "official":
+        target = S.param_target(run.pipe, official_eps_target(b["eps0"], c.m_steps).flatten(0, 1),
+                                b["x0n"].repeat_interleave(c.m_steps, 0), traj.t.flatten()).view_as(target)
+    return dict(b, R=trajectory_rewards(b["r"], c.agg), target=target)
 
 
-def group_advantages(rewards, eps=1e-4, clip=5.0):
-    """DDPO's per-prompt advantage: A_pj = (r_pj - mean_j r_pj) / (std_j r_pj + eps), clipped to
-    [-clip, clip]: (P, n) -> (P, n). NaN (a failed score) gets advantage 0 and stays out of the stats."""
-    ok = rewards.isfinite()
-    cnt = ok.sum(1, keepdim=True).clamp_min(1)
-    mu = torch.where(ok, rewards, 0).sum(1, keepdim=True) / cnt
-    std = (torch.where(ok, (rewards - mu) ** 2, 0).sum(1, keepdim=True) / (cnt - 1).clamp_min(1)).sqrt()
-    return torch.where(ok, (rewards - mu) / (std + eps), 0.0).clamp(-clip, clip)
+def exact_target_warning(run):
+    """A warning (or "") where sharpen_sft's rolled states reach so little noise that the exact target towards the
+    render, eps = (x_t - a x0) / s (flow: v, the same), grows as 1/s: x_t is off the line to x0 after a step."""
+    c = run.cfg
+    if c.m_steps == 1 or c.sft_target != "exact":
+        return ""
+    s_min = S.coeffs(run.pipe, run.ts[run.k_range[1] + c.m_steps - 1].view(1))[1].item()
+    return "" if s_min >= 0.1 else (f"warning: sharpen_sft's rolled states reach noise level {s_min:.3f}, where the "
+                                    "exact target toward the image grows as 1/noise; --sft_target=official or an "
+                                    "earlier --start_range end keeps it bounded")
 
 
-def ppo_clip_loss(logp, logp_old, adv, clip):
-    """PPO's clipped surrogate (arXiv 1707.06347) as DDPO uses it, per (trajectory, step):
-        L = mean max(-A * rho, -A * clamp(rho, 1 - clip, 1 + clip)),   rho = exp(logp - logp_old)
-    logp (N,) with grad, logp_old and adv (N,) constants. Returns (loss, fraction of clipped ratios)."""
-    ratio = (logp - logp_old.detach()).exp()
-    adv = adv.detach()
-    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
-    return loss, ((ratio - 1).abs() > clip).float().mean()
+def prepare_sharpen_sft(run, it, micro):
+    """Algorithm 1: the trajectories that the path-integral weights select (Eq. 9); count: the prompts with a
+    scored trajectory."""
+    b = rolled(run, run.prompt_range(it, micro))
+    w = trajectory_weights(b["R"], run.cfg.lam, run.cfg.normalize)
+    p_idx, n_idx = select_rows(w)  # only trajectories with w > 0 need a forward
+    return dict(b, w=w, sel=(p_idx, n_idx), rows=p_idx * run.cfg.n_traj + n_idx, count=int((w.sum(1) > 0).sum()),
+                info=dict(b["info"], w_max=w.max(1).values.mean().item()))
 
 
-def seed_for(seed, purpose, a, b=0):
-    """Every random draw's seed in a training run, from the run's seed and global indices (a prompt's draws do not
-    depend on its rank or micro-step): a = global prompt index g, or the step's first one, or (pretrain) the
-    micro-step. train.py draws with these; dev/selection.py re-rolls train.py's trajectories with the same."""
-    return {"prompt": seed * 1_000_003 + a, "scene": (seed * 1_000_003 + a) * 4096 + b,
-            "noise": (seed * 1_000_003 + a) * 64 + b, "sample": seed * 31 + a, "render": seed + a,
-            "t noise": seed * 7919 + a, "pool": seed * 7 + a, "pool prompts": seed * 99991,
-            "ddpo t": seed + a * 131 + b}[purpose]
+def loss_sharpen_sft(run, b):
+    """Eq. 9's weighted denoising loss, as a mean over the prompts with a scored trajectory."""
+    pred = R.recompute(run, b, b["rows"], run.net)
+    return sft_loss(pred, b["target"][b["rows"]], b["w"], rows=b["sel"]) * (len(b["w"]) / b["count"]), b["info"]
 
 
-def step_range(start_range, num_steps, m):
-    """start_range 'a:b' (fractions of the schedule, 0 <= a <= b <= 1; '' = anywhere) -> the sampler steps (lo, hi)
-    a rollout may start from, leaving room for its m steps. ValueError if it is not of that form."""
-    f = tuple(float(v) for v in start_range.split(":")) if start_range else (0.0, 1.0)
-    if not (len(f) == 2 and 0 <= f[0] <= f[1] <= 1):
-        raise ValueError(start_range)
-    return tuple(min(round(v * num_steps), num_steps - m) for v in f)
+def rlhf_pairs(run, gidx):
+    """Algorithm 2 up to the pairs: each prompt's best vs worst trajectory; ties (or < 2 scored trajectories) state
+    no preference and drop out. count: the pairs. (The probe's fixed pairs come from here too.)"""
+    b = rolled(run, gidx)
+    iw, il = best_worst(b["R"])
+    ar = torch.arange(len(gidx), device=b["R"].device)
+    ar = ar[b["R"][ar, iw] > b["R"][ar, il]]
+    rows = torch.cat([ar * run.cfg.n_traj + iw[ar], ar * run.cfg.n_traj + il[ar]])  # (2K,): winners then losers
+    return dict(b, R_w=b["R"][ar, iw[ar]], R_l=b["R"][ar, il[ar]], rows=rows, count=len(ar),
+                info=dict(b["info"], pairs=len(ar) / len(gidx), acc=math.nan, gap=math.nan))
 
 
-def start_steps(gidx, k_range, seed):
-    """The DDIM step each prompt's rollouts start from, drawn per prompt as Alg. 2 draws t per sample, from
-    (seed, global index) alone: the same prompt starts at the same step whatever its rank or micro-step."""
-    return [random.Random((seed * 1_000_003 + g) * 17).randint(*k_range) for g in gidx]
+def prepare_sharpen_rlhf(run, it, micro):
+    return rlhf_pairs(run, run.prompt_range(it, micro))
+
+
+def pair_dpo(run, b, net, R_w, R_l, in_sigmoid):
+    """rlhf_loss on b's pairs: the per-trajectory errors of net (with grad where enabled) and of the reference."""
+    K, rows = b["count"], b["rows"]
+    mse = trajectory_mse(R.recompute(run, b, rows, net), b["target"][rows])
+    with torch.no_grad():
+        ref = trajectory_mse(R.recompute(run, b, rows, run.ref), b["target"][rows])
+    return rlhf_loss(mse[:K], mse[K:], ref[:K], ref[K:], R_w, R_l, run.cfg.beta, in_sigmoid)
+
+
+def loss_sharpen_rlhf(run, b):
+    """Eq. 11: Diffusion-DPO on each pair against the frozen reference, the reward gap inside the sigmoid."""
+    loss, d = pair_dpo(run, b, run.net, b["R_w"], b["R_l"], run.cfg.reward_in_sigmoid)
+    return loss, dict(b["info"], acc=d["implicit_acc"].item(), gap=d["reward_gap"].item())
+
+
+def probe_pairs(run, n):
+    """The probe: the pairs of n prompts never trained on (negative global indices), of the model as it starts (after
+    a resume: the resumed one), not counted as training compute; None for n = 0."""
+    if n == 0:
+        return None
+    with run.uncounted(), run.amp():
+        return rlhf_pairs(run, range(-n, 0))
+
+
+@torch.no_grad()
+def probe_line(run, b):
+    """The log columns of the probe: implicit accuracy (fraction of h > 0) and mean h of the fixed pairs b
+    (rlhf_pairs of prompts never trained on) with the current weights, without the reward gap; "" without pairs."""
+    if b is None or b["count"] == 0:
+        return ""
+    zero = torch.zeros(b["count"], device=run.device)
+    with run.uncounted(), run.amp():  # not training compute
+        d = pair_dpo(run, b, run.pipe.unet, zero, zero, False)[1]
+    return f" | probe_acc {d['implicit_acc'].item():.4f} | probe_h {d['inside'].item():.4f}"

@@ -18,17 +18,16 @@ loss_mean`: the denoising loss of the base model at the selected trajectories' s
 (< 0: the selection picks states the model already denoises well).
 """
 import os
-import random
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import rollout  # noqa: E402
 import sample as S  # noqa: E402
 import sharpen  # noqa: E402
-import toyworld  # noqa: E402
 from reward import compositional  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -52,33 +51,28 @@ def gold(pipe, x, prompts_):
 @torch.no_grad()
 def measure(pipe, algo, m):
     """Per prompt: R (n,), G (n,), loss (n,) for `algo` (rlhf | sft), F (n,): the final gold of n samples from
-    independent noise (eval.py's best-of-n), and K: the start step."""
-    ts, u, n = S.timesteps(pipe, num_steps), S.uncond(pipe), n_traj
-    k_range = sharpen.step_range(start_range, num_steps, m)
-    seed_for = lambda *a: sharpen.seed_for(seed, *a)  # train.py's seeds  # noqa: E731
+    independent noise (eval.py's best-of-n), and K: the start step. The set-up is train.py's (rollout.py)."""
+    cfg = SimpleNamespace(seed=seed, n_traj=n_traj, m_steps=m, start_range=start_range, num_steps=num_steps,
+                          guidance=1.0, eta=0.0, profile=False)
+    run = rollout.Run(cfg, pipe)
+    ts, u, n = run.ts, run.uncond, n_traj
     R, G, L, F, K = [], [], [], [], []
     for b0 in range(0, prompts, batch):
         gidx = list(range(b0, min(prompts, b0 + batch)))
-        ps = [toyworld.caption(toyworld.random_spec(random.Random(seed_for("prompt", g)))) for g in gidx]
+        ps = [run.train_prompt(g) for g in gidx]
         cond = S.encode(pipe, ps)
-        if algo == "sft":
-            x0 = S.from_images(pipe, torch.stack([torch.from_numpy(toyworld.render(toyworld.parse(p), np.random.default_rng(
-                seed_for("render", g)))[0]) for p, g in zip(ps, gidx)]))
-        else:
-            gens = [torch.Generator().manual_seed(seed_for("sample", g)) for g in gidx]
-            x0 = S.rollout(pipe, S.randn(pipe.latent_shape, gens), ts, cond, u, 1.0, 0.0, gens, record=False)
-        gens = [torch.Generator().manual_seed(seed_for("noise", g, 32 + j)) for g in gidx for j in range(n)]
+        x0 = rollout.renders(run, ps, gidx) if algo == "sft" else rollout.own_samples(run, cond, gidx)
+        gens = [torch.Generator().manual_seed(run.seed_for("noise", g, 32 + j)) for g in gidx for j in range(n)]
         fresh = S.rollout(pipe, S.randn(pipe.latent_shape, gens), ts, cond.repeat_interleave(n, 0), u, 1.0, 0.0, gens,
                           record=False)
         F += list(gold(pipe, fresh, [p for p in ps for _ in range(n)]).view(len(gidx), n))
-        ks = sharpen.start_steps(gidx, k_range, seed)
+        x_t, ks, _, _ = rollout.noised(run, x0, gidx, n)  # train.py's start steps and noises
         Rb, Gb, Lb = (torch.zeros(len(gidx), n, dtype=torch.float64) for _ in range(3))
         for k in sorted(set(ks)):  # prompts that start at step k: their n trajectories rolled on to the end
             rows = [i for i, kk in enumerate(ks) if kk == k]
-            gens = [torch.Generator().manual_seed(seed_for("noise", gidx[i], j)) for i in rows for j in range(n)]
+            rows_n = [i * n + j for i in rows for j in range(n)]
             x0n, condn = x0[rows].repeat_interleave(n, 0), cond[rows].repeat_interleave(n, 0)
-            eps0 = S.randn(pipe.latent_shape, gens)
-            traj = S.rollout(pipe, S.add_noise(pipe, x0n, ts[k].expand(len(x0n)), eps0), ts[k:], condn, u, 1.0, 0.0, gens)
+            traj = S.rollout(pipe, x_t[rows_n], ts[k:], condn, u, 1.0, 0.0)
             pn = [ps[i] for i in rows for _ in range(n)]
             per_step = torch.stack([gold(pipe, traj.x0_pred[:, j], pn) for j in range(m)], 1)
             Rb[rows] = sharpen.trajectory_rewards(per_step.view(len(rows), n, m), agg)

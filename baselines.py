@@ -1,0 +1,217 @@
+"""
+What Diffusion-Sharpening is compared with, behind rollout.py's method contract (prepare(run, it, micro) -> batch,
+loss(run, batch) -> (loss, info)), and the pretraining of the built-in toy models:
+
+    scenes (pretrain, continued, sft)  the plain denoising loss on toy-world scenes at uniform t
+    raft           best-of-N distillation (Dong et al. 2023, arXiv 2304.06767): rounds of the model's own samples,
+                   the best by the reward trained on with the plain loss
+    diffusion_dpo  Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908) on an offline pool of the base's pairs
+    ddpo           DDPO (Black et al. 2023, arXiv 2305.13301): PPO-clip on per-step DDIM log-probabilities
+
+diffusion_dpo's loss is sharpen.rlhf_loss with no reward gap; ddpo's equations are below.
+"""
+import contextlib
+import random
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import rollout as R
+import sample as S
+import sharpen
+import toyworld
+
+# -----------------------------------------------------------------------------
+# ddpo's equations
+
+
+def group_advantages(rewards, eps=1e-4, clip=5.0):
+    """DDPO's per-prompt advantage: A_pj = (r_pj - mean_j r_pj) / (std_j r_pj + eps), clipped to
+    [-clip, clip]: (P, n) -> (P, n). NaN (a failed score) gets advantage 0 and stays out of the stats."""
+    ok = rewards.isfinite()
+    cnt = ok.sum(1, keepdim=True).clamp_min(1)
+    mu = torch.where(ok, rewards, 0).sum(1, keepdim=True) / cnt
+    std = (torch.where(ok, (rewards - mu) ** 2, 0).sum(1, keepdim=True) / (cnt - 1).clamp_min(1)).sqrt()
+    return torch.where(ok, (rewards - mu) / (std + eps), 0.0).clamp(-clip, clip)
+
+
+def ppo_clip_loss(logp, logp_old, adv, clip):
+    """PPO's clipped surrogate (arXiv 1707.06347) as DDPO uses it, per (trajectory, step):
+        L = mean max(-A * rho, -A * clamp(rho, 1 - clip, 1 + clip)),   rho = exp(logp - logp_old)
+    logp (N,) with grad, logp_old and adv (N,) constants. Returns (loss, fraction of clipped ratios)."""
+    ratio = (logp - logp_old.detach()).exp()
+    adv = adv.detach()
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
+    return loss, ((ratio - 1).abs() > clip).float().mean()
+
+
+# -----------------------------------------------------------------------------
+# the plain denoising loss: pretrain, continued, sft, and raft's selected samples
+
+
+def prepare_scenes(run, it, micro):
+    """Toy-world scenes at uniform t. pretrain: the pretraining captions (web-like alt-text, toyworld.ALT_TEXT, a
+    caption_dropout of them empty for CFG), the text encoder trains too; continued: the same captions, the UNet
+    alone (the control for "more training"); sft (the plain fine-tuning baseline): exact captions, the UNet alone,
+    at uniform t or (sft_t=sampler) at sharpen_sft's noise levels: its start step k per prompt, + j < m."""
+    c, P = run.cfg, run.P
+    images, prompts, web = [], [], c.method in ("pretrain", "continued")
+    first = (micro * run.world + run.rank) * P
+    for i in range(first, first + P):
+        s = run.seed_for("scene", it, i)
+        image, cap = toyworld.sample_scene(s)
+        rng = random.Random(s)
+        if web:
+            cap = toyworld.alt_text(toyworld.parse(cap), rng)[0]
+        images.append(image)
+        prompts.append("" if web and rng.random() < c.caption_dropout else cap)
+    x0 = torch.stack(images).to(run.device) * 2 - 1  # model space: [-1, 1]
+    gen = torch.Generator().manual_seed(run.seed_for("t noise", (it * c.grad_accum + micro) * run.world + run.rank))
+    t = S.train_timesteps(run.pipe, P, gen).to(run.device)
+    if c.method == "sft" and c.sft_t == "sampler":
+        g0, j = run.first_index(it, micro), torch.randint(0, c.m_steps, (P,), generator=gen).tolist()
+        t = torch.stack([run.ts[k + jj] for k, jj in zip(R.start_steps(range(g0, g0 + P), run.k_range, c.seed), j)])
+    return dict(x0=x0, t=t, eps=torch.randn(x0.shape, generator=gen).to(run.device), prompts=prompts, count=P, info={})
+
+
+def loss_denoising(run, b):
+    """The plain denoising loss: b's x0 noised to t with eps, the trained net's output against the exact target
+    (pretrain: the prompts through the trained text encoder)."""
+    if run.text_net is not None:
+        cond = run.text_net(S.tokenize(run.pipe, b["prompts"]).to(run.device))[0]
+    else:
+        cond = S.encode(run.pipe, b["prompts"])
+    x_t = S.add_noise(run.pipe, b["x0"], b["t"], b["eps"])
+    target, _ = S.training_target(run.pipe, x_t, b["x0"], b["t"])
+    return F.mse_loss(S.unet_call(run.pipe, run.net, x_t, b["t"], cond).float(), target.float()), b["info"]
+
+
+def new_round(run, key):
+    """Forget the rounds sampled for earlier steps (ddpo, raft: a round serves the steps that share key[0])."""
+    for k in [k for k in run.rounds if k[0] != key[0]]:
+        del run.rounds[k]
+
+
+def prepare_raft(run, it, micro):
+    """RAFT, best-of-N distillation: every raft_epochs steps the current model samples raft_n images per train
+    prompt with the evaluation sampler (eta 0, guidance); the best by the reward (failed scores never picked; a
+    prompt with none scored drops out) is trained on with the plain denoising loss at uniform t. count: the
+    prompts kept."""
+    c, P, N, key = run.cfg, run.P, run.cfg.raft_n, (it // run.cfg.raft_epochs, micro)
+    if key not in run.rounds:
+        new_round(run, key)
+        first = run.first_index(it // c.raft_epochs, micro)
+        prompts = [run.train_prompt(g) for g in range(first, first + P)]
+        traj, r = R.scored_samples(run, [p for p in prompts for _ in range(N)],
+                                   [run.seed_for("noise", first, j) for j in range(P * N)])
+        rew, ar = r.to(run.device).view(P, N), torch.arange(P)
+        best = sharpen.best_worst(rew)[0]
+        r_best = rew[ar, best]
+        live = torch.isfinite(r_best)
+        x = traj.x_final.view(P, N, *traj.x_final.shape[1:])[ar, best]
+        run.rounds[key] = dict(x0=x[live], prompts=[p for p, ok in zip(prompts, live.tolist()) if ok],
+                               reward=r_best.nanmean().item())
+    rd = run.rounds[key]
+    K = len(rd["prompts"])
+    gen = torch.Generator().manual_seed(run.seed_for("t noise", run.first_index(it, micro)))
+    t = S.train_timesteps(run.pipe, max(K, 1), gen).to(run.device)
+    eps = torch.randn((max(K, 1), *rd["x0"].shape[1:]), generator=gen).to(run.device)
+    return dict(x0=rd["x0"], t=t[:K], eps=eps[:K], prompts=rd["prompts"], count=K, info=dict(best_reward=rd["reward"]))
+
+# -----------------------------------------------------------------------------
+# diffusion_dpo
+
+
+def pool_pairs(run):
+    """Offline preference pairs: dpo_pool train prompts x dpo_k samples of the reference (the base model, also after
+    a resume), the best and worst of each prompt (ties dropped): [x_w, x_l, prompts]. Every rank makes the whole
+    pool."""
+    c = run.cfg
+    rng = random.Random(run.seed_for("pool prompts", 0))
+    prompts = [run.train_prompt(None, rng) for _ in range(c.dpo_pool)]
+    xw, xl, kept = [], [], []
+    for i in tqdm(range(0, c.dpo_pool, 32), desc="diffusion_dpo pool", disable=run.quiet):
+        ps = prompts[i:i + 32]
+        seeds = [run.seed_for("pool", (i + j) * c.dpo_k + k) for j in range(len(ps)) for k in range(c.dpo_k)]
+        traj, r = R.scored_samples(run, [p for p in ps for _ in range(c.dpo_k)], seeds, net=run.ref)
+        x, r = traj.x_final.view(len(ps), c.dpo_k, *traj.x_final.shape[1:]), r.view(len(ps), c.dpo_k)
+        iw, il = sharpen.best_worst(r)
+        for j in torch.nonzero(r[torch.arange(len(ps)), iw] > r[torch.arange(len(ps)), il]).flatten():
+            xw.append(x[j, iw[j]]), xl.append(x[j, il[j]]), kept.append(ps[j])
+    if not kept:  # the same on every rank (each makes the whole pool)
+        raise SystemExit(f"error: diffusion_dpo: the {c.dpo_k} samples of every one of the {c.dpo_pool} pool prompts "
+                         "tied (or were not scored): no preference pairs; raise dpo_pool or dpo_k, or use a reward "
+                         "that separates them")
+    if run.master:
+        tqdm.write(f"diffusion_dpo pool: {len(kept)} pairs from {c.dpo_pool} prompts x {c.dpo_k} samples")
+    return [torch.stack(xw), torch.stack(xl), kept]
+
+
+def prepare_diffusion_dpo(run, it, micro):
+    """This micro-step's pairs of the pool (built at the first step; a resumed run rebuilds the same pool, which its
+    checkpoint's counts hold already), cycling through it, noised with one shared t and noise per pair."""
+    if not run.pool:
+        with contextlib.nullcontext() if it == 0 else run.uncounted():
+            run.pool.extend(pool_pairs(run))
+    xw, xl, prompts = run.pool
+    first, P = run.first_index(it, micro), run.P
+    idx = torch.tensor([g % len(prompts) for g in range(first, first + P)])
+    gen = torch.Generator().manual_seed(run.seed_for("t noise", first))
+    t = S.train_timesteps(run.pipe, P, gen).to(run.device).repeat(2)
+    x0 = torch.cat([xw[idx], xl[idx]])  # (2P, C, H, W): winners then losers
+    x_t = S.add_noise(run.pipe, x0, t, torch.randn(xw[idx].shape, generator=gen).to(run.device).repeat(2, 1, 1, 1))
+    return dict(x_t=x_t, t=t, target=S.training_target(run.pipe, x_t, x0, t)[0],
+                prompts=[prompts[i] for i in idx.tolist()], count=P, info={})
+
+
+def loss_diffusion_dpo(run, b):
+    """Diffusion-DPO on the pairs: rlhf_loss against the frozen reference with no reward gap."""
+    P = b["count"]
+    cond = S.encode(run.pipe, b["prompts"]).repeat(2, 1, 1)
+    mse = sharpen.row_mse(S.unet_call(run.pipe, run.net, b["x_t"], b["t"], cond).float(), b["target"])
+    with torch.no_grad():
+        ref = sharpen.row_mse(S.unet_call(run.pipe, run.ref, b["x_t"], b["t"], cond).float(), b["target"])
+    zero = torch.zeros(P, device=run.device)
+    loss, d = sharpen.rlhf_loss(mse[:P], mse[P:], ref[:P], ref[P:], zero, zero, run.cfg.beta, False)
+    return loss, dict(acc=d["implicit_acc"].item())
+
+# -----------------------------------------------------------------------------
+# ddpo
+
+
+def prepare_ddpo(run, it, micro):
+    """DDPO: every ppo_epochs steps the current model samples n trajectories per prompt (eta = ddpo_eta), their
+    per-step log-probabilities recorded; advantages are the rewards normalised within each prompt; each step trains
+    on ddpo_steps() random timesteps of the round."""
+    c, P, n, key = run.cfg, run.P, run.cfg.n_traj, (it // run.cfg.ppo_epochs, micro)
+    ts = run.ts
+    if key not in run.rounds:  # sample a new round with the current (old) policy
+        new_round(run, key)
+        first = run.first_index(it // c.ppo_epochs, micro)
+        prompts = [run.train_prompt(g) for g in range(first, first + P) for _ in range(n)]
+        traj, r = R.scored_samples(run, prompts, [run.seed_for("noise", first, j) for j in range(P * n)], c.ddpo_eta)
+        x_next = torch.cat([traj.x[:, 1:], traj.x_final[:, None]], 1)  # (B, steps, C, H, W)
+        with torch.no_grad():  # the last step lands on x0 with sigma = 0: no density, left out
+            lp = torch.stack([S.ddim_logprob(run.pipe, traj.x[:, k], traj.model_out[:, k], ts[k].expand(P * n),
+                                             ts[k + 1].expand(P * n), c.ddpo_eta, x_next[:, k])
+                              for k in range(c.num_steps - 1)], 1)
+        run.rounds[key] = dict(x=traj.x, x_next=x_next, lp=lp, prompts=prompts, reward=r,
+                               adv=group_advantages(r.view(P, n)).flatten())
+    gen = torch.Generator().manual_seed(run.seed_for("ddpo t", it, micro))
+    ks = torch.randperm(c.num_steps - 1, generator=gen)[:R.ddpo_steps(c)]
+    return dict(round=run.rounds[key], ks=ks.tolist(), count=P, info={})
+
+
+def loss_ddpo(run, b):
+    """PPO-clip on the round's log-probabilities at the step's timesteps, a mean over them."""
+    c, rd, ks, ts = run.cfg, b["round"], b["ks"], run.ts
+    B, cond = len(rd["prompts"]), S.encode(run.pipe, rd["prompts"])
+    loss = clipped = 0.0
+    for k in ks:
+        out = S.predict(run.pipe, rd["x"][:, k], ts[k], cond, run.uncond, c.guidance, run.net)
+        lp = S.ddim_logprob(run.pipe, rd["x"][:, k], out, ts[k].expand(B), ts[k + 1].expand(B), c.ddpo_eta,
+                            rd["x_next"][:, k])
+        l_k, c_k = ppo_clip_loss(lp, rd["lp"][:, k], rd["adv"], c.ppo_clip)
+        loss, clipped = loss + l_k / len(ks), clipped + c_k.item() / len(ks)
+    return loss, dict(reward=rd["reward"].nanmean().item(), clipfrac=clipped)
