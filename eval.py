@@ -21,6 +21,7 @@ image, with a reward as verifier, instead of training. Each method returns the N
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 import time
@@ -49,6 +50,7 @@ eta = 0.0
 rewards = "toyclip"      # more rewards to score the same images with, '+'-separated reward specs (reward.py)
 out_dir = "out/eval"     # results.json, results.md, grid.png, reward_vs_nfe.png
 device = "cpu"
+threads = 0              # torch threads (0 = every core)
 # -----------------------------------------------------------------------------
 
 
@@ -214,21 +216,23 @@ def amortisation(base_rewards, model_gold, groups, boot=1000, seed=0, base_gold=
     return out
 
 
+def parse_search(name):
+    """bonN -> ("bon", [N]), noiseRxK -> ("noise", [R, K]), greedyK -> ("greedy", [K]); None for others, or a count < 1."""
+    m = re.fullmatch(r"bon(\d+)|noise(\d+)x(\d+)|greedy(\d+)", name)
+    counts = [int(v) for v in m.groups() if v is not None] if m else [0]
+    return (name.rstrip("0123456789x"), counts) if min(counts) >= 1 else None
+
+
 def run_search(pipe, name, prompts, seed_list, verifier):
     """A row by name: None (plain sampling) | bonN | noiseRxK | greedyK -> (images, NFE per image)."""
     if not name:
         return S.sample(pipe, prompts, seed_list, num_steps, guidance, eta), num_steps * S.passes_per_call(guidance, pipe.family)
-    try:
-        if name.startswith("bon"):
-            return best_of_n(pipe, prompts, seed_list, verifier, int(name[3:]), num_steps, guidance, eta)[:2]
-        if name.startswith("noise"):
-            r, k = (int(v) for v in name[5:].split("x"))
-            return noise_search(pipe, prompts, seed_list, verifier, r, k, num_steps=num_steps, guidance=guidance)[:2]
-        if name.startswith("greedy"):
-            return greedy_search(pipe, prompts, seed_list, verifier, int(name[6:]), num_steps, guidance)[:2]
-    except ValueError:
-        pass
-    raise SystemExit(f"error: unknown search {name!r} (expected bonN, noiseRxK or greedyK, e.g. bon4)")
+    how, n = parse_search(name)  # main() checked every name
+    if how == "bon":
+        return best_of_n(pipe, prompts, seed_list, verifier, n[0], num_steps, guidance, eta)[:2]
+    if how == "noise":
+        return noise_search(pipe, prompts, seed_list, verifier, *n, num_steps=num_steps, guidance=guidance)[:2]
+    return greedy_search(pipe, prompts, seed_list, verifier, n[0], num_steps, guidance)[:2]
 
 
 # -----------------------------------------------------------------------------
@@ -354,26 +358,43 @@ def label(folder):
 
 def main():
     config = S.configure(globals(), sys.argv[1:])
-    for key in ("per_skill", "seeds", "num_steps"):
-        if config[key] < 1:
-            raise SystemExit(f"error: --{key} must be >= 1, got {config[key]}")
-    if amortise == 1 or amortise < 0:
-        raise SystemExit(f"error: --amortise must be 0 (off) or >= 2 candidates, got {amortise}")
-    if split not in ("heldout", "train"):
-        raise SystemExit(f"error: --split must be heldout or train, got {split!r}")
-    torch.set_num_threads(os.cpu_count())
-    try:  # every reward and model folder is checked before any sampling
+    folders, searches = [m for m in str(models or model).split("+") if m], [s for s in str(search).split("+") if s]
+    bad = next((s for s in searches if parse_search(s) is None), None)
+    for ok, message in [  # every setting with a range, checked before any model loads: one error line
+            (folders, f"--models={models!r} --model={model!r} name no model folder"),
+            (bad is None, f"--search: {bad!r} is not a search (bonN with N >= 1, noiseRxK with R, K >= 1, greedyK with K "
+                          ">= 1; e.g. bon4)"),
+            (split in ("heldout", "train"), f"--split must be heldout or train, got {split!r}"),
+            (per_skill >= 1, f"--per_skill must be >= 1, got {per_skill}"),
+            (seeds >= 1, f"--seeds must be >= 1, got {seeds}"),
+            (num_steps >= 1, f"--num_steps must be >= 1, got {num_steps}"),
+            (amortise == 0 or amortise >= 2, f"--amortise must be 0 (off) or >= 2 candidates, got {amortise}"),
+            (0 <= guidance < math.inf, f"--guidance must be a finite scale >= 0 (1: conditional only), got {guidance}"),
+            (0 <= eta < math.inf, f"--eta must be a finite DDIM eta >= 0 (0: deterministic), got {eta}"),
+            (resolution >= 0, f"--resolution must be 0 (the model's) or a positive side in pixels, got {resolution}"),
+            (threads >= 0, f"--threads must be >= 0 (0: every core), got {threads}"),
+            (uncond_embed in ("auto", "zeros", "empty"), f"--uncond_embed must be auto, zeros or empty, got {uncond_embed!r}"),
+            (not device.startswith("cuda") or torch.cuda.is_available(), "--device=cuda but no CUDA device is available")]:
+        if not ok:
+            raise SystemExit(f"error: {message}")
+    for f in folders:  # what each folder's configs allow, still before any model loads
+        S.check_model_folder(f)
+        S.check_resolution(f, resolution)
+        if S.folder_is_flow(f) and (eta > 0 or (f == folders[0] and any(s.startswith("greedy") for s in searches))):
+            raise SystemExit(f"error: {f} is a flow-matching model: --eta must be 0 and greedyK (stochastic DDIM "
+                             f"steps) does not apply, got --eta={eta} --search={search!r}")
+    torch.set_num_threads(threads or os.cpu_count())
+    try:  # every reward loads before any sampling
         extra = {spec: make_reward(spec, device) for spec in str(rewards).split("+") if spec}
+    except ValueError as e:
+        raise SystemExit(f"error: --rewards: {e}")
+    try:
         verifier = make_reward(search_reward, device) if search else None
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: --search_reward: {e}")
     prompts, seed_list = prompts_and_seeds(split, per_skill, seeds)
-    folders = [m for m in str(models or model).split("+") if m]
-    for f in folders:
-        S.check_model_folder(f)
     rows, grids = [], []
-    jobs = [(f, None) for f in folders] + [(folders[0], s) for s in str(search).split("+") if s]
-    for folder, how in jobs:
+    for folder, how in [(f, None) for f in folders] + [(folders[0], s) for s in searches]:
         pipe = S.load_model(folder, device, uncond=uncond_embed, resolution=resolution)
         t0 = time.time()
         images, nfe = run_search(pipe, how, prompts, seed_list, verifier)

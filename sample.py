@@ -445,8 +445,12 @@ def size_step(folder):
 
 
 def _config_json(folder, sub):
+    """folder/sub/config.json as a dict (None where there is none); a broken one is one error line naming it."""
     path = os.path.join(folder, sub, "config.json")
-    return json.load(open(path)) if os.path.isfile(path) else None
+    try:
+        return json.load(open(path)) if os.path.isfile(path) else None
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load {os.path.join(folder, sub)} ({type(e).__name__}: {e})") from None
 
 
 def check_resolution(folder, resolution):
@@ -464,7 +468,10 @@ def is_flow_config(scheduler_config):
 def folder_is_flow(folder):
     """Whether load_model gives the folder a flow-matching scheduler (a FlowMatch* config), without loading it."""
     path = os.path.join(folder, "scheduler", "scheduler_config.json")
-    return os.path.isfile(path) and is_flow_config(json.load(open(path)))
+    try:
+        return os.path.isfile(path) and is_flow_config(json.load(open(path)))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load {os.path.dirname(path)} ({type(e).__name__}: {e})") from None
 
 
 def folder_family(folder):
@@ -668,10 +675,12 @@ if __name__ == "__main__":
             (not device.startswith("cuda") or torch.cuda.is_available(), "--device=cuda but no CUDA device is available")]:
         if not ok:
             raise SystemExit(f"error: {message}")
+    check_model_folder(model)  # and what the folder's configs allow, still before the model loads
+    check_resolution(model, resolution)
+    if eta > 0 and folder_is_flow(model):
+        raise SystemExit(f"error: {model} is a flow-matching model: --eta must be 0, got {eta}")
     torch.set_num_threads(os.cpu_count())
     pipe = load_model(model, device, uncond=uncond_embed, resolution=resolution)
-    if eta > 0 and is_flow(pipe):  # known once the scheduler is loaded
-        raise SystemExit(f"error: {model} is a flow-matching model: --eta must be 0, got {eta}")
     images = sample(pipe, [prompt] * num_images, [seed + i for i in range(num_images)],
                     num_steps, guidance, eta, progress=True)
     save_grid(images, [prompt] * num_images, out)

@@ -5,29 +5,48 @@ Unit tests first, then the scripts end to end. Two tests run at a time by defaul
 end-to-end tests first); --jobs=1 runs them one by one in this process. pytest collects the same functions:
 `pytest test_all.py`.
 """
+import ast
+import contextlib
+import copy
 import glob
+import io
 import itertools
+import json
 import math
+import multiprocessing
 import os
 import random
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import numpy as np
 import torch
+from PIL import Image
 
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter; set before import
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import baselines  # noqa: E402
+import eval as E  # noqa: E402
 import kernels  # noqa: E402
+import lora as L  # noqa: E402
 import reward  # noqa: E402
+import rollout  # noqa: E402
 import sample as S  # noqa: E402
 import sharpen  # noqa: E402
 import toyworld  # noqa: E402
+from dev import reproduce, sdconfigs, selection, toyclip  # noqa: E402
 from dev.stub_grader import StubGrader  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+# diffusers and transformers are imported in the tests that use them: seconds each, in every worker process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
@@ -45,12 +64,35 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def run(*args, ok=True, env=None):
-    """Run one of our scripts as a user would (env: extra variables); return (returncode, stdout+stderr)."""
+    """Run one of our scripts as a user would (env: extra variables); return (returncode, stdout+stderr). The
+    timeout only stops a hung script: a test checks behaviour, not speed, and CI machines may be busy."""
     p = subprocess.run([sys.executable, *args], cwd=HERE, env=dict(os.environ, **(env or {})), capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=3600)
     if ok and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     return p.returncode, p.stdout + p.stderr
+
+
+def two_at_a_time(calls):
+    """Run calls (zero-argument callables or (fn, *args) tuples) two at a time in threads, e.g. two subprocesses of
+    1 thread each on 2 cores -> their results in order; the first call (in order) that failed raises here."""
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(c) if callable(c) else pool.submit(*c) for c in calls]
+        try:
+            return [j.result() for j in jobs]
+        finally:
+            for j in jobs:  # after a failure no further call starts (those running finish)
+                j.cancel()
+
+
+@contextlib.contextmanager
+def stub_grader():
+    """The loopback MLLM grader (dev/stub_grader.py) for the length of a with block."""
+    stub = StubGrader()
+    try:
+        yield stub
+    finally:
+        stub.server.shutdown()
 
 
 def raises(fn, needle="", exc=(ValueError, SystemExit)):
@@ -230,7 +272,6 @@ def test_learned_rewards_load_from_folders():
 
 def test_clip_preprocess_matches_processor():
     """Our tensor resize/crop/normalise against the processor's own PIL path on the same uint8 pixels."""
-    from PIL import Image
     with tempfile.TemporaryDirectory() as d:
         _, _, proc = reward.load_clip(tiny_clip_folder(d))
         images = (torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(1)) * 255).round() / 255
@@ -244,7 +285,6 @@ def test_clip_preprocess_matches_processor():
 
 def test_toyclip_ranks_heldout_captions():
     """The shipped toyclip ranks a held-out scene's caption above a one-field-corrupted one >= 90 %."""
-    from dev import toyclip
     acc = toyclip.heldout_accuracy(reward.make_reward("toyclip"), n=500, seed=7)
     assert acc >= 0.9, acc
 
@@ -265,9 +305,7 @@ def test_combined_reward_is_weighted_sum_and_spec_errors():
 
 
 def test_mllm_grader_against_stub():
-    stub = StubGrader()
-    os.environ["TEST_GRADER_KEY"] = "sk-test-secret"
-    try:
+    with stub_grader() as stub, mock.patch.dict(os.environ, TEST_GRADER_KEY="sk-test-secret"):
         g = reward.MLLMGrader(stub.url, model="stub", key_env="TEST_GRADER_KEY", timeout=0.5, retries=2,
                               backoff=0.01, concurrency=4)
         images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -290,9 +328,6 @@ def test_mllm_grader_against_stub():
         r3, _ = g(torch.rand(8, 3, 32, 32), [f"conc {i}" for i in range(8)])
         dt = time.time() - t0
         assert torch.allclose(r3, torch.full((8,), 0.5)) and stub.max_inflight == 4 and dt < 1.5, (r3, stub.max_inflight, dt)
-    finally:
-        stub.server.shutdown()
-        del os.environ["TEST_GRADER_KEY"]
 
 
 def test_parse_grade_forms():
@@ -473,7 +508,6 @@ def test_sample_same_seed_same_image_any_batch():
 
 
 def test_search_methods_nfe_and_best_of_one():
-    import eval as E
     pipe = S.load_model(S.TOY_MODEL)
     prompts, seeds = ["a red circle and a blue square", "two green triangles", "a cyan square above a red circle"], [0, 5, 9]
     fn = reward.make_reward("compositional")
@@ -503,8 +537,6 @@ def test_search_methods_nfe_and_best_of_one():
 def test_best_of_n_curve_and_matching_n_by_hand():
     """eval.expected_best is the mean max over every N-subset of the K candidates; matching_n interpolates in
     log N (hand values); a model that is the base's own candidate mean matches N = 1 inside its bounds."""
-    import itertools
-    import eval as E
     r = torch.rand(3, 5, generator=torch.Generator().manual_seed(0))
     want = [[np.mean([max(c) for c in itertools.combinations(row.tolist(), n)]) for n in range(1, 6)] for row in r]
     torch.testing.assert_close(E.expected_best(r), torch.tensor(want, dtype=torch.float64))
@@ -530,7 +562,6 @@ def test_selection_statistics_by_hand():
     """dev/selection.py's table on a hand case: prompt A's path rewards pick trajectory 0, prompt B's tie (a
     uniform pick: its expectations over all three); agreement, gains, the winner-loser gap and the loss
     difference by hand. And its rollouts on the built-in model: one path reward per trajectory in 0..m."""
-    from dev import selection
     R = torch.tensor([[2.0, 1, 1], [1, 1, 1]], dtype=torch.float64)
     G = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.5]], dtype=torch.float64)
     L = torch.tensor([[0.1, 0.2, 0.3], [0.3, 0.3, 0.6]], dtype=torch.float64)
@@ -543,23 +574,23 @@ def test_selection_statistics_by_hand():
     selection.prompts, selection.n_traj, selection.batch = 3, 2, 2
     R, G, L, F, K = selection.measure(S.load_model(S.TOY_MODEL), "rlhf", 2)
     assert R.shape == G.shape == L.shape == F.shape == (3, 2) and ((R >= 0) & (R <= 2)).all(), (R, G)
-    assert K.tolist() == sharpen.start_steps(range(3), (1, 9), selection.seed) and (L > 0).all(), (K, L)
+    assert K.tolist() == rollout.start_steps(range(3), (1, 9), selection.seed) and (L > 0).all(), (K, L)
 
 
 def test_start_step_drawn_per_prompt():
     """Alg. 2 draws the noise level per sample: the prompts of one micro-step start at different steps,
     each inside the range, and a prompt's start depends on its global index alone (so any split over ranks
     and micro-steps trains the same states)."""
-    ks = sharpen.start_steps(range(64), (1, 9), seed=1337)
+    ks = rollout.start_steps(range(64), (1, 9), seed=1337)
     assert min(ks) >= 1 and max(ks) <= 9 and len(set(ks)) >= 6, ks
-    assert sharpen.start_steps(range(32, 64), (1, 9), 1337) == ks[32:]
-    assert sharpen.start_steps(range(64), (1, 9), 7) != ks
-    assert set(sharpen.start_steps(range(16), (4, 4), 1337)) == {4}
-    assert sharpen.step_range("0.05:0.45", 20, 3) == (1, 9) and sharpen.step_range("", 20, 3) == (0, 17)
-    assert sharpen.step_range("0.5:1", 28, 1) == (14, 27)  # round(0.05 * 20) = 1; the last m steps stay free
+    assert rollout.start_steps(range(32, 64), (1, 9), 1337) == ks[32:]
+    assert rollout.start_steps(range(64), (1, 9), 7) != ks
+    assert set(rollout.start_steps(range(16), (4, 4), 1337)) == {4}
+    assert rollout.step_range("0.05:0.45", 20, 3) == (1, 9) and rollout.step_range("", 20, 3) == (0, 17)
+    assert rollout.step_range("0.5:1", 28, 1) == (14, 27)  # round(0.05 * 20) = 1; the last m steps stay free
     for bad in ("0.5", "0.5:0.2", "a:b", "0:1.5", "0:0.2:0.4"):
         try:
-            sharpen.step_range(bad, 20, 1)
+            rollout.step_range(bad, 20, 1)
             raise AssertionError(bad)
         except ValueError:
             pass
@@ -779,12 +810,12 @@ def test_rlhf_loss_gradient_sign_and_official_placement_is_dpo_gradient():
 
 def test_baseline_losses_hand_computation():
     # DDPO advantages: per prompt (r - mean) / (std + eps) with the unbiased std; a NaN stays out
-    a = sharpen.group_advantages(torch.tensor([[1.0, 2.0, 3.0], [0.0, 4.0, float("nan")]]), eps=0.0)
+    a = baselines.group_advantages(torch.tensor([[1.0, 2.0, 3.0], [0.0, 4.0, float("nan")]]), eps=0.0)
     assert torch.allclose(a, torch.tensor([[-1.0, 0.0, 1.0], [-2 / 8 ** 0.5, 2 / 8 ** 0.5, 0.0]]), atol=1e-6), a
     # PPO clip: rho = (e^0.2, e^-0.2, 1); A = (1, 1, -2); clip 0.1
     lp_old = torch.zeros(3)
     lp = torch.tensor([0.2, -0.2, 0.0], requires_grad=True)
-    loss, frac = sharpen.ppo_clip_loss(lp, lp_old, torch.tensor([1.0, 1.0, -2.0]), 0.1)
+    loss, frac = baselines.ppo_clip_loss(lp, lp_old, torch.tensor([1.0, 1.0, -2.0]), 0.1)
     r0, r1 = math.exp(0.2), math.exp(-0.2)
     want = (max(-r0, -1.1) + max(-r1, -r1) + max(2.0, 2.0)) / 3  # A > 0 and rho above 1 + clip: no gain
     assert abs(loss.item() - want) < 1e-6 and abs(frac.item() - 2 / 3) < 1e-6, (loss.item(), want)
@@ -896,8 +927,6 @@ def test_configure_overrides_and_errors():
 def test_config_file_then_overrides():
     """`train.py config/sharpen_sft.py --lr=1e-3`: the file sets its keys, a later --key wins (and a later
     file over an earlier --key); a key the script lacks, in a file, is one error line naming it and the file."""
-    import contextlib
-    import io
     cfg = dict(method="sharpen_rlhf", m_steps=3, prompts_per_step=32, lr=1e-4, steps=120, start_range="0.05:0.45")
     with contextlib.redirect_stdout(io.StringIO()) as out, tempfile.TemporaryDirectory() as d:
         S.configure(cfg, ["--steps=5", os.path.join(HERE, "config/sharpen_sft.py"), "--lr=1e-3"])
@@ -909,36 +938,35 @@ def test_config_file_then_overrides():
         assert "\n" not in err, err
 
 
+def dry_run(path, cwd):
+    """python train.py PATH --dry_run from cwd -> the config it resolved, {key: value} (it loads no model)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), path, "--dry_run"], cwd=cwd, text=True,
+                       capture_output=True, timeout=900)
+    assert p.returncode == 0, f"{path}: {(p.stdout + p.stderr).strip().splitlines()[-1:]}"
+    line = next(l for l in p.stdout.splitlines() if l.startswith("config "))
+    return {k: ast.literal_eval(v) for k, v in re.findall(r"(\w+)=('[^']*'|\S+)", line[len("config "):])}
+
+
 def test_every_config_file_resolves():
-    """Each config/*.py sets only train.py's keys, with their types, from any working directory; the model folder
-    it names exists, and a flow config's model samples as a flow (the diffusion configs' as DDIM)."""
-    import contextlib
-    import io
-    src = open(os.path.join(HERE, "train.py")).read()
-    defaults = {"__file__": os.path.join(HERE, "train.py"), "__name__": "train_defaults"}
-    exec(compile(src[:src.index("config = S.configure(")], "train.py", "exec"), defaults)  # the variables at its top
+    """Each config/*.py sets only train.py's keys, with their types, from any working directory, and passes every
+    check of train.py (`--dry_run`: before any model loads); the model folder it names is a flow model exactly for the
+    flow_ configs (the pretraining configs: the flag), as the loader sees it."""
     files = sorted(glob.glob(os.path.join(HERE, "config", "*.py")))
     assert len(files) >= 7, files
-    cwd, flow = os.getcwd(), {}  # model folder -> whether it loads as a flow model
-    try:
-        os.chdir(tempfile.gettempdir())
-        for path in files:
-            cfg = dict(defaults)
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    S.configure(cfg, [path])
-                S.check_model_folder(cfg["model"])
-            except SystemExit as e:  # one error line: a failure here, not the end of the suite
-                raise AssertionError(f"{path}: {e}") from None
-            name = os.path.basename(path)
-            if cfg["method"] == "pretrain":  # a fresh network: the flag picks the kind
-                assert cfg["flow"] == ("flow" in name), (path, cfg["flow"])
-            else:  # the kind the loader gives the folder
-                if cfg["model"] not in flow:
-                    flow[cfg["model"]] = S.is_flow(S.load_model(cfg["model"]))
-                assert flow[cfg["model"]] == name.startswith("flow_"), (path, cfg["model"])
-    finally:
-        os.chdir(cwd)
+    cwd = tempfile.gettempdir()
+    cfgs = two_at_a_time([(dry_run, f, cwd) for f in files])
+    for path, cfg in zip(files, cfgs):
+        name = os.path.basename(path)
+        if cfg["method"] == "pretrain":  # a fresh network: the flag picks the kind
+            assert cfg["flow"] == ("flow" in name), (path, cfg["flow"])
+        else:
+            assert S.folder_is_flow(cfg["model"]) == name.startswith("flow_"), (path, cfg["model"])
+    for folder in {c["model"] for c in cfgs}:  # the config-file check agrees with the loaded scheduler
+        assert S.folder_is_flow(folder) == S.is_flow(S.load_model(folder)), folder
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/bad.py", "w") as f:
+            f.write("steps = 'ten'\n")
+        raises(lambda: dry_run(f"{d}/bad.py", d), "--steps", exc=AssertionError)
 
 
 # -----------------------------------------------------------------------------
@@ -947,9 +975,6 @@ def test_every_config_file_resolves():
 def test_lora_identity_disable_and_merge():
     """A fresh adapter is the identity; a trained one changes the output; disabled() is the base model
     exactly; merge() folds it into plain nn.Linear layers with the same output; only adapters train."""
-    import copy
-    import lora as L
-    from dev import sdconfigs
     pipe = sdconfigs.build("sd15", tiny=True)
     x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 12, 32)
     with torch.no_grad():
@@ -974,8 +999,6 @@ def test_lora_identity_disable_and_merge():
 def lora_file_case(d):
     """A tiny SD1.5 folder at d/base, and our LoRA UNet on it (rank 2, alpha 6, random B) saved with its
     adapters' file to d/lora -> (pipe with adapters, (x, t, cond), our output, the base model's output)."""
-    from dev import sdconfigs
-    import lora as L
     pipe = S.load_model(sdconfigs.make(f"{d}/base", "sd15", tiny=True))
     x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([500]), S.encode(pipe, ["a red circle"])
     before = S.unet_call(pipe, pipe.unet, x, t, cond)
@@ -990,9 +1013,7 @@ def test_lora_file_is_what_diffusers_loads():
     """pytorch_lora_weights.safetensors as diffusers' LoRA scripts write it: 'unet.<module>.lora.down/up.weight',
     which diffusers' own converter maps onto every adapted Linear with the right shapes, and whose B A (scale
     folded in) is the merged weight."""
-    import lora as L
     from diffusers.utils import convert_unet_state_dict_to_peft
-    from safetensors.torch import load_file
     with tempfile.TemporaryDirectory() as d:
         pipe, _, _, _ = lora_file_case(d)
         sd = load_file(f"{d}/lora/pytorch_lora_weights.safetensors")
@@ -1024,7 +1045,6 @@ def test_lora_file_round_trip_through_load_lora_weights():
 def test_sd_and_sdxl_folders_load_encode_and_sample():
     """The loader on SD1.5-like (PNDM config, epsilon) and SDXL-like (two encoders, text_time UNet, Euler
     config, v-prediction) folders: DDIM without clipping, latent shapes, pooled row, VAE round trip."""
-    from dev import sdconfigs
     with tempfile.TemporaryDirectory() as d:
         for kind, pred in (("sd15", ""), ("sdxl", "v_prediction")):
             pipe = S.load_model(sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction=pred))
@@ -1060,15 +1080,32 @@ REAL_TINY = ["--prompts_per_step=2", "--n_traj=2", "--m_steps=2", "--num_steps=4
              "--threads=1", "--lr=1e-3", "--reward=toyclip"]
 
 
+def assert_samples_as_diffusers(ref, pipe, prompts, x, num_steps, guidance):
+    """The diffusers pipeline ref (or the one a folder path loads as) from latents x (B, 4, 8, 8; FLUX's: packed)
+    reaches our sampler's state after every step and decodes its images, within 1e-4 -> ref."""
+    from diffusers import DiffusionPipeline
+    ref = DiffusionPipeline.from_pretrained(ref) if isinstance(ref, str) else ref
+    ref.set_progress_bar_config(disable=True)
+    pack = flux_tokens if pipe.family == "flux" else (lambda z: z)
+    traj = S.rollout(pipe, x, S.timesteps(pipe, num_steps), S.encode(pipe, prompts), S.uncond(pipe), guidance)
+    mine, theirs = [*traj.x[:, 1:].unbind(1), traj.x_final], []
+    img = ref(prompts, latents=pack(x.clone()), num_inference_steps=num_steps, guidance_scale=guidance, height=32,
+              width=32, output_type="pt", callback_on_step_end=lambda p, i, t, kw: theirs.append(kw["latents"]) or kw).images
+    assert len(theirs) == num_steps, len(theirs)
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        assert (pack(a) - b).abs().max() <= 1e-4, (type(ref).__name__, guidance, i, (pack(a) - b).abs().max().item())
+    assert (img - S.to_images(pipe, traj.x_final)).abs().max() <= 1e-4, (type(ref).__name__, guidance)
+    return ref
+
+
 def test_sampler_equals_diffusers_pipeline_every_step():
     """Our rollout == the diffusers pipeline of the same folder, from the same latents, at every one of 10 steps,
     guidance 1 and 5: SD1.5 (eps; set_alpha_to_one false, leading spacing, offset 1), SDXL (eps; zero uncond)
     and SDXL (v), their scheduler swapped for DDIM as a user runs DDIM; SD3 (flow matching, shift 3, three
     text encoders, VAE shift) and FLUX (packed latents, dynamic shift, guidance input) with their own scheduler.
     The exported folder is a complete pipeline (model_index.json, the sampler's scheduler) that reproduces our
-    decoded samples without any swap."""
+    steps and decoded samples without any swap."""
     from diffusers import DDIMScheduler, DiffusionPipeline
-    from dev import sdconfigs
     pipes = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
              "flux": "FluxPipeline"}
     prompts, x = ["a red circle", "two blue squares"], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -1076,29 +1113,15 @@ def test_sampler_equals_diffusers_pipeline_every_step():
         for kind, pred in (("sd15", ""), ("sdxl", ""), ("sdxl", "v_prediction"), ("sd3", ""), ("flux", "")):
             folder = sdconfigs.make(f"{d}/{kind}{pred}", kind, tiny=True, prediction=pred)
             ours, ref = S.load_model(folder, resolution=32), DiffusionPipeline.from_pretrained(folder)
-            ref.set_progress_bar_config(disable=True)
             assert ours.zero_uncond == (kind == "sdxl") and S.is_flow(ours) == (kind in ("sd3", "flux"))
             if not S.is_flow(ours):
                 assert not ours.scheduler.config.set_alpha_to_one
                 ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
-            pack = flux_tokens if kind == "flux" else (lambda z: z)
             for g in (1.0, 5.0):
-                traj = S.rollout(ours, x, S.timesteps(ours, 10), S.encode(ours, prompts), S.uncond(ours), g)
-                mine, theirs = [*traj.x[:, 1:].unbind(1), traj.x_final], []
-                ref(prompts, latents=pack(x.clone()), num_inference_steps=10, guidance_scale=g, height=32, width=32,
-                    output_type="latent", callback_on_step_end=lambda p, i, t, kw: theirs.append(kw["latents"]) or kw)
-                assert len(theirs) == 10
-                for i, (a, b) in enumerate(zip(mine, theirs)):
-                    assert (pack(a) - b).abs().max() <= 1e-4, (kind, pred, g, i, (pack(a) - b).abs().max().item())
+                assert_samples_as_diffusers(ref, ours, prompts, x, 10, g)
             S.save_model(ours, f"{d}/export")
-            back = DiffusionPipeline.from_pretrained(f"{d}/export")
-            back.set_progress_bar_config(disable=True)
+            back = assert_samples_as_diffusers(f"{d}/export", ours, prompts, x, 10, 5.0)
             assert type(back).__name__ == pipes[kind] and type(back.scheduler) is type(ours.scheduler)
-            img = back(prompts, latents=pack(x.clone()), num_inference_steps=10, guidance_scale=5.0, height=32,
-                       width=32, output_type="pt").images
-            want = S.to_images(ours, S.rollout(ours, x, S.timesteps(ours, 10), S.encode(ours, prompts), S.uncond(ours),
-                                               5.0, record=False))
-            assert (img - want).abs().max() <= 1e-4
 
 
 def step_lines(out_dir):
@@ -1125,7 +1148,6 @@ def assert_two_adam_steps(base, out_dir, lora_rank=0):
     two AdamW steps (decay 0) at the scheduled rates 1e-4, 2e-4 (lr 1e-3, warmup 10): the second as the
     checkpoint's optimizer state gives it, lr * m_hat / (sqrt(v_hat) + eps); the first by lr * g / (|g| + eps),
     so by 1e-4 (or 0: no gradient, as for LoRA's A while B = 0) per weight."""
-    import lora as L
     ck = torch.load(f"{out_dir}/ckpt.pt", weights_only=False)
     assert all((".lora_" in k) == bool(lora_rank) for k in ck["models"][0])  # LoRA: the adapters, not a UNet
     unet = S.load_model(base).unet
@@ -1161,11 +1183,12 @@ def error_lines(out):
     return [l for l in out.splitlines() if l.startswith("error:")]
 
 
-def assert_one_line_error(needle, *args):
-    """train.py with args exits non-zero with exactly one line besides its overrides, naming `needle`."""
-    code, out = run("train.py", *args, ok=False)
+def assert_one_line_error(needle, script, *args):
+    """script with args exits non-zero with exactly one line besides its overrides: an `error:` line naming `needle`."""
+    code, out = run(script, *args, ok=False)
     lines = [l for l in out.strip().splitlines() if l and not l.startswith("override:")]
-    assert code != 0 and len(lines) == 1 and needle in lines[0], (args, out[-1500:])
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], \
+        (script, args, out[-1500:])
 
 
 # -----------------------------------------------------------------------------
@@ -1173,7 +1196,6 @@ def assert_one_line_error(needle, *args):
 
 def test_sample_cli_writes_grid():
     """`python sample.py` writes the grid of S.sample's images (seeds seed, seed + 1, ...) by S.save_grid."""
-    from PIL import Image
     with tempfile.TemporaryDirectory() as d:
         _, log = run("sample.py", "--prompt=two red circles", "--num_images=3", "--num_steps=3", "--seed=5",
                      f"--out={d}/cli.png")
@@ -1197,13 +1219,38 @@ def test_script_errors_are_one_line():
     assert code != 0 and "/nonexistent/folder" in out and "Traceback" not in out, out
 
 
+def test_eval_and_sample_bad_input_one_line():
+    """Every eval.py and sample.py setting with a range, out of it, is one `error:` line naming the key (a search
+    spec: and the valid forms) before any model loads; so are what a folder's configs rule out (eta > 0 or greedy
+    search on a flow model, a resolution off its size step). The cases run two at a time (one process each)."""
+    search = "is not a search (bonN with N >= 1, noiseRxK with R, K >= 1, greedyK with K >= 1"
+    flow = os.path.join(HERE, "assets", "toy-flow-model")
+    cases = [("eval.py", [f"--search={s}"], f"--search: {s!r} {search}") for s in ("bon0", "noise0x3", "noise2x0",
+                                                                                   "greedy0", "beam4", "bon")]
+    cases += [("eval.py", ["--search=bon2+greedy"], "'greedy'"), ("eval.py", ["--per_skill=0"], "--per_skill"),
+              ("eval.py", ["--seeds=0"], "--seeds"), ("eval.py", ["--num_steps=0"], "--num_steps"),
+              ("eval.py", ["--amortise=1"], "--amortise"), ("eval.py", ["--split=val"], "--split"),
+              ("eval.py", ["--guidance=-1.0"], "--guidance"), ("eval.py", ["--eta=nan"], "--eta"),
+              ("eval.py", ["--resolution=-32"], "--resolution"), ("eval.py", ["--resolution=33"], "resolution=33"),
+              ("eval.py", ["--uncond_embed=none"], "--uncond_embed"), ("eval.py", ["--threads=-1"], "--threads"),
+              ("eval.py", ["--models=+"], "--models"), ("eval.py", ["--search_reward=nope", "--search=bon2"], "--search_reward: unknown reward 'nope'"),
+              ("eval.py", ["--rewards=toyclip+nope"], "--rewards: unknown reward 'nope'"),
+              ("eval.py", [f"--models={flow}", "--search=greedy2"], "flow-matching"),
+              ("sample.py", ["--num_images=0"], "--num_images"), ("sample.py", ["--num_steps=0"], "--num_steps"),
+              ("sample.py", ["--seed=-1"], "--seed"), ("sample.py", ["--guidance=inf"], "--guidance"),
+              ("sample.py", ["--eta=-0.5"], "--eta"), ("sample.py", ["--resolution=-8"], "--resolution"),
+              ("sample.py", ["--uncond_embed=none"], "--uncond_embed"), ("sample.py", ["--out=grid.gif"], "--out"),
+              ("sample.py", [f"--model={flow}", "--eta=1.0"], "flow-matching")]
+    if not torch.cuda.is_available():
+        cases += [(script, ["--device=cuda"], "--device=cuda") for script in ("eval.py", "sample.py")]
+    two_at_a_time([(assert_one_line_error, needle, script, *args) for script, args, needle in cases])
+
+
 def test_train_bad_input_one_line():
     """A bad setting or input stops train.py with one line naming it (before any work, besides its
     overrides; a malformed model folder, found when loading, with one error line and no traceback). The
     cases run two at a time (each is one process, and none writes)."""
-    import shutil
-    from concurrent.futures import ThreadPoolExecutor
-    with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(2) as pool:
+    with tempfile.TemporaryDirectory() as d:
         open(f"{d}/file", "w").close()
         open(f"{d}/empty.txt", "w").close()
         os.makedirs(f"{d}/o")
@@ -1227,11 +1274,17 @@ def test_train_bad_input_one_line():
                              (["--method=pretrain", "--lora_rank=4"], "lora_rank=4"),
                              ([f"--prompt_file={d}/none.txt"], "cannot read prompt_file"),
                              ([f"--prompt_file={d}/empty.txt"], "has no prompts"),
-                             (["--method=sharpen_sft", f"--prompt_file={d}/empty.txt"], "dataset images")]:
+                             (["--method=sharpen_sft", f"--prompt_file={d}/empty.txt"], "dataset images"),
+                             (["--prompts_per_step=0"], "prompts_per_step must be >= 1, got 0"),
+                             (["--agg=median"], "agg must be 'sum' or 'mean' or 'last', got 'median'"),
+                             (["--resolution=33"], "resolution=33: "), (["--ema=1.0"], "ema must be in [0, 1)"),
+                             (["--method=pretrain", "--resolution=64"], "32-pixel toy-world scenes"),
+                             (["--method=raft", "--raft_n=1"], "raft_n must be >= 2"), (["--lr=0.0"], "lr must be > 0"),
+                             (["--method=ddpo", "--num_steps=1", "--m_steps=1"], "ddpo needs num_steps >= 2"),
+                             (["--model=assets/toy-flow-model", "--method=ddpo"], "is a flow-matching model")]:
             if "cuda" not in args[0] or not torch.cuda.is_available():
-                cases.append(pool.submit(assert_one_line_error, needle, f"--out_dir={d}/o", *args))
-        for c in cases:
-            c.result()  # a failed case raises its assertion here
+                cases.append((assert_one_line_error, needle, "train.py", f"--out_dir={d}/o", *args))
+        two_at_a_time(cases)  # a failed case raises its assertion here
         shutil.copytree(S.TOY_MODEL, f"{d}/m")
         with open(f"{d}/m/unet/config.json", "w") as f:
             f.write("{ not json")
@@ -1248,7 +1301,7 @@ def test_flow_pretrain_short_run_and_resume_exact():
     killed and resumed ends where an uninterrupted run ends; the export loads as a flow model, samples, and
     dev/reproduce.py --model trains sharpen_rlhf and sharpen_sft on it and evaluates them against it."""
     with tempfile.TemporaryDirectory() as d:
-        crash_and_resume(["train.py", "--method=pretrain", "--flow", "--captions=alttext", "--batch_size=8",
+        crash_and_resume(["train.py", "--method=pretrain", "--flow", "--batch_size=8",
                           "--eval_seeds=0", "--steps=4", "--ckpt_interval=2", "--ema=0.9"], d)
         ck = torch.load(f"{d}/full/ckpt.pt", weights_only=False)
         assert ck["step"] == 4 and ck["config"]["batch_size"] == 8 and ck["config"]["flow"]
@@ -1328,22 +1381,20 @@ def test_baseline_methods_train_count_nfe_and_resume():
     first loss equals a hand computation and its round serves raft_epochs steps (sampled once); raft killed
     between the steps that share a sampled round resumes exactly (ddpo's round is checkpointed alike). The
     runs go two at a time (1 thread each)."""
-    from concurrent.futures import ThreadPoolExecutor
-    with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(2) as pool:
+    with tempfile.TemporaryDirectory() as d:
         cases = (("sft", 3 * 4), ("continued", 3 * 4), ("diffusion_dpo", 4 * 8), ("ddpo", 4 * 2 * (4 / 2 + 3 * 2)),
                  ("raft", 4 * (4 * 4 / 2 + 3)))
-        jobs = {method: pool.submit(run, "train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}",
-                                    *SHARPEN_TINY, "--captions=alttext", "--dpo_pool=8", "--nfe_budget="
-                                    + str(int(2 * per_step) + (64 if method == "diffusion_dpo" else 0)))
-                for method, per_step in cases}
+        runs = [(run, "train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}", *SHARPEN_TINY,
+                 "--dpo_pool=8", f"--nfe_budget={int(2 * per_step) + 64 * (method == 'diffusion_dpo')}")
+                for method, per_step in cases]
         os.makedirs(f"{d}/kill")  # raft killed between two steps that share a round
-        killed = pool.submit(crash_and_resume, ["train.py", "--method=raft", "--steps=4", "--ckpt_interval=1",
-                                                "--raft_epochs=4", *SHARPEN_TINY], f"{d}/kill")
         os.makedirs(f"{d}/dpokill")  # diffusion_dpo resumed: its pool, rebuilt, is counted once
-        dpo_killed = pool.submit(crash_and_resume, ["train.py", "--method=diffusion_dpo", "--steps=4", "--ckpt_interval=1",
-                                                    "--dpo_pool=8", *SHARPEN_TINY], f"{d}/dpokill")
-        for method, per_step in cases:
-            _, log = jobs[method].result()
+        kills = [(crash_and_resume, ["train.py", "--method=raft", "--steps=4", "--ckpt_interval=1", "--raft_epochs=4",
+                                     *SHARPEN_TINY], f"{d}/kill"),
+                 (crash_and_resume, ["train.py", "--method=diffusion_dpo", "--steps=4", "--ckpt_interval=1",
+                                     "--dpo_pool=8", *SHARPEN_TINY], f"{d}/dpokill")]
+        *logs, _, _ = two_at_a_time(runs + kills)
+        for (method, per_step), (_, log) in zip(cases, logs):
             assert f"compute: {per_step:.0f} UNet passes per step planned (grad x3) x 2 steps" in log, log
             nfe = [s["nfe"] for s in step_lines(f"{d}/{method}")]
             pool = 8 * 2 * 4 if method == "diffusion_dpo" else 0  # 8 prompts x 2 samples x 4 steps, once
@@ -1352,8 +1403,6 @@ def test_baseline_methods_train_count_nfe_and_resume():
         lines = step_lines(f"{d}/raft")
         assert [s["scored"] for s in lines] == [16, 16], lines  # 4 prompts x 4 samples, once for 2 steps
         assert abs(lines[0]["loss"] - raft_first_loss()) < 2e-6, (lines[0]["loss"], raft_first_loss())
-        killed.result()
-        dpo_killed.result()
         full, part = (step_lines(f"{d}/dpokill/{k}")[-1] for k in ("full", "part"))
         assert full["step"] == part["step"] == 4 and full["nfe"] == part["nfe"], (full, part)
 
@@ -1362,24 +1411,20 @@ def test_train_with_every_reward_and_a_flaky_grader():
     """One train.py step whose reward sums every name: learned ones from tiny folders, the grader on the stub,
     each scored x0 asked once. A grader that answers 500 or garbage to some requests: bounded retries,
     unscored trajectories drop out of selection, the failures are counted in the log, the run finishes."""
-    stub = StubGrader()
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            tiny_clip_folder(f"{d}/clip")
-            tiny_clip_folder(f"{d}/aes", head={"weight": torch.randn(1, 16), "bias": torch.randn(1)})
-            spec = (f"compositional:0.5,toyclip@{d}/clip:0.1,clip@{d}/clip:0.1,pickscore@{d}/clip:0.01,"
-                    f"aesthetic@{d}/aes:0.1,mllm@{stub.url}:0.2")
-            _, log = run("train.py", "--method=sharpen_rlhf", "--steps=1", f"--out_dir={d}/run", *SHARPEN_TINY,
-                         f"--reward={spec}")  # (no probe: its pairs would be graded too)
-            assert "step 1 | loss" in log and "failed 0.0000" in log, log
-            assert sum(stub.calls.values()) == 4 * 2 * 2, stub.calls  # 4 prompts x 2 trajectories x 2 steps
-            stub.calls.clear()  # (the flaky answers depend on how often a prompt was asked)
-            _, log = run("train.py", "--method=sharpen_rlhf", "--steps=2", f"--out_dir={d}/flaky", *SHARPEN_TINY,
-                         f"--reward=mllm@{stub.url.replace('/v1', '/flaky/v1')}", "--prompts_per_step=2")
-            failed = [s["failed"] for s in step_lines(f"{d}/flaky")]
-            assert len(failed) == 2 and max(failed) > 0 and os.path.exists(f"{d}/flaky/model"), log
-    finally:
-        stub.server.shutdown()
+    with stub_grader() as stub, tempfile.TemporaryDirectory() as d:
+        tiny_clip_folder(f"{d}/clip")
+        tiny_clip_folder(f"{d}/aes", head={"weight": torch.randn(1, 16), "bias": torch.randn(1)})
+        spec = (f"compositional:0.5,toyclip@{d}/clip:0.1,clip@{d}/clip:0.1,pickscore@{d}/clip:0.01,"
+                f"aesthetic@{d}/aes:0.1,mllm@{stub.url}:0.2")
+        _, log = run("train.py", "--method=sharpen_rlhf", "--steps=1", f"--out_dir={d}/run", *SHARPEN_TINY,
+                     f"--reward={spec}")  # (no probe: its pairs would be graded too)
+        assert "step 1 | loss" in log and "failed 0.0000" in log, log
+        assert sum(stub.calls.values()) == 4 * 2 * 2, stub.calls  # 4 prompts x 2 trajectories x 2 steps
+        stub.calls.clear()  # (the flaky answers depend on how often a prompt was asked)
+        _, log = run("train.py", "--method=sharpen_rlhf", "--steps=2", f"--out_dir={d}/flaky", *SHARPEN_TINY,
+                     f"--reward=mllm@{stub.url.replace('/v1', '/flaky/v1')}", "--prompts_per_step=2")
+        failed = [s["failed"] for s in step_lines(f"{d}/flaky")]
+        assert len(failed) == 2 and max(failed) > 0 and os.path.exists(f"{d}/flaky/model"), log
 
 
 # -----------------------------------------------------------------------------
@@ -1411,44 +1456,37 @@ def test_ddp_ties_on_one_rank_equal_one_rank():
     ranks and micro-steps): sharpen_rlhf, also with grad_accum = 2 (idle micro-steps under no_sync), and
     sharpen_sft and raft when every score of a rank fails. The other baselines finish too; a pool of ties is
     one error line."""
-    from concurrent.futures import ThreadPoolExecutor
-    stub = StubGrader()
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            with open(f"{d}/prompts.txt", "w") as f:
-                f.write("tie a red circle\nvary a red circle\ngarbage a red circle\nvary two blue squares\n")
-            grader = [f"--prompt_file={d}/prompts.txt", f"--reward=mllm@{stub.url}"]
-            cases = {"rlhf": ["--method=sharpen_rlhf", "--prompts_per_step=2", "--probe_pairs=4", *grader],
-                     "accum": ["--method=sharpen_rlhf", "--prompts_per_step=4", "--grad_accum=2", *grader],
-                     "sft": ["--method=sharpen_sft", "--prompts_per_step=2",
-                             f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"],
-                     "raft": ["--method=raft", "--prompts_per_step=2", "--raft_n=2", "--raft_epochs=1",
-                              f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"]}
-            args = {name: ["train.py", "--steps=4", *SHARPEN_TINY, "--lr=1e-4", "--grad_clip=1e6", *extra]  # unclipped:
-                    for name, extra in cases.items()}                                            # Adam sees the scale
-            with ThreadPoolExecutor(2) as pool:  # the 1-rank runs (1 thread each) two at a time
-                for f in [pool.submit(run, *a, f"--out_dir={d}/{name}1") for name, a in args.items()]:
-                    f.result()
-            for name in cases:
-                run(*TORCHRUN, *args[name], f"--out_dir={d}/{name}2")
-                one, two = step_lines(f"{d}/{name}1"), step_lines(f"{d}/{name}2")
-                assert len(two) == 4 and any(s["idle"] >= 1 and s["kept"] >= 1 for s in two), (name, two)  # one idled
-                for a, b in zip(one, two):  # an idle rank that halved the mean, or a mean per rank, shows here
-                    assert a["kept"] == b["kept"], (name, one, two)
-                    assert all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])) for k in ("loss", "gnorm")), (name, one, two)
-                sa, sb = (S.load_model(f"{d}/{name}{r}/model").unet.state_dict() for r in (1, 2))
-                off = torch.cat([(sa[k] - sb[k]).abs().flatten() for k in sa]) > 1e-5  # Adam moves a few by float noise
-                assert off.float().mean() < 0.02, (name, off.float().mean())
-            for method in ("ddpo", "diffusion_dpo"):  # they train on every item (ddpo: a failed score has advantage 0)
-                run(*TORCHRUN, "train.py", f"--method={method}", "--steps=2", *SHARPEN_TINY, "--prompts_per_step=2",
-                    "--dpo_pool=8", *grader, f"--out_dir={d}/{method}")
-            with open(f"{d}/prompts.txt", "w") as f:
-                f.write("tie a red circle\n")
-            code, out = run("train.py", "--method=diffusion_dpo", "--steps=1", *SHARPEN_TINY, "--dpo_pool=4", *grader,
-                            f"--out_dir={d}/dd", ok=False)
-            assert code != 0 and "no preference pairs" in error_lines(out)[0], out[-1500:]
-    finally:
-        stub.server.shutdown()
+    with stub_grader() as stub, tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/prompts.txt", "w") as f:
+            f.write("tie a red circle\nvary a red circle\ngarbage a red circle\nvary two blue squares\n")
+        grader = [f"--prompt_file={d}/prompts.txt", f"--reward=mllm@{stub.url}"]
+        cases = {"rlhf": ["--method=sharpen_rlhf", "--prompts_per_step=2", "--probe_pairs=4", *grader],
+                 "accum": ["--method=sharpen_rlhf", "--prompts_per_step=4", "--grad_accum=2", *grader],
+                 "sft": ["--method=sharpen_sft", "--prompts_per_step=2",
+                         f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"],
+                 "raft": ["--method=raft", "--prompts_per_step=2", "--raft_n=2", "--raft_epochs=1",
+                          f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"]}
+        args = {name: ["train.py", "--steps=4", *SHARPEN_TINY, "--lr=1e-4", "--grad_clip=1e6", *extra]  # unclipped:
+                for name, extra in cases.items()}                                            # Adam sees the scale
+        two_at_a_time([(run, *a, f"--out_dir={d}/{name}1") for name, a in args.items()])  # the 1-rank runs, 1 thread each
+        for name in cases:
+            run(*TORCHRUN, *args[name], f"--out_dir={d}/{name}2")
+            one, two = step_lines(f"{d}/{name}1"), step_lines(f"{d}/{name}2")
+            assert len(two) == 4 and any(s["idle"] >= 1 and s["kept"] >= 1 for s in two), (name, two)  # one idled
+            for a, b in zip(one, two):  # an idle rank that halved the mean, or a mean per rank, shows here
+                assert a["kept"] == b["kept"], (name, one, two)
+                assert all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])) for k in ("loss", "gnorm")), (name, one, two)
+            sa, sb = (S.load_model(f"{d}/{name}{r}/model").unet.state_dict() for r in (1, 2))
+            off = torch.cat([(sa[k] - sb[k]).abs().flatten() for k in sa]) > 1e-5  # Adam moves a few by float noise
+            assert off.float().mean() < 0.02, (name, off.float().mean())
+        for method in ("ddpo", "diffusion_dpo"):  # they train on every item (ddpo: a failed score has advantage 0)
+            run(*TORCHRUN, "train.py", f"--method={method}", "--steps=2", *SHARPEN_TINY, "--prompts_per_step=2",
+                "--dpo_pool=8", *grader, f"--out_dir={d}/{method}")
+        with open(f"{d}/prompts.txt", "w") as f:
+            f.write("tie a red circle\n")
+        code, out = run("train.py", "--method=diffusion_dpo", "--steps=1", *SHARPEN_TINY, "--dpo_pool=4", *grader,
+                        f"--out_dir={d}/dd", ok=False)
+        assert code != 0 and "no preference pairs" in error_lines(out)[0], out[-1500:]
 
 
 def test_ddp_dead_rank_stops_the_run():
@@ -1468,9 +1506,7 @@ def test_real_folders_sharpen_full_and_lora_export_reload():
     the other two combinations on one UNet each (rlhf full: SD1.5, sft LoRA: SDXL): the exported folder is a
     plain diffusers folder that reloads and samples, two Adam steps from the base; LoRA runs also write the
     adapters' file; the SDXL, SD3 and FLUX exports load as their diffusers pipelines and sample as we do."""
-    from concurrent.futures import ThreadPoolExecutor
-    from dev import sdconfigs
-    with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(2) as pool:
+    with tempfile.TemporaryDirectory() as d:
         bases = {kind: sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction="v_prediction" if kind == "sdxl" else "")
                  for kind in ("sd15", "sdxl", "sd3", "flux")}
         runs = {}  # every training run first, two at a time (1 thread each), then the checks in order
@@ -1480,14 +1516,14 @@ def test_real_folders_sharpen_full_and_lora_export_reload():
                                                                                       ("sdxl", "sharpen_sft")):
                     continue
                 out = f"{d}/{kind}-{method}-{lora}"
-                runs[kind, method, lora, base, out] = pool.submit(
+                runs[kind, method, lora, base, out] = (
                     run, "train.py", f"--model={base}", f"--method={method}", "--steps=2", f"--lora_rank={lora}",
                     f"--out_dir={out}", "--resolution=32", *REAL_TINY,
                     *["--guidance=3.5"] * (kind == "flux"))  # FLUX: an input, one pass per step
-        ckpt = pool.submit(run, "train.py", f"--model={bases['sd15']}", "--method=sharpen_sft", "--steps=2", "--grad_ckpt",
-                           f"--out_dir={d}/sd15-sharpen_sft-0-ckpt", *REAL_TINY)
-        for (kind, method, lora, base, out), job in runs.items():
-            _, log = job.result()
+        *logs, _ = two_at_a_time([*runs.values(), (run, "train.py", f"--model={bases['sd15']}", "--method=sharpen_sft",
+                                                   "--steps=2", "--grad_ckpt", f"--out_dir={d}/sd15-sharpen_sft-0-ckpt",
+                                                   *REAL_TINY)])
+        for (kind, method, lora, base, out), (_, log) in zip(runs, logs):
             losses = [s["loss"] for s in step_lines(out)]
             assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
             if kind == "flux":  # planned = counted UNet passes
@@ -1497,32 +1533,22 @@ def test_real_folders_sharpen_full_and_lora_export_reload():
             assert not any(".lora_" in k for k in pipe.unet.state_dict())
             assert S.sample(pipe, ["a red circle"], [0], num_steps=2).isfinite().all()
             if lora:  # the adapters' file: merged weight = base weight + up @ down
-                from safetensors.torch import load_file
                 sd, w0 = load_file(f"{out}/model/pytorch_lora_weights.safetensors"), S.load_model(base).unet
                 up, down = ("lora.up", "lora.down") if pipe.denoiser == "unet" else ("lora_B", "lora_A")
                 key = next(k for k in sd if k.endswith(f".to_k.{up}.weight"))
                 name = key.split(".", 1)[1].removesuffix(f".{up}.weight")
                 torch.testing.assert_close(pipe.unet.get_submodule(name).weight, w0.get_submodule(name).weight
                                            + sd[key] @ sd[key.replace(up, down)])
-            if kind != "sd15" and method == "sharpen_rlhf":  # a diffusers pipeline loads and samples it
-                from diffusers import DiffusionPipeline
-                ref = DiffusionPipeline.from_pretrained(f"{out}/model")
-                ref.set_progress_bar_config(disable=True)
+            if kind != "sd15" and method == "sharpen_rlhf":  # a diffusers pipeline loads and samples it as we do
                 x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-                img = ref(["a red circle"], latents=flux_tokens(x) if kind == "flux" else x.clone(),
-                          num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="pt").images
-                want = S.to_images(pipe, S.rollout(pipe, x, S.timesteps(pipe, 2), S.encode(pipe, ["a red circle"]),
-                                                   S.uncond(pipe), 5.0, record=False))
-                assert (img - want).abs().max() <= 1e-4
+                assert_samples_as_diffusers(f"{out}/model", pipe, ["a red circle"], x, 2, 5.0)
             if kind == "sd15" and method == "sharpen_sft" and not lora:  # checkpointing changes no result
-                ckpt.result()
                 weights_equal(f"{out}/model", f"{out}-ckpt/model", exact=False)
 
 
 def test_lora_bf16_resume_exact_and_prompt_file():
     """SDXL LoRA sharpen_rlhf: killed after step 2 and resumed equals the uninterrupted run; bf16
     autocast with prompts from a file runs with finite losses and scores last steps only."""
-    from dev import sdconfigs
     with tempfile.TemporaryDirectory() as d:
         base = sdconfigs.make(f"{d}/xl", "sdxl", tiny=True)
         crash_and_resume(["train.py", f"--model={base}", "--method=sharpen_rlhf", "--lora_rank=4", "--steps=4",
@@ -1564,7 +1590,6 @@ def test_kill9_at_random_points_resume_exact():
     """SIGKILL mid-checkpoint, then at random moments (mid-step, mid-checkpoint): every checkpoint left on
     disk loads, and resuming after the kills ends with the weights of an uninterrupted run. The kill times
     come from a printed seed: TEST_SEED=<seed> replays them."""
-    import signal
     seed = int(os.environ.get("TEST_SEED", time.time()))
     print(f"kill times from TEST_SEED={seed}", flush=True)
     rng = random.Random(seed)
@@ -1595,7 +1620,6 @@ def test_kill9_at_random_points_resume_exact():
 def test_builtin_model_is_in_target_band():
     """The shipped base model (pretrained to a plateau on alt-text captions) draws shapes but is imperfect at
     composition: held-out gold in 0.35-0.60 and every skill below 0.75 (82 of the images `python eval.py` scores)."""
-    import eval as E
     res = E.gold_eval(S.load_model(S.TOY_MODEL), seeds=2)
     assert 0.35 <= res["overall"] <= 0.60 and max(res["per_skill"].values()) < 0.75, (res["overall"], res["per_skill"])
 
@@ -1605,8 +1629,8 @@ def test_eval_cli_two_models_and_search():
     rows report the NFE they spent; the same model gives the same numbers in two rows."""
     with tempfile.TemporaryDirectory() as d:
         _, log = run("eval.py", f"--models={S.TOY_MODEL}+{S.TOY_MODEL}", "--search=bon1+bon2+greedy2", "--seeds=2",
-                     "--per_skill=2", "--num_steps=4", f"--out_dir={d}", "--rewards=compositional")
-        import json
+                     "--per_skill=2", "--num_steps=4", f"--out_dir={d}", "--rewards=compositional",
+                     "--threads=1")  # (2 threads beside another test's process wait on each other at every op)
         rows = json.load(open(os.path.join(d, "results.json")))["rows"]
         assert [r["nfe_per_image"] for r in rows] == [4, 4, 4, 8, 1 + 3 * 2], rows
         assert rows[0]["overall"] == rows[1]["overall"] == rows[2]["overall"] == rows[0]["rewards"]["compositional"]
@@ -1632,7 +1656,6 @@ def test_reproduce_quick_end_to_end_and_resumable():
             assert needle in md, needle
         for f in ("convergence.png", "amortisation.png", "reward_vs_nfe.png"):
             assert os.path.getsize(f"{d}/{f}") > 0, f
-        from dev import reproduce
         abl = {r[0]: r for h, rows in reproduce.tables(f"{d}/results.md") if "Δ vs its default ± SE" in h for r in rows}
         assert abl["sharpen_sft"][3] == "—" and re.fullmatch(r"[-+]\d\.\d{3} ± \d\.\d{3}", abl["sharpen_sft lam=inf"][3]), abl
         os.rename(d, f"{tmp}/b")
@@ -1660,7 +1683,6 @@ def run_one(name):
     except Skip as e:
         return name, "SKIP", f"({e})", ""
     except (Exception, SystemExit) as e:  # SystemExit too: a test that calls sys.exit must not end the run
-        import traceback
         msg = str(e).strip().splitlines()
         return name, "FAIL", f"({time.time() - t0:.1f}s): {type(e).__name__}: {msg[0] if msg else ''}", traceback.format_exc()
 
@@ -1679,7 +1701,6 @@ if __name__ == "__main__":
              and (not only or any(o in k for o in only))]
     counts = Counter()
     if jobs > 1 and len(names) > 1:
-        import multiprocessing
         pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(names)), _worker_init,
                                                          (max(1, (os.cpu_count() or 1) // jobs),))
         results = pool.imap_unordered(run_one, names[::-1])  # a line as each test ends

@@ -4,7 +4,6 @@
 #   torchrun --standalone --nproc_per_node=2 train.py config/pretrain_alttext.py   [--init_from=resume]
 # then copy out/pretrain_alttext/model to assets/toy-model (same seed, same ranks: the same weights).
 method = "pretrain"
-captions = "alttext"
 steps = 12000
 batch_size = 64
 lr = 1e-3

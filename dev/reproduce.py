@@ -58,6 +58,7 @@ curve_evals = 4          # held-out evaluations during each main run (2 seeds ea
 hack_reward = "toyclip"  # reward hacking: hack_methods on this learned reward for hack_budget x budget, gold tracked
 hack_methods = "sharpen_rlhf"
 hack_budget = 3
+hack_evals = 6           # held-out evaluations during the hacking run (at least curve_evals)
 jobs = 1                 # training runs side by side, each with cores / jobs torch threads (2 x 1 thread on 2 cores
                          # is ~12 % faster than 1 x 2); the evaluations run one at a time on every core
 redraw = ""              # a results.md: only redraw its figures (amortisation, convergence, reward_vs_nfe)
@@ -68,7 +69,7 @@ FLAGS = {  # each method's settings; the controls share sharpen_sft's so that ea
     "sharpen_sft": [SFT_CONFIG],
     "raft": [os.path.join(ROOT, "config", "raft.py")],  # its lr chosen on train prompts (train.py's collapses it)
     "sft": [SFT_CONFIG, "--sft_t=sampler"],  # plain SFT: random noise at the same noise levels
-    "continued": [SFT_CONFIG, "--captions=alttext"],  # more pretraining: "more training"
+    "continued": [SFT_CONFIG],  # more pretraining (its alt-text captions): "more training"
 }
 OWN_SAMPLER = {"ddpo": ["--eta=1"]}  # methods trained on another sampler than the evaluation's: eval.py flags for it
 BASE = S.TOY_MODEL  # model's folder
@@ -150,7 +151,8 @@ def evaluate(name, models, extra=()):
     done = json.load(open(path)) if os.path.exists(path) else None
     tails = lambda paths: [os.path.join(*os.path.normpath(p).split(os.sep)[-2:]) for p in paths]  # <run>/model
     if done is None or tails(done["config"]["models"].split("+")) != tails(models):  # not run, or stale: run
-        tiny = ["--num_steps=4", "--per_skill=1"] if quick else []
+        # quick: 3 images a row, on 1 thread (2 threads beside another busy process wait on each other at every op)
+        tiny = ["--num_steps=4", "--per_skill=1", "--threads=1"] if quick else []
         sh("eval.py", f"--models={'+'.join(models)}", f"--seeds={eval_seeds}", f"--out_dir={d}", "--rewards=toyclip",
            *tiny, *extra, log=os.path.join(out, f"{name}.txt"))
         done = json.load(open(path))
@@ -167,7 +169,7 @@ def main():
         S.check_model_folder(BASE)
     if quick:  # tiny settings, except those given as flags
         given = {a[2:].split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
-        tiny = dict(budget=400, eval_seeds=1, amortise=2, search="greedy2", curve_evals=1, seeded="raft",
+        tiny = dict(budget=200, eval_seeds=1, amortise=2, search="greedy2", curve_evals=0, hack_evals=1, seeded="raft",
                     methods="sharpen_rlhf+sharpen_sft+sft+raft+ddpo", ablations="n_traj=2", sft_ablations="lam=inf")
         globals().update({k: v for k, v in tiny.items() if k not in given})
     os.makedirs(out, exist_ok=True)
@@ -195,7 +197,7 @@ def main():
           f"{hack_reward} for {hack_budget}x the budget, gold tracked ({jobs} at a time)")
     # the long hacking run first: the ablations fill the other job slots beside it
     hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={m}", f"--reward={hack_reward}",
-                     f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, 6)}",
+                     f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, hack_evals)}",
                      f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in names(hack_methods)}
     abl = {}  # "method change" -> its run; each method's own default run first: the reference of its changes
     for m, changes, prefix in (("sharpen_rlhf", ablations, "abl_"), ("sharpen_sft", sft_ablations, "abl_sft_")):

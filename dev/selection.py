@@ -109,6 +109,16 @@ def summary(R, G, L, F):
 
 def main():
     S.configure(globals(), sys.argv[1:])
+    checks = [(prompts < 1, f"prompts must be >= 1, got {prompts}"), (batch < 1, f"batch must be >= 1, got {batch}"),
+              (n_traj < 2, f"n_traj must be >= 2, got {n_traj}"),
+              (agg not in sharpen.AGGREGATES, f"agg must be one of {sharpen.AGGREGATES}, got {agg!r}"),
+              (not 1 <= min(m_rlhf, m_sft) <= max(m_rlhf, m_sft) <= num_steps,
+               f"m_rlhf={m_rlhf} and m_sft={m_sft} must be in 1..num_steps={num_steps}"),
+              (rollout.parse_range(start_range) is None, f"start_range={start_range!r}: expected 'a:b', 0 <= a <= b <= 1")]
+    for bad, msg in checks:
+        if bad:
+            raise SystemExit(f"error: {msg}")
+    S.check_model_folder(model)
     torch.set_num_threads(os.cpu_count())
     pipe = S.load_model(model)
     cols, by_k = {}, []
