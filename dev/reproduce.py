@@ -243,7 +243,7 @@ def selection(name, *args):
     path = os.path.join(out, f"{name}.md")
     if not os.path.exists(path):
         sh("dev/selection.py", *args, *([f"--model={BASE}"] if model else []),
-           *(["--prompts=4", "--num_steps=4"] if quick else []), log=path + ".part")
+           *(["--prompts=4", "--num_steps=4", "--threads=1"] if quick else []), log=path + ".part")
         os.replace(path + ".part", path)
     text = open(path).read()
     return text[text.index("| statistic"):]

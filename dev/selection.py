@@ -41,6 +41,7 @@ num_steps = 20
 agg = "sum"
 seed = 1337
 batch = 32               # prompts per batch
+threads = 0              # torch threads (0 = every core; 1 beside another job: 2 threads on 2 busy cores crawl)
 # -----------------------------------------------------------------------------
 
 
@@ -110,6 +111,7 @@ def summary(R, G, L, F):
 def main():
     S.configure(globals(), sys.argv[1:])
     checks = [(prompts < 1, f"prompts must be >= 1, got {prompts}"), (batch < 1, f"batch must be >= 1, got {batch}"),
+              (threads < 0, f"threads must be >= 0, got {threads}"),
               (n_traj < 2, f"n_traj must be >= 2, got {n_traj}"),
               (agg not in sharpen.AGGREGATES, f"agg must be one of {sharpen.AGGREGATES}, got {agg!r}"),
               (not 1 <= min(m_rlhf, m_sft) <= max(m_rlhf, m_sft) <= num_steps,
@@ -119,7 +121,7 @@ def main():
         if bad:
             raise SystemExit(f"error: {msg}")
     S.check_model_folder(model)
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(threads or os.cpu_count())
     pipe = S.load_model(model)
     cols, by_k = {}, []
     for algo, m in (("rlhf", m_rlhf), ("sft", m_sft)):
