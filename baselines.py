@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import rollout as R
+import models as M
 import sample as S
 import sharpen
 import toyworld
@@ -79,12 +80,12 @@ def loss_denoising(run, b):
     """The plain denoising loss: b's x0 noised to t with eps, the trained net's output against the exact target
     (pretrain: the prompts through the trained text encoder)."""
     if run.text_net is not None:
-        cond = run.text_net(S.tokenize(run.pipe, b["prompts"]).to(run.device))[0]
+        cond = run.text_net(M.tokenize(run.pipe, b["prompts"]).to(run.device))[0]
     else:
-        cond = S.encode(run.pipe, b["prompts"])
+        cond = M.encode(run.pipe, b["prompts"])
     x_t = S.add_noise(run.pipe, b["x0"], b["t"], b["eps"])
     target, _ = S.training_target(run.pipe, x_t, b["x0"], b["t"])
-    return F.mse_loss(S.unet_call(run.pipe, run.net, x_t, b["t"], cond).float(), target.float()), b["info"]
+    return F.mse_loss(M.unet_call(run.pipe, run.net, x_t, b["t"], cond).float(), target.float()), b["info"]
 
 
 def new_round(run, key):
@@ -168,10 +169,10 @@ def prepare_diffusion_dpo(run, it, micro):
 def loss_diffusion_dpo(run, b):
     """Diffusion-DPO on the pairs: rlhf_loss against the frozen reference with no reward gap."""
     P = b["count"]
-    cond = S.encode(run.pipe, b["prompts"]).repeat(2, 1, 1)
-    mse = sharpen.row_mse(S.unet_call(run.pipe, run.net, b["x_t"], b["t"], cond).float(), b["target"])
+    cond = M.encode(run.pipe, b["prompts"]).repeat(2, 1, 1)
+    mse = sharpen.row_mse(M.unet_call(run.pipe, run.net, b["x_t"], b["t"], cond).float(), b["target"])
     with torch.no_grad():
-        ref = sharpen.row_mse(S.unet_call(run.pipe, run.ref, b["x_t"], b["t"], cond).float(), b["target"])
+        ref = sharpen.row_mse(M.unet_call(run.pipe, run.ref, b["x_t"], b["t"], cond).float(), b["target"])
     zero = torch.zeros(P, device=run.device)
     loss, d = sharpen.rlhf_loss(mse[:P], mse[P:], ref[:P], ref[P:], zero, zero, run.cfg.beta, False)
     return loss, dict(acc=d["implicit_acc"].item())
@@ -206,7 +207,7 @@ def prepare_ddpo(run, it, micro):
 def loss_ddpo(run, b):
     """PPO-clip on the round's log-probabilities at the step's timesteps, a mean over them."""
     c, rd, ks, ts = run.cfg, b["round"], b["ks"], run.ts
-    B, cond = len(rd["prompts"]), S.encode(run.pipe, rd["prompts"])
+    B, cond = len(rd["prompts"]), M.encode(run.pipe, rd["prompts"])
     loss = clipped = 0.0
     for k in ks:
         out = S.predict(run.pipe, rd["x"][:, k], ts[k], cond, run.uncond, c.guidance, run.net)

@@ -28,12 +28,13 @@ import time
 
 import torch
 
+import models as M
 import sample as S
 import toyworld
 from reward import make_reward
 
 # -----------------------------------------------------------------------------
-model = S.TOY_MODEL      # a diffusers-style folder (models= compares several)
+model = M.TOY_MODEL      # a diffusers-style folder (models= compares several)
 models = ""              # '+'-separated folders to compare ("" = model); search runs on the first
 search = ""              # '+'-separated search rows on the first model: bonN, noiseRxK, greedyK
 search_reward = "compositional"  # the verifier search methods use
@@ -96,9 +97,9 @@ def sample_from(pipe, noises, prompts, ts, guidance, eta, seeds):
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     for g in gens:  # advance past the initial draw, as sample.sample's generators are (eta > 0 steps)
         torch.randn(noises.shape[1:], generator=g)
-    x = S.rollout(pipe, noises.to(pipe.device), ts, S.encode(pipe, prompts), S.uncond(pipe),
+    x = S.rollout(pipe, noises.to(pipe.device), ts, M.encode(pipe, prompts), M.uncond(pipe),
                   guidance, eta, gens, record=False)
-    return S.to_images(pipe, x)
+    return M.to_images(pipe, x)
 
 
 @torch.no_grad()
@@ -150,7 +151,7 @@ def greedy_search(pipe, prompts, seeds, reward_fn, K, num_steps=20, guidance=1.0
     prediction at its new state (one UNet pass, reused by the next step) is scored; the best is kept.
     NFE per image = (1 + (num_steps - 1) * K) * (1 or 2): the last step lands on the clean image."""
     ts, B = S.timesteps(pipe, num_steps), len(prompts)
-    cond, uncond = S.encode(pipe, prompts), S.uncond(pipe)
+    cond, uncond = M.encode(pipe, prompts), M.uncond(pipe)
     x = torch.stack([candidate_noise(pipe, s, 0) for s in seeds]).to(pipe.device)
     out = S.predict(pipe, x, ts[0], cond, uncond, guidance)
     gens = [torch.Generator().manual_seed(int(s) + 7) for s in seeds for _ in range(K)]
@@ -162,11 +163,11 @@ def greedy_search(pipe, prompts, seeds, reward_fn, K, num_steps=20, guidance=1.0
         x_new, _, _ = S.ddim_step(pipe, xs, out.repeat_interleave(K, 0), t.expand(B * K), t_prev.expand(B * K), eta, noise)
         out_new = S.predict(pipe, x_new, t_prev, cond.repeat_interleave(K, 0), uncond, guidance)
         _, x0, _ = S.ddim_step(pipe, x_new, out_new, t_prev.expand(B * K), ts[-1].expand(B * K))  # x0 prediction
-        r = reward_fn(S.to_images(pipe, x0), [p for p in prompts for _ in range(K)])[0].float()
+        r = reward_fn(M.to_images(pipe, x0), [p for p in prompts for _ in range(K)])[0].float()
         k = r.nan_to_num(-float("inf")).view(B, K).argmax(1)  # ties: the first branch
         x, out = x_new.view(B, K, *x.shape[1:])[ar, k], out_new.view(B, K, *out.shape[1:])[ar, k]
     x, _, _ = S.ddim_step(pipe, x, out, ts[-2].expand(B), ts[-1].expand(B))
-    return S.to_images(pipe, x), (1 + (num_steps - 1) * K) * S.passes_per_call(guidance, pipe.family), {}
+    return M.to_images(pipe, x), (1 + (num_steps - 1) * K) * S.passes_per_call(guidance, pipe.family), {}
 
 
 def expected_best(rewards):
@@ -378,11 +379,9 @@ def main():
         if not ok:
             raise SystemExit(f"error: {message}")
     for f in folders:  # what each folder's configs allow, still before any model loads
-        S.check_model_folder(f)
-        S.check_resolution(f, resolution)
-        if S.folder_is_flow(f) and (eta > 0 or (f == folders[0] and any(s.startswith("greedy") for s in searches))):
-            raise SystemExit(f"error: {f} is a flow-matching model: --eta must be 0 and greedyK (stochastic DDIM "
-                             f"steps) does not apply, got --eta={eta} --search={search!r}")
+        greedy = f == folders[0] and any(s.startswith("greedy") for s in searches)
+        M.check_model_folder(f, resolution, f"--eta={eta}" if eta > 0 else
+                             f"--search={search} (greedyK takes stochastic DDIM steps)" if greedy else "")
     torch.set_num_threads(threads or os.cpu_count())
     try:  # every reward loads before any sampling
         extra = {spec: make_reward(spec, device) for spec in str(rewards).split("+") if spec}
@@ -395,7 +394,7 @@ def main():
     prompts, seed_list = prompts_and_seeds(split, per_skill, seeds)
     rows, grids = [], []
     for folder, how in [(f, None) for f in folders] + [(folders[0], s) for s in searches]:
-        pipe = S.load_model(folder, device, uncond=uncond_embed, resolution=resolution)
+        pipe = M.load_model(folder, device, uncond=uncond_embed, resolution=resolution)
         t0 = time.time()
         images, nfe = run_search(pipe, how, prompts, seed_list, verifier)
         dt = time.time() - t0
@@ -442,7 +441,7 @@ def main():
 def amortisation_report(rows, prompts, seed_list):
     """Best-of-N of the first model with the gold verifier (N = 1..amortise, candidate 0 its plain sample), and
     for every other model (not search rows) the N it matches: amortisation.md/.json and amortisation.png."""
-    pipe = S.load_model(str(models or model).split("+")[0], device, uncond=uncond_embed, resolution=resolution)
+    pipe = M.load_model(str(models or model).split("+")[0], device, uncond=uncond_embed, resolution=resolution)
     base = best_of_n(pipe, prompts, seed_list, make_reward("compositional"), amortise, num_steps, guidance, eta)[2]
     out = {r["name"]: amortisation(base["rewards"], r["gold_per_image"], prompts, base_gold=rows[0]["gold_per_image"])
            for r in rows[1:] if not r["search"]}

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import models as M
 import sample as S
 import toyworld
 
@@ -98,7 +99,7 @@ def batch_line(c, P, world):
 class Run:
     """What a method is handed. cfg: train.py's resolved config as attributes (cfg.n_traj, cfg.lam, ...)."""
     cfg: SimpleNamespace
-    pipe: S.Pipe
+    pipe: M.Pipe
     net: torch.nn.Module = None       # the trained denoiser as passes with grad see it (DDP-wrapped, compiled)
     text_net: torch.nn.Module = None  # pretrain: the trained text encoder (DDP-wrapped); else None
     ref: torch.nn.Module = None       # the frozen reference of the DPO losses (the base model)
@@ -120,7 +121,7 @@ class Run:
     def __post_init__(self):
         c = self.cfg
         self.ts = S.timesteps(self.pipe, c.num_steps)  # the sampler schedule every trajectory follows (num_steps+1,)
-        self.uncond = S.uncond(self.pipe)
+        self.uncond = M.uncond(self.pipe)
         self.k_range = step_range(c.start_range, c.num_steps, c.m_steps)  # the start steps, room for m steps left
         self._t_fwd = []
 
@@ -203,7 +204,7 @@ class Run:
         """A zero-weight pass through the trained net (a rank-micro-step with nothing to train on): its backward
         all-reduces like any other, so every rank issues the same collectives. One image-pass."""
         x = torch.zeros((1, *self.pipe.latent_shape), device=self.device)
-        return S.unet_call(self.pipe, self.net, x, self.ts[:1], self.uncond).float().sum() * 0.0
+        return M.unet_call(self.pipe, self.net, x, self.ts[:1], self.uncond).float().sum() * 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def renders(run, prompts, gidx):
     """Algorithm 1's dataset images of prompts (global indices gidx), in the model's clean space: toy-world renders."""
     images = [toyworld.render(toyworld.parse(p), np.random.default_rng(run.seed_for("render", g)))[0]
               for p, g in zip(prompts, gidx)]
-    return S.from_images(run.pipe, torch.stack([torch.from_numpy(i) for i in images]))
+    return M.from_images(run.pipe, torch.stack([torch.from_numpy(i) for i in images]))
 
 
 def own_samples(run, cond, gidx):
@@ -245,7 +246,7 @@ def roll(run, prompts, gidx, cond, x0):
     traj = S.rollout(run.pipe, x_t, tsn, condn, run.uncond, c.guidance, c.eta, gens)
     scored = traj.x0_pred if c.score_steps == "all" else traj.x0_pred[:, -1:]  # (P*n, m or 1, C, H, W)
     with run.timed("decode"):  # without a graph (latent models: the VAE)
-        images = S.to_images(run.pipe, scored.flatten(0, 1))
+        images = M.to_images(run.pipe, scored.flatten(0, 1))
     r = run.score(images, [p for p in prompts for _ in range(n * scored.shape[1])])
     r = r.to(run.device).view(len(gidx), n, scored.shape[1])
     last = r[:, :, -1]
@@ -264,7 +265,7 @@ def recompute(run, b, rows, net):
                        run.cfg.eta, [b["gens"][i] for i in rows.tolist()], grad=True, unet=net)
         return tr.model_out.float()
     traj, m = b["traj"], run.cfg.m_steps
-    out = S.unet_call(run.pipe, net, traj.x[rows].flatten(0, 1), traj.t[rows].flatten(),
+    out = M.unet_call(run.pipe, net, traj.x[rows].flatten(0, 1), traj.t[rows].flatten(),
                       b["condn"][rows].repeat_interleave(m, 0)).float()
     return out.view(len(rows), m, *out.shape[1:])
 
@@ -272,9 +273,9 @@ def recompute(run, b, rows, net):
 def scored_samples(run, prompts, seeds, eta=0.0, net=None):
     """The current model's (or net's) samples of prompts from seeds, recorded, and their rewards (counted)."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    traj = S.rollout(run.pipe, S.randn(run.pipe.latent_shape, gens, run.device), run.ts, S.encode(run.pipe, prompts),
+    traj = S.rollout(run.pipe, S.randn(run.pipe.latent_shape, gens, run.device), run.ts, M.encode(run.pipe, prompts),
                      run.uncond, run.cfg.guidance, eta, gens, unet=net)
     with run.timed("decode"):
-        images = S.to_images(run.pipe, traj.x_final)
+        images = M.to_images(run.pipe, traj.x_final)
     return traj, run.score(images, prompts)
 

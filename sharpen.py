@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 
 import rollout as R
+import models as M
 import sample as S
 from kernels import row_mse, weighted_mse
 
@@ -173,7 +174,7 @@ def rolled(run, gidx):
     dpo_target=outcome) towards each trajectory's own last x0 prediction, so winner and loser differ in it."""
     c = run.cfg
     prompts = [run.train_prompt(g) for g in gidx]
-    cond = S.encode(run.pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
+    cond = M.encode(run.pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
     x0 = R.renders(run, prompts, gidx) if c.method == "sharpen_sft" else R.own_samples(run, cond, gidx)
     b = R.roll(run, prompts, gidx, cond, x0)
     traj, outcome = b["traj"], c.method == "sharpen_rlhf" and c.dpo_target == "outcome"

@@ -40,6 +40,7 @@ import kernels  # noqa: E402
 import lora as L  # noqa: E402
 import reward  # noqa: E402
 import rollout  # noqa: E402
+import models as M  # noqa: E402
 import sample as S  # noqa: E402
 import sharpen  # noqa: E402
 import toyworld  # noqa: E402
@@ -343,13 +344,13 @@ def test_parse_grade_forms():
 def test_model_folder_round_trip_bit_exact():
     pipe = tiny_pipe()
     with tempfile.TemporaryDirectory() as d:
-        S.save_model(pipe, d)
-        back = S.load_model(d)
+        M.save_model(pipe, d)
+        back = M.load_model(d)
         for a, b in [(pipe.unet, back.unet), (pipe.text_encoder, back.text_encoder)]:
             sa, sb = a.state_dict(), b.state_dict()
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
         prompts = ["two red circles", "a cyan square left of a red triangle", ""]
-        assert torch.equal(S.encode(pipe, prompts), S.encode(back, prompts))
+        assert torch.equal(M.encode(pipe, prompts), M.encode(back, prompts))
         assert back.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
         assert back.vae is None
 
@@ -432,8 +433,8 @@ def test_exact_target_recovers_noise_at_noising_step():
 
 def test_rollout_shapes_and_determinism():
     pipe = tiny_pipe()
-    ts, uncond = S.timesteps(pipe, 4)[2:], S.encode(pipe, [""])
-    cond = S.encode(pipe, ["two red circles", "a blue square"]).repeat_interleave(3, 0)
+    ts, uncond = S.timesteps(pipe, 4)[2:], M.encode(pipe, [""])
+    cond = M.encode(pipe, ["two red circles", "a blue square"]).repeat_interleave(3, 0)
     gens = lambda seed=100: [torch.Generator().manual_seed(seed + i) for i in range(6)]
     x, x0 = S.randn((3, 32, 32), gens()), torch.rand(6, 3, 32, 32) * 2 - 1
     a, b = (S.rollout(pipe, x, ts, cond, uncond, 2.0, 0.5, gens()) for _ in range(2))
@@ -455,8 +456,8 @@ def test_rollout_batched_equals_separate():
     pipe = tiny_pipe()
     torch.nn.init.normal_(pipe.unet.conv_out.weight, std=0.1)  # a zero-init output layer would hide bugs
     full, starts = S.timesteps(pipe, 8), [0, 3, 5, 5]
-    cond = S.encode(pipe, ["a red circle", "two blue squares", "a cyan star", "three green triangles"])
-    uncond, g = S.encode(pipe, [""]), lambda: [torch.Generator().manual_seed(50 + i) for i in range(4)]
+    cond = M.encode(pipe, ["a red circle", "two blue squares", "a cyan star", "three green triangles"])
+    uncond, g = M.encode(pipe, [""]), lambda: [torch.Generator().manual_seed(50 + i) for i in range(4)]
     x, x0 = S.randn((3, 32, 32), g()), torch.rand(4, 3, 32, 32) * 2 - 1
     for ts in (full[2:5], torch.stack([full[k:k + 3] for k in starts])):  # m = 2
         batched = S.rollout(pipe, x, ts, cond, uncond, 2.0, 0.5, g())
@@ -473,9 +474,9 @@ def test_rollout_batched_equals_separate():
 def test_outcome_targets_aim_at_the_last_x0_prediction():
     """S.state_targets with each trajectory's last x0 prediction (sharpen_rlhf's dpo_target=outcome): at the
     last state that is the model's own output (where x0 was not clipped), at the first the exact target."""
-    pipe = S.load_model(S.TOY_MODEL)
+    pipe = M.load_model(M.TOY_MODEL)
     ts, g = S.timesteps(pipe, 6), [torch.Generator().manual_seed(i) for i in range(3)]
-    traj = S.rollout(pipe, S.randn((3, 32, 32), g), ts[1:4], S.encode(pipe, ["a red circle"] * 3), generators=g)
+    traj = S.rollout(pipe, S.randn((3, 32, 32), g), ts[1:4], M.encode(pipe, ["a red circle"] * 3), generators=g)
     tgt, _ = S.state_targets(pipe, traj, traj.x0_pred[:, -1])
     x0_raw = S.split_prediction(pipe, traj.x[:, -1], traj.model_out[:, -1], traj.t[-1:].expand(3))[0]
     free = (x0_raw.abs() < 1).expand_as(tgt[:, -1])  # x0 not clipped there
@@ -488,7 +489,7 @@ def test_cfg_scale_one_is_conditional():
     pipe = tiny_pipe()
     torch.nn.init.normal_(pipe.unet.conv_out.weight, std=0.1)  # a zero-init output layer would hide bugs
     x, t = torch.randn(2, 3, 32, 32), torch.tensor(500)
-    cond, uncond = S.encode(pipe, ["a red circle", "two blue squares"]), S.encode(pipe, [""])
+    cond, uncond = M.encode(pipe, ["a red circle", "two blue squares"]), M.encode(pipe, [""])
     with torch.no_grad():
         ref = pipe.unet(x, t.expand(2), cond).sample
         assert torch.equal(S.predict(pipe, x, t, cond, uncond, 1.0), ref)
@@ -508,7 +509,7 @@ def test_sample_same_seed_same_image_any_batch():
 
 
 def test_search_methods_nfe_and_best_of_one():
-    pipe = S.load_model(S.TOY_MODEL)
+    pipe = M.load_model(M.TOY_MODEL)
     prompts, seeds = ["a red circle and a blue square", "two green triangles", "a cyan square above a red circle"], [0, 5, 9]
     fn = reward.make_reward("compositional")
     plain = S.sample(pipe, prompts, seeds, num_steps=4)
@@ -572,7 +573,7 @@ def test_selection_statistics_by_hand():
             "G_w − G_l (preference pairs)": 0.75, "oracle max − min": 1.0, "loss_sel − loss_mean": -0.05}
     assert c.keys() == want.keys() and all(abs(c[k] - want[k]) < 1e-9 for k in want), c
     selection.prompts, selection.n_traj, selection.batch = 3, 2, 2
-    R, G, L, F, K = selection.measure(S.load_model(S.TOY_MODEL), "rlhf", 2)
+    R, G, L, F, K = selection.measure(M.load_model(M.TOY_MODEL), "rlhf", 2)
     assert R.shape == G.shape == L.shape == F.shape == (3, 2) and ((R >= 0) & (R <= 2)).all(), (R, G)
     assert K.tolist() == rollout.start_steps(range(3), (1, 9), selection.seed) and (L > 0).all(), (K, L)
 
@@ -960,9 +961,9 @@ def test_every_config_file_resolves():
         if cfg["method"] == "pretrain":  # a fresh network: the flag picks the kind
             assert cfg["flow"] == ("flow" in name), (path, cfg["flow"])
         else:
-            assert S.folder_is_flow(cfg["model"]) == name.startswith("flow_"), (path, cfg["model"])
+            assert M.folder_is_flow(cfg["model"]) == name.startswith("flow_"), (path, cfg["model"])
     for folder in {c["model"] for c in cfgs}:  # the config-file check agrees with the loaded scheduler
-        assert S.folder_is_flow(folder) == S.is_flow(S.load_model(folder)), folder
+        assert M.folder_is_flow(folder) == S.is_flow(M.load_model(folder)), folder
     with tempfile.TemporaryDirectory() as d:
         with open(f"{d}/bad.py", "w") as f:
             f.write("steps = 'ten'\n")
@@ -999,14 +1000,14 @@ def test_lora_identity_disable_and_merge():
 def lora_file_case(d):
     """A tiny SD1.5 folder at d/base, and our LoRA UNet on it (rank 2, alpha 6, random B) saved with its
     adapters' file to d/lora -> (pipe with adapters, (x, t, cond), our output, the base model's output)."""
-    pipe = S.load_model(sdconfigs.make(f"{d}/base", "sd15", tiny=True))
-    x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([500]), S.encode(pipe, ["a red circle"])
-    before = S.unet_call(pipe, pipe.unet, x, t, cond)
+    pipe = M.load_model(sdconfigs.make(f"{d}/base", "sd15", tiny=True))
+    x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([500]), M.encode(pipe, ["a red circle"])
+    before = M.unet_call(pipe, pipe.unet, x, t, cond)
     L.add_lora(pipe.unet, 2, alpha=6)
     for p in L.lora_parameters(pipe.unet):
         p.data.normal_(0, 0.3)
-    S.save_model(pipe, f"{d}/lora", lora=L.diffusers_state_dict(pipe.unet))
-    return pipe, (x, t, cond), S.unet_call(pipe, pipe.unet, x, t, cond), before
+    M.save_model(pipe, f"{d}/lora", lora=L.diffusers_state_dict(pipe.unet))
+    return pipe, (x, t, cond), M.unet_call(pipe, pipe.unet, x, t, cond), before
 
 
 def test_lora_file_is_what_diffusers_loads():
@@ -1047,14 +1048,14 @@ def test_sd_and_sdxl_folders_load_encode_and_sample():
     config, v-prediction) folders: DDIM without clipping, latent shapes, pooled row, VAE round trip."""
     with tempfile.TemporaryDirectory() as d:
         for kind, pred in (("sd15", ""), ("sdxl", "v_prediction")):
-            pipe = S.load_model(sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction=pred))
+            pipe = M.load_model(sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction=pred))
             cfg = pipe.scheduler.config
             assert type(pipe.scheduler).__name__ == "DDIMScheduler" and not cfg.clip_sample
             assert cfg.prediction_type == (pred or "epsilon") and pipe.image_size == 32
-            cond = S.encode(pipe, ["a red circle", "two blue squares"])
+            cond = M.encode(pipe, ["a red circle", "two blue squares"])
             if kind == "sdxl":  # (B, L + pooled row, E1 + E2); the pooled row is encoder 2's projection
                 assert cond.shape == (2, 13, 64)
-                ids = S.tokenize(pipe, ["a red circle"], pipe.tokenizer_2)
+                ids = M.tokenize(pipe, ["a red circle"], pipe.tokenizer_2)
                 torch.testing.assert_close(cond[0, -1, :32], pipe.text_encoder_2(ids).text_embeds[0])
                 assert not cond[:, -1, 32:].any()
             else:
@@ -1063,12 +1064,12 @@ def test_sd_and_sdxl_folders_load_encode_and_sample():
             assert images.shape == (2, 3, 32, 32) and images.isfinite().all()
             torch.testing.assert_close(images[1:], S.sample(pipe, ["two blue squares"], [1], num_steps=3),
                                        rtol=0, atol=1e-5)  # batch-size independent up to float order
-            z = S.from_images(pipe, images)
-            assert z.shape == (2, 4, 8, 8) and S.to_images(pipe, z).shape == images.shape
+            z = M.from_images(pipe, images)
+            assert z.shape == (2, 4, 8, 8) and M.to_images(pipe, z).shape == images.shape
         os.makedirs(f"{d}/broken")
         for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
             os.symlink(f"{d}/sdxl/{sub}", f"{d}/broken/{sub}")
-        raises(lambda: S.load_model(f"{d}/broken"), "lacks text_encoder_2/")
+        raises(lambda: M.load_model(f"{d}/broken"), "lacks text_encoder_2/")
 
 
 # =============================================================================
@@ -1087,14 +1088,14 @@ def assert_samples_as_diffusers(ref, pipe, prompts, x, num_steps, guidance):
     ref = DiffusionPipeline.from_pretrained(ref) if isinstance(ref, str) else ref
     ref.set_progress_bar_config(disable=True)
     pack = flux_tokens if pipe.family == "flux" else (lambda z: z)
-    traj = S.rollout(pipe, x, S.timesteps(pipe, num_steps), S.encode(pipe, prompts), S.uncond(pipe), guidance)
+    traj = S.rollout(pipe, x, S.timesteps(pipe, num_steps), M.encode(pipe, prompts), M.uncond(pipe), guidance)
     mine, theirs = [*traj.x[:, 1:].unbind(1), traj.x_final], []
     img = ref(prompts, latents=pack(x.clone()), num_inference_steps=num_steps, guidance_scale=guidance, height=32,
               width=32, output_type="pt", callback_on_step_end=lambda p, i, t, kw: theirs.append(kw["latents"]) or kw).images
     assert len(theirs) == num_steps, len(theirs)
     for i, (a, b) in enumerate(zip(mine, theirs)):
         assert (pack(a) - b).abs().max() <= 1e-4, (type(ref).__name__, guidance, i, (pack(a) - b).abs().max().item())
-    assert (img - S.to_images(pipe, traj.x_final)).abs().max() <= 1e-4, (type(ref).__name__, guidance)
+    assert (img - M.to_images(pipe, traj.x_final)).abs().max() <= 1e-4, (type(ref).__name__, guidance)
     return ref
 
 
@@ -1112,14 +1113,14 @@ def test_sampler_equals_diffusers_pipeline_every_step():
     with tempfile.TemporaryDirectory() as d:
         for kind, pred in (("sd15", ""), ("sdxl", ""), ("sdxl", "v_prediction"), ("sd3", ""), ("flux", "")):
             folder = sdconfigs.make(f"{d}/{kind}{pred}", kind, tiny=True, prediction=pred)
-            ours, ref = S.load_model(folder, resolution=32), DiffusionPipeline.from_pretrained(folder)
+            ours, ref = M.load_model(folder, resolution=32), DiffusionPipeline.from_pretrained(folder)
             assert ours.zero_uncond == (kind == "sdxl") and S.is_flow(ours) == (kind in ("sd3", "flux"))
             if not S.is_flow(ours):
                 assert not ours.scheduler.config.set_alpha_to_one
                 ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
             for g in (1.0, 5.0):
                 assert_samples_as_diffusers(ref, ours, prompts, x, 10, g)
-            S.save_model(ours, f"{d}/export")
+            M.save_model(ours, f"{d}/export")
             back = assert_samples_as_diffusers(f"{d}/export", ours, prompts, x, 10, 5.0)
             assert type(back).__name__ == pipes[kind] and type(back.scheduler) is type(ours.scheduler)
 
@@ -1137,7 +1138,7 @@ def first_step(out_dir, *flags):
 
 
 def weights_equal(a, b, exact=True, atol=1e-6, why=""):
-    sa, sb = S.load_model(a).unet.state_dict(), S.load_model(b).unet.state_dict()
+    sa, sb = M.load_model(a).unet.state_dict(), M.load_model(b).unet.state_dict()
     for k in sa:
         same = torch.equal(sa[k], sb[k]) if exact else torch.allclose(sa[k], sb[k], rtol=1e-4, atol=atol)
         assert same, f"{k}: max diff {(sa[k] - sb[k]).abs().max().item():.3e} {why}"
@@ -1150,11 +1151,11 @@ def assert_two_adam_steps(base, out_dir, lora_rank=0):
     so by 1e-4 (or 0: no gradient, as for LoRA's A while B = 0) per weight."""
     ck = torch.load(f"{out_dir}/ckpt.pt", weights_only=False)
     assert all((".lora_" in k) == bool(lora_rank) for k in ck["models"][0])  # LoRA: the adapters, not a UNet
-    unet = S.load_model(base).unet
+    unet = M.load_model(base).unet
     params = L.add_lora(unet, lora_rank, seed=ck["config"]["seed"]) if lora_rank else list(unet.parameters())
     w0 = [p.detach().clone() for p in params]
     unet.load_state_dict(ck["models"][0], strict=not lora_rank)
-    export = S.load_model(f"{out_dir}/model").unet.state_dict()
+    export = M.load_model(f"{out_dir}/model").unet.state_dict()
     assert all(torch.equal(v, export[k]) for k, v in (L.merge(unet) if lora_rank else unet).state_dict().items())
     opt = ck["optimizer"]
     (b1, b2), eps = opt["param_groups"][0]["betas"], opt["param_groups"][0]["eps"]
@@ -1199,7 +1200,7 @@ def test_sample_cli_writes_grid():
     with tempfile.TemporaryDirectory() as d:
         _, log = run("sample.py", "--prompt=two red circles", "--num_images=3", "--num_steps=3", "--seed=5",
                      f"--out={d}/cli.png")
-        images = S.sample(S.load_model(S.TOY_MODEL), ["two red circles"] * 3, [5, 6, 7], num_steps=3)
+        images = S.sample(M.load_model(M.TOY_MODEL), ["two red circles"] * 3, [5, 6, 7], num_steps=3)
         S.save_grid(images, ["two red circles"] * 3, f"{d}/mine.png")
         cli, mine = (np.asarray(Image.open(f"{d}/{f}.png"), dtype=int) for f in ("cli", "mine"))
         # the same pixels, but for one-level roundings (the CLI runs on more threads: another float order)
@@ -1285,7 +1286,7 @@ def test_train_bad_input_one_line():
             if "cuda" not in args[0] or not torch.cuda.is_available():
                 cases.append((assert_one_line_error, needle, "train.py", f"--out_dir={d}/o", *args))
         two_at_a_time(cases)  # a failed case raises its assertion here
-        shutil.copytree(S.TOY_MODEL, f"{d}/m")
+        shutil.copytree(M.TOY_MODEL, f"{d}/m")
         with open(f"{d}/m/unet/config.json", "w") as f:
             f.write("{ not json")
         code, out = run("train.py", f"--model={d}/m", f"--out_dir={d}/o2", ok=False)
@@ -1305,7 +1306,7 @@ def test_flow_pretrain_short_run_and_resume_exact():
                           "--eval_seeds=0", "--steps=4", "--ckpt_interval=2", "--ema=0.9"], d)
         ck = torch.load(f"{d}/full/ckpt.pt", weights_only=False)
         assert ck["step"] == 4 and ck["config"]["batch_size"] == 8 and ck["config"]["flow"]
-        full = S.load_model(f"{d}/full/model")
+        full = M.load_model(f"{d}/full/model")
         assert S.is_flow(full) and S.sample(full, ["a red circle"], [0], num_steps=2).shape == (1, 3, 32, 32)
         # and it sharpens through the same code: the flow study's dev/reproduce.py command, at tiny settings
         run("dev/reproduce.py", "--quick", "--jobs=2", f"--model={d}/full/model", f"--out={d}/study", "--seeded=",
@@ -1313,7 +1314,7 @@ def test_flow_pretrain_short_run_and_resume_exact():
         md, ev = open(f"{d}/study/results.md").read(), open(f"{d}/study/eval.txt").read()
         assert f"models = '{d}/full/model+" in ev and "Ablations" not in md and "| sharpen_rlhf − sharpen_sft |" in md
         for method in ("sharpen_rlhf", "sharpen_sft"):
-            assert f"| {method} |" in md and S.is_flow(S.load_model(f"{d}/study/{method}/model")), method
+            assert f"| {method} |" in md and S.is_flow(M.load_model(f"{d}/study/{method}/model")), method
             assert f"model='{d}/full/model'" in open(f"{d}/study/{method}/stdout.txt").read(), method
 
 
@@ -1330,7 +1331,7 @@ def test_sharpen_sft_and_rlhf_train_log_export_resume():
             assert len(lines) == 2 and all("reward" in l and "kept" in l for l in lines), lines
             probe = [l for l in open(f"{d}/{method}/log.txt") if l.startswith("probe")]
             assert len(probe) == (method == "sharpen_rlhf") and ("probe_acc" in lines[-1]) == (method == "sharpen_rlhf")
-            assert_two_adam_steps(S.TOY_MODEL, f"{d}/{method}")
+            assert_two_adam_steps(M.TOY_MODEL, f"{d}/{method}")
         crash_and_resume(["train.py", "--method=sharpen_rlhf", "--steps=4", "--ckpt_interval=2", *SHARPEN_TINY], f"{d}/r")
 
 
@@ -1360,19 +1361,19 @@ def raft_first_loss(seed=1337, P=4, N=4, num_steps=4):
     """RAFT's step-1 loss by hand: the base model samples N images per train prompt (train.py's prompts and
     noise seeds), the gold reward picks each prompt's best (first on ties), plain denoising loss at t and noise
     from the step's generator."""
-    pipe, gold = S.load_model(S.TOY_MODEL), reward.make_reward("compositional")
+    pipe, gold = M.load_model(M.TOY_MODEL), reward.make_reward("compositional")
     prompts = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g))) for g in range(P)]
     gens = [torch.Generator().manual_seed((seed * 1_000_003) * 64 + j) for j in range(P * N)]
     reps = [p for p in prompts for _ in range(N)]
-    x = S.rollout(pipe, S.randn((3, 32, 32), gens), S.timesteps(pipe, num_steps), S.encode(pipe, reps),
-                  S.uncond(pipe), record=False)
-    best = gold(S.to_images(pipe, x), reps)[0].view(P, N).argmax(1)
+    x = S.rollout(pipe, S.randn((3, 32, 32), gens), S.timesteps(pipe, num_steps), M.encode(pipe, reps),
+                  M.uncond(pipe), record=False)
+    best = gold(M.to_images(pipe, x), reps)[0].view(P, N).argmax(1)
     x0 = x.view(P, N, 3, 32, 32)[torch.arange(P), best]
     gen = torch.Generator().manual_seed(seed * 7919)
     t = torch.randint(0, 1000, (P,), generator=gen)
     x_t = S.add_noise(pipe, x0, t, torch.randn(x0.shape, generator=gen))
     with torch.no_grad():
-        out = S.unet_call(pipe, pipe.unet, x_t, t, S.encode(pipe, prompts))
+        out = M.unet_call(pipe, pipe.unet, x_t, t, M.encode(pipe, prompts))
     return ((out - S.training_target(pipe, x_t, x0, t)[0]) ** 2).mean().item()
 
 
@@ -1399,7 +1400,7 @@ def test_baseline_methods_train_count_nfe_and_resume():
             nfe = [s["nfe"] for s in step_lines(f"{d}/{method}")]
             pool = 8 * 2 * 4 if method == "diffusion_dpo" else 0  # 8 prompts x 2 samples x 4 steps, once
             assert nfe[-1] == 2 * per_step + pool, (method, nfe)
-            assert_two_adam_steps(S.TOY_MODEL, f"{d}/{method}")
+            assert_two_adam_steps(M.TOY_MODEL, f"{d}/{method}")
         lines = step_lines(f"{d}/raft")
         assert [s["scored"] for s in lines] == [16, 16], lines  # 4 prompts x 4 samples, once for 2 steps
         assert abs(lines[0]["loss"] - raft_first_loss()) < 2e-6, (lines[0]["loss"], raft_first_loss())
@@ -1476,7 +1477,7 @@ def test_ddp_ties_on_one_rank_equal_one_rank():
             for a, b in zip(one, two):  # an idle rank that halved the mean, or a mean per rank, shows here
                 assert a["kept"] == b["kept"], (name, one, two)
                 assert all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])) for k in ("loss", "gnorm")), (name, one, two)
-            sa, sb = (S.load_model(f"{d}/{name}{r}/model").unet.state_dict() for r in (1, 2))
+            sa, sb = (M.load_model(f"{d}/{name}{r}/model").unet.state_dict() for r in (1, 2))
             off = torch.cat([(sa[k] - sb[k]).abs().flatten() for k in sa]) > 1e-5  # Adam moves a few by float noise
             assert off.float().mean() < 0.02, (name, off.float().mean())
         for method in ("ddpo", "diffusion_dpo"):  # they train on every item (ddpo: a failed score has advantage 0)
@@ -1529,11 +1530,11 @@ def test_real_folders_sharpen_full_and_lora_export_reload():
             if kind == "flux":  # planned = counted UNet passes
                 assert f"x 2 steps = {step_lines(out)[-1]['nfe']:.0f}" in log, log
             assert_two_adam_steps(base, out, lora)
-            pipe = S.load_model(f"{out}/model", resolution=32)
+            pipe = M.load_model(f"{out}/model", resolution=32)
             assert not any(".lora_" in k for k in pipe.unet.state_dict())
             assert S.sample(pipe, ["a red circle"], [0], num_steps=2).isfinite().all()
             if lora:  # the adapters' file: merged weight = base weight + up @ down
-                sd, w0 = load_file(f"{out}/model/pytorch_lora_weights.safetensors"), S.load_model(base).unet
+                sd, w0 = load_file(f"{out}/model/pytorch_lora_weights.safetensors"), M.load_model(base).unet
                 up, down = ("lora.up", "lora.down") if pipe.denoiser == "unet" else ("lora_B", "lora_A")
                 key = next(k for k in sd if k.endswith(f".to_k.{up}.weight"))
                 name = key.split(".", 1)[1].removesuffix(f".{up}.weight")
@@ -1576,7 +1577,7 @@ def test_nonfinite_steps_skipped_and_failed_checkpoint_write():
         assert "step 2 skipped: non-finite loss or gradient (1 in a row, 1 in all)" in open(f"{d}/one/log.txt").read()
         assert torch.load(f"{d}/one/ckpt.pt", weights_only=False)["step"] == 2 and not os.path.exists(f"{d}/one/ckpt.pt.tmp")
         _, log = run(*args, f"--out_dir={d}/one", "--init_from=resume")
-        assert "at step 2" in log and all(p.isfinite().all() for p in S.load_model(f"{d}/one/model").unet.parameters())
+        assert "at step 2" in log and all(p.isfinite().all() for p in M.load_model(f"{d}/one/model").unet.parameters())
         code, out = run(*args, "--max_bad_steps=3", "--ckpt_interval=1", f"--out_dir={d}/stop", ok=False,
                         env={"TRAIN_NAN_STEPS": "2,3,4"})
         err = error_lines(out)
@@ -1620,7 +1621,7 @@ def test_kill9_at_random_points_resume_exact():
 def test_builtin_model_is_in_target_band():
     """The shipped base model (pretrained to a plateau on alt-text captions) draws shapes but is imperfect at
     composition: held-out gold in 0.35-0.60 and every skill below 0.75 (82 of the images `python eval.py` scores)."""
-    res = E.gold_eval(S.load_model(S.TOY_MODEL), seeds=2)
+    res = E.gold_eval(M.load_model(M.TOY_MODEL), seeds=2)
     assert 0.35 <= res["overall"] <= 0.60 and max(res["per_skill"].values()) < 0.75, (res["overall"], res["per_skill"])
 
 
@@ -1628,7 +1629,7 @@ def test_eval_cli_two_models_and_search():
     """eval.py on two checkpoints plus two search rows writes its table, grid and figure; the search
     rows report the NFE they spent; the same model gives the same numbers in two rows."""
     with tempfile.TemporaryDirectory() as d:
-        _, log = run("eval.py", f"--models={S.TOY_MODEL}+{S.TOY_MODEL}", "--search=bon1+bon2+greedy2", "--seeds=2",
+        _, log = run("eval.py", f"--models={M.TOY_MODEL}+{M.TOY_MODEL}", "--search=bon1+bon2+greedy2", "--seeds=2",
                      "--per_skill=2", "--num_steps=4", f"--out_dir={d}", "--rewards=compositional",
                      "--threads=1")  # (2 threads beside another test's process wait on each other at every op)
         rows = json.load(open(os.path.join(d, "results.json")))["rows"]

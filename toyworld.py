@@ -313,7 +313,7 @@ def new_toy_model(seed=0, flow=False):
     the same networks as a rectified flow (velocity target, FlowMatchEulerDiscreteScheduler, no shift)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    from sample import Pipe  # lazy: sample.py never imports this file
+    from models import Pipe  # lazy: models.py never imports this file
     torch.manual_seed(seed)
     tokenizer = new_toy_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(

@@ -28,6 +28,7 @@ import baselines as B
 import eval as E
 import lora as L
 import rollout as R
+import models as M
 import sample as S
 import sharpen
 import toyworld
@@ -36,7 +37,7 @@ from reward import make_reward
 # -----------------------------------------------------------------------------
 # run
 method = "sharpen_rlhf"  # sharpen_rlhf | sharpen_sft | pretrain | baselines: sft | raft | diffusion_dpo | ddpo | continued
-model = S.TOY_MODEL      # the diffusers folder training starts from
+model = M.TOY_MODEL      # the diffusers folder training starts from
 out_dir = ""             # ckpt.pt, log.txt, model/ ("" = out/<method>)
 init_from = "scratch"    # scratch | resume (out_dir/ckpt.pt)
 seed = 1337
@@ -193,12 +194,9 @@ for bad, msg in CHECKS:
         fail(msg)
 file_prompts = S.read_prompts(prompt_file) if prompt_file else []  # then the files, folders, reward, out_dir it names
 if not pretrain:
-    S.check_model_folder(model)
-    S.check_resolution(model, resolution)
-    if S.folder_is_flow(model) and (method == "ddpo" or eta > 0):
-        fail(f"{model} is a flow-matching model: it samples deterministically (eta 0), and ddpo needs DDIM's "
-             "stochastic step (Flow-GRPO's SDE form is not implemented); use the other methods")
-family = "sd" if pretrain else S.folder_family(model)  # FLUX's guidance costs no second pass
+    M.check_model_folder(model, resolution, "--method=ddpo (DDIM's stochastic step; Flow-GRPO's SDE form is not "
+                         "implemented)" if method == "ddpo" else f"--eta={eta}" if eta > 0 else "")
+family = "sd" if pretrain else M.folder_family(model)  # FLUX's guidance costs no second pass
 cfg = SimpleNamespace(**config)
 if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
     pool_cost = dpo_pool * dpo_k * num_steps * S.passes_per_call(guidance, family) if method == "diffusion_dpo" else 0
@@ -252,7 +250,7 @@ if master:
 # model, optimizer, resume: pretraining trains UNet + text encoder from scratch; the others train the UNet (all of
 # it in fp32, or LoRA adapters in fp32 on a base in `dtype`); frozen modules stay in `dtype`
 amp_dtype = DTYPES[dtype]
-pipe = toyworld.new_toy_model(seed, flow) if pretrain else S.load_model(model, dev, amp_dtype, uncond_embed, resolution)
+pipe = toyworld.new_toy_model(seed, flow) if pretrain else M.load_model(model, dev, amp_dtype, uncond_embed, resolution)
 pipe.embedded_guidance = guidance  # FLUX-dev: --guidance is its guidance input, in rollouts and training passes
 pipe.unet.to(dev).train()
 params = L.add_lora(pipe.unet, lora_rank, lora_alpha, seed) if lora_rank else \
@@ -325,7 +323,7 @@ def export(folder):
     if lora_rank:  # a plain diffusers UNet with the adapters folded in
         L.merge(out.unet)
     out.unet.eval(), out.text_encoder.eval()
-    S.save_model(out, folder, lora=adapters)
+    M.save_model(out, folder, lora=adapters)
     return out
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)  # python dev/bench.py from anywhere
 
 import torch  # noqa: E402
 
+import models as M  # noqa: E402
 import sample as S  # noqa: E402
 import toyworld  # noqa: E402
 from dev.stub_grader import StubGrader  # noqa: E402
@@ -77,13 +78,13 @@ def main():
         print(f"   {method:13s} {sp['ms']:6.0f} ms/step | " + " | ".join(f"{k} {v:.1f}%" for k, v in sp.items() if k != "ms")
               + f" || outside UNet and reward: {rest:.1f}% ({'goal <= 10% met' if rest <= 10 else 'goal <= 10% NOT met'})")
 
-    pipe = S.load_model(S.TOY_MODEL, device)
+    pipe = M.load_model(M.TOY_MODEL, device)
     torch.set_num_threads(os.cpu_count())
     ts = S.timesteps(pipe, 20)
     prompts = ["a red circle left of a blue square"] * K
     gens = [torch.Generator().manual_seed(i) for i in range(K)]
     x = S.randn((3, 32, 32), gens, pipe.device)
-    cond = S.encode(pipe, prompts[:1]).repeat(K, 1, 1)
+    cond = M.encode(pipe, prompts[:1]).repeat(K, 1, 1)
     with torch.no_grad():
         batched = median_time(lambda: S.rollout(pipe, x, ts[5:8], cond))
         looped = median_time(lambda: [S.rollout(pipe, x[i:i + 1], ts[5:8], cond[i:i + 1]) for i in range(K)])
@@ -92,13 +93,13 @@ def main():
 
     P, n = 8, 3
     ps = [toyworld.caption(toyworld.random_spec(random.Random(i))) for i in range(P)]
-    shared = median_time(lambda: S.encode(pipe, ps).repeat_interleave(n, 0))
-    again = median_time(lambda: S.encode(pipe, [p for p in ps for _ in range(n)]))
+    shared = median_time(lambda: M.encode(pipe, ps).repeat_interleave(n, 0))
+    again = median_time(lambda: M.encode(pipe, [p for p in ps for _ in range(n)]))
     g8 = [torch.Generator().manual_seed(i) for i in range(P * n)]
     with torch.no_grad():
-        one = median_time(lambda: S.rollout(pipe, S.randn((3, 32, 32), g8[:P]), ts, S.encode(pipe, ps), record=False), 1)
+        one = median_time(lambda: S.rollout(pipe, S.randn((3, 32, 32), g8[:P]), ts, M.encode(pipe, ps), record=False), 1)
         each = median_time(lambda: S.rollout(pipe, S.randn((3, 32, 32), g8), ts,
-                                             S.encode(pipe, ps).repeat_interleave(n, 0), record=False), 1)
+                                             M.encode(pipe, ps).repeat_interleave(n, 0), record=False), 1)
     print(f"\n3. {P} prompts x {n} trajectories: text encoding shared {shared * 1000:.1f} ms vs per trajectory "
           f"{again * 1000:.1f} ms ({again / shared:.1f}x)\n"
           f"   RLHF start samples (20 steps): one per prompt, re-noised for all {n}: {one * 1000:.0f} ms vs one per "

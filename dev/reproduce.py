@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # python dev/reproduce.py from anywhere
 
 import eval as E  # noqa: E402
+import models as M  # noqa: E402
 import sample as S  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -72,7 +73,7 @@ FLAGS = {  # each method's settings; the controls share sharpen_sft's so that ea
     "continued": [SFT_CONFIG],  # more pretraining (its alt-text captions): "more training"
 }
 OWN_SAMPLER = {"ddpo": ["--eta=1"]}  # methods trained on another sampler than the evaluation's: eval.py flags for it
-BASE = S.TOY_MODEL  # model's folder
+BASE = M.TOY_MODEL  # model's folder
 POOL, QUEUED, LOCK = None, [], threading.Lock()  # with jobs > 1: the training runs in flight, and out/wall.json's lock
 
 
@@ -164,9 +165,9 @@ def main():
     S.configure(globals(), sys.argv[1:])
     if redraw:
         return redraw_figures(redraw, fig_dir or os.path.dirname(os.path.abspath(redraw)))
-    out, BASE = os.path.abspath(out), os.path.abspath(model) if model else S.TOY_MODEL
+    out, BASE = os.path.abspath(out), os.path.abspath(model) if model else M.TOY_MODEL
     if model:
-        S.check_model_folder(BASE)
+        M.check_model_folder(BASE)
     if quick:  # tiny settings, except those given as flags
         given = {a[2:].split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
         tiny = dict(budget=200, eval_seeds=1, amortise=2, search="greedy2", curve_evals=0, hack_evals=1, seeded="raft",

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
+import models as M  # noqa: E402
 import sample as S  # noqa: E402
 import toyworld  # noqa: E402
 
@@ -40,7 +41,7 @@ def text_config(hidden, layers, heads, max_len, projection, act="quick_gelu"):
 
 
 def build(kind="sd15", tiny=True, prediction="", seed=0):
-    """A random-init S.Pipe with the SD1.5, SDXL or SD3.5-Medium architecture (tiny: same block types, small
+    """A random-init M.Pipe with the SD1.5, SDXL or SD3.5-Medium architecture (tiny: same block types, small
     widths). Its scheduler is the shipped PNDM / Euler / flow-matching one: sample from make()'s folder
     through load_model."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
@@ -83,7 +84,7 @@ def build(kind="sd15", tiny=True, prediction="", seed=0):
         sched.register_to_config(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)  # as SDXL's file
     tok = toyworld.new_toy_tokenizer(L)
     # the scheduler as the real model ships it (PNDM / Euler); load_model turns it into DDIM
-    return S.Pipe(unet, te.eval(), tok, sched, vae.eval(), te2.eval() if te2 else None, tok if te2 else None,
+    return M.Pipe(unet, te.eval(), tok, sched, vae.eval(), te2.eval() if te2 else None, tok if te2 else None,
                   zero_uncond=kind == "sdxl")  # SDXL's model_index.json: force_zeros_for_empty_prompt
 
 
@@ -126,7 +127,7 @@ def build_sd3(tiny=True):
     vae = flow_vae(tiny, scaling_factor=1.5305, shift_factor=0.0609)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     tok = toyworld.new_toy_tokenizer(L)
-    return S.Pipe(transformer, te.eval(), tok, sched, vae.eval(), te2.eval(), tok,
+    return M.Pipe(transformer, te.eval(), tok, sched, vae.eval(), te2.eval(), tok,
                   text_encoder_3=te3.eval(), tokenizer_3=tok)
 
 
@@ -151,12 +152,12 @@ def build_flux(tiny=True):
                                             base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                             max_image_seq_len=4096)
     tok = toyworld.new_toy_tokenizer(L)
-    return S.Pipe(transformer, te.eval(), tok, sched, vae.eval(), te2.eval(), tok)
+    return M.Pipe(transformer, te.eval(), tok, sched, vae.eval(), te2.eval(), tok)
 
 
 def make(folder, kind="sd15", tiny=True, prediction="", seed=0):
     """build(...) written to `folder` as a diffusers-style folder; returns the folder."""
-    S.save_model(build(kind, tiny, prediction, seed), folder)
+    M.save_model(build(kind, tiny, prediction, seed), folder)
     return folder
 
 
@@ -166,6 +167,6 @@ if __name__ == "__main__":
     pipe = build(kind, tiny, prediction, seed)
     n = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) / 1e6
          for k in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, k) is not None}
-    S.save_model(pipe, out)
+    M.save_model(pipe, out)
     print(f"wrote a random-init {kind}{' (tiny)' if tiny else ''} folder to {out}: "
           + ", ".join(f"{k} {v:.1f}M" for k, v in n.items()))

@@ -26,12 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 import rollout  # noqa: E402
+import models as M  # noqa: E402
 import sample as S  # noqa: E402
 import sharpen  # noqa: E402
 from reward import compositional  # noqa: E402
 
 # -----------------------------------------------------------------------------
-model = S.TOY_MODEL      # the model folder
+model = M.TOY_MODEL      # the model folder
 prompts = 256            # train prompts (train.py's prompts 0..prompts-1 of seed `seed`)
 n_traj = 3               # trajectories per prompt (train.py's default)
 m_rlhf = 3               # rolled, scored steps for rlhf (train.py's default) and sft (config/sharpen_sft.py)
@@ -46,7 +47,7 @@ threads = 0              # torch threads (0 = every core; 1 beside another job: 
 
 
 def gold(pipe, x, prompts_):
-    return compositional(S.to_images(pipe, x), prompts_)[0].double()
+    return compositional(M.to_images(pipe, x), prompts_)[0].double()
 
 
 @torch.no_grad()
@@ -61,7 +62,7 @@ def measure(pipe, algo, m):
     for b0 in range(0, prompts, batch):
         gidx = list(range(b0, min(prompts, b0 + batch)))
         ps = [run.train_prompt(g) for g in gidx]
-        cond = S.encode(pipe, ps)
+        cond = M.encode(pipe, ps)
         x0 = rollout.renders(run, ps, gidx) if algo == "sft" else rollout.own_samples(run, cond, gidx)
         gens = [torch.Generator().manual_seed(run.seed_for("noise", g, 32 + j)) for g in gidx for j in range(n)]
         fresh = S.rollout(pipe, S.randn(pipe.latent_shape, gens), ts, cond.repeat_interleave(n, 0), u, 1.0, 0.0, gens,
@@ -120,9 +121,9 @@ def main():
     for bad, msg in checks:
         if bad:
             raise SystemExit(f"error: {msg}")
-    S.check_model_folder(model)
+    M.check_model_folder(model)
     torch.set_num_threads(threads or os.cpu_count())
-    pipe = S.load_model(model)
+    pipe = M.load_model(model)
     cols, by_k = {}, []
     for algo, m in (("rlhf", m_rlhf), ("sft", m_sft)):
         R, G, L, F, K = measure(pipe, algo, m)
