@@ -446,7 +446,7 @@ def amortisation_report(rows, prompts, seed_list):
     out = {r["name"]: amortisation(base["rewards"], r["gold_per_image"], prompts, base_gold=rows[0]["gold_per_image"])
            for r in rows[1:] if not r["search"]}
     curve = expected_best(base["rewards"]).mean(0).tolist()
-    md = (f"| model | gold | matches the base's best-of-N | 95 % bounds | paired: best-of-1 + Δ | 95 % bounds |\n"
+    md = ("| model | gold | matches the base's best-of-N | 95 % bounds | paired: best-of-1 + Δ | 95 % bounds |\n"
           "|---|---|---|---|---|---|\n")
     md += "".join(f"| {name} | {r['overall']:.3f} | {a['n']:.2f} | {a['lo']:.2f} – {a['hi']:.2f} | {a['n_paired']:.2f} | "
                   f"{a['lo_paired']:.2f} – {a['hi_paired']:.2f} |\n" for r in rows[1:] if (name := r["name"]) in out for a in [out[name]])

@@ -14,9 +14,12 @@ import itertools
 import json
 import math
 import multiprocessing
+import multiprocessing.util
+from multiprocessing import resource_tracker
 import os
 import random
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -25,7 +28,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from unittest import mock
 
 import numpy as np
@@ -64,14 +67,66 @@ except ImportError:
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # 2 CPU ranks (gloo)
 
 
-def run(*args, ok=True, env=None):
-    """Run one of our scripts as a user would (env: extra variables); return (returncode, stdout+stderr). The
-    timeout only stops a hung script: a test checks behaviour, not speed, and CI machines may be busy."""
-    p = subprocess.run([sys.executable, *args], cwd=HERE, env=dict(os.environ, **(env or {})), capture_output=True,
-                       text=True, timeout=3600)
-    if ok and p.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-    return p.returncode, p.stdout + p.stderr
+# Each of our scripts starts by importing torch, diffusers and transformers: 5 s of a 6 s test run on 2 cores. So
+# run() starts `python script.py args` as a process forked from a server that imported them once (multiprocessing's
+# forkserver; the child runs the script as python does, runpy with __name__ "__main__", and exits with its code):
+# a process of its own per run, with its exit code, os._exit and signals, and our modules as imported (none has run).
+# TEST_FORK=0 runs every script as a plain `python` subprocess instead; torchrun runs always are.
+PRELOAD = ["__main__", "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders",
+           "diffusers.schedulers", "transformers.models.clip.modeling_clip", "transformers.models.t5.modeling_t5",
+           "transformers.models.auto.tokenization_auto"]  # __main__: this file and what it imports
+_forks = None
+
+
+def _run_script(script, args, env, cwd, out, err):
+    """A forked child: `python script args` in cwd with env, its stdout and stderr into the files out and err."""
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    os.environ.update(env)
+    os.chdir(cwd)
+    tracker = resource_tracker.ResourceTracker()  # its own, as a process of its own has (tqdm's lock registers there)
+    resource_tracker._resource_tracker = tracker
+    for name in ("ensure_running", "register", "unregister", "getfd"):
+        setattr(resource_tracker, name, getattr(tracker, name))
+    sys.argv, sys.path[0] = [script, *args], os.path.dirname(os.path.abspath(script))  # as `python script` sets them
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:  # as the interpreter reports it: a message to stderr and 1, else the code
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush(), sys.stderr.flush()
+    multiprocessing.util._exit_function()  # finalizers (tqdm's lock), as the interpreter's exit runs them
+    os._exit(code)
+
+
+def run(*args, ok=True, env=None, cwd=HERE):
+    """Run one of our scripts as a user would (env: extra variables) -> (returncode, stdout+stderr). The timeout
+    only stops a hung script: a test checks behaviour, not speed, and CI machines may be busy."""
+    global _forks
+    if args[0].startswith("-") or os.environ.get("TEST_FORK") == "0":
+        p = subprocess.run([sys.executable, *args], cwd=cwd, env=dict(os.environ, **(env or {})), capture_output=True,
+                           text=True, timeout=3600)
+        code, stdout, stderr = p.returncode, p.stdout, p.stderr
+    else:
+        if _forks is None:
+            _forks = multiprocessing.get_context("forkserver")
+            _forks.set_forkserver_preload(PRELOAD)
+        with tempfile.TemporaryDirectory() as d:
+            child = _forks.Process(target=_run_script, args=(args[0], args[1:], env or {}, cwd, f"{d}/out", f"{d}/err"))
+            child.start()
+            child.join(3600)
+            if child.is_alive():
+                child.kill()
+                raise AssertionError(f"{' '.join(args)} still ran after an hour")
+            code, stdout, stderr = child.exitcode, open(f"{d}/out").read(), open(f"{d}/err").read()
+    if ok and code != 0:
+        raise AssertionError(f"{' '.join(args)} exited {code}:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    return code, stdout + stderr
 
 
 def two_at_a_time(calls):
@@ -941,10 +996,9 @@ def test_config_file_then_overrides():
 
 def dry_run(path, cwd):
     """python train.py PATH --dry_run from cwd -> the config it resolved, {key: value} (it loads no model)."""
-    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), path, "--dry_run"], cwd=cwd, text=True,
-                       capture_output=True, timeout=900)
-    assert p.returncode == 0, f"{path}: {(p.stdout + p.stderr).strip().splitlines()[-1:]}"
-    line = next(l for l in p.stdout.splitlines() if l.startswith("config "))
+    code, out = run(os.path.join(HERE, "train.py"), path, "--dry_run", ok=False, cwd=cwd)
+    assert code == 0, f"{path}: {out.strip().splitlines()[-1:]}"
+    line = next(l for l in out.splitlines() if l.startswith("config "))
     return {k: ast.literal_eval(v) for k, v in re.findall(r"(\w+)=('[^']*'|\S+)", line[len("config "):])}
 
 
@@ -1702,9 +1756,9 @@ if __name__ == "__main__":
              and (not only or any(o in k for o in only))]
     counts = Counter()
     if jobs > 1 and len(names) > 1:
-        pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(names)), _worker_init,
-                                                         (max(1, (os.cpu_count() or 1) // jobs),))
-        results = pool.imap_unordered(run_one, names[::-1])  # a line as each test ends
+        pool = ProcessPoolExecutor(min(jobs, len(names)), multiprocessing.get_context("spawn"), _worker_init,
+                                   (max(1, (os.cpu_count() or 1) // jobs),))  # (not a Pool: its workers cannot fork)
+        results = (j.result() for j in as_completed([pool.submit(run_one, n) for n in names[::-1]]))  # as each ends
     else:
         results = map(run_one, names)
     for name, status, tail, tb in results:
