@@ -41,16 +41,18 @@ import baselines  # noqa: E402
 import eval as E  # noqa: E402
 import kernels  # noqa: E402
 import lora as L  # noqa: E402
+import models as M  # noqa: E402
 import reward  # noqa: E402
 import rollout  # noqa: E402
-import models as M  # noqa: E402
 import sample as S  # noqa: E402
 import sharpen  # noqa: E402
 import toyworld  # noqa: E402
 from dev import reproduce, sdconfigs, selection, toyclip  # noqa: E402
 from dev.stub_grader import StubGrader  # noqa: E402
+from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline  # noqa
+from diffusers.utils import convert_unet_state_dict_to_peft  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-# diffusers and transformers are imported in the tests that use them: seconds each, in every worker process
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
@@ -274,7 +276,6 @@ def test_compositional_reward_one_on_renders_lower_on_any_swap():
 def tiny_clip_folder(d, head=None):
     """A random-init CLIP saved like a real one, with a processor that resizes and crops (32 -> 30 -> 28)
     and CLIP's own normalisation; optionally the aesthetic layout (clip/ + head.pth)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
     torch.manual_seed(0)
     tok = toyworld.new_toy_tokenizer()
     model = CLIPModel(CLIPConfig(
@@ -414,7 +415,6 @@ def test_ddim_step_matches_diffusers():
     """Our step == DDIMScheduler.step for the toy config (trailing, clipped) in eps and v, and for the
     configs that change the trajectory: set_alpha_to_one false with leading spacing and offset (SD), and
     zero-terminal-SNR betas (the last step included: it ends at alpha_bar 1 or alphas_cumprod[0])."""
-    from diffusers import DDIMScheduler
     pipe = tiny_pipe()
     for kind, extra in (("v_prediction", {}), ("epsilon", {}),
                         ("epsilon", dict(set_alpha_to_one=False, timestep_spacing="leading", steps_offset=1, clip_sample=False)),
@@ -434,7 +434,6 @@ def test_flow_step_matches_diffusers_and_targets_exact():
     """Flow matching: our Euler step == FlowMatchEulerDiscreteScheduler.step at every step (shift 1 and 3);
     on x_t = (1 - sigma) x0 + sigma eps with the model output v = eps - x0, the x0 and eps predictions and the
     training target are exact; a sampler step lands on (1 - sigma') x0 + sigma' eps; eta > 0 is refused."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
     pipe = toyworld.new_toy_model(0, flow=True)
     for shift in (1.0, 3.0):
         pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
@@ -1068,7 +1067,6 @@ def test_lora_file_is_what_diffusers_loads():
     """pytorch_lora_weights.safetensors as diffusers' LoRA scripts write it: 'unet.<module>.lora.down/up.weight',
     which diffusers' own converter maps onto every adapted Linear with the right shapes, and whose B A (scale
     folded in) is the merged weight."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
     with tempfile.TemporaryDirectory() as d:
         pipe, _, _, _ = lora_file_case(d)
         sd = load_file(f"{d}/lora/pytorch_lora_weights.safetensors")
@@ -1088,7 +1086,6 @@ def test_lora_file_round_trip_through_load_lora_weights():
         import peft  # noqa: F401
     except ImportError:
         raise Skip("peft is not installed (diffusers' LoRA backend)")
-    from diffusers import StableDiffusionPipeline
     with tempfile.TemporaryDirectory() as d:
         _, (x, t, cond), want, before = lora_file_case(d)
         assert (want - before).abs().max() > 0.1  # the adapters matter: a wrong scale or key would show
@@ -1138,7 +1135,6 @@ REAL_TINY = ["--prompts_per_step=2", "--n_traj=2", "--m_steps=2", "--num_steps=4
 def assert_samples_as_diffusers(ref, pipe, prompts, x, num_steps, guidance):
     """The diffusers pipeline ref (or the one a folder path loads as) from latents x (B, 4, 8, 8; FLUX's: packed)
     reaches our sampler's state after every step and decodes its images, within 1e-4 -> ref."""
-    from diffusers import DiffusionPipeline
     ref = DiffusionPipeline.from_pretrained(ref) if isinstance(ref, str) else ref
     ref.set_progress_bar_config(disable=True)
     pack = flux_tokens if pipe.family == "flux" else (lambda z: z)
@@ -1160,7 +1156,6 @@ def test_sampler_equals_diffusers_pipeline_every_step():
     text encoders, VAE shift) and FLUX (packed latents, dynamic shift, guidance input) with their own scheduler.
     The exported folder is a complete pipeline (model_index.json, the sampler's scheduler) that reproduces our
     steps and decoded samples without any swap."""
-    from diffusers import DDIMScheduler, DiffusionPipeline
     pipes = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
              "flux": "FluxPipeline"}
     prompts, x = ["a red circle", "two blue squares"], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
