@@ -226,12 +226,13 @@ def own_samples(run, cond, gidx):
 
 def noised(run, x0, gidx, n, offset=0):
     """Each prompt's image x0 (P, C, H, W) noised to the start step drawn per prompt, n times with the noises
-    seed_for("noise", g, offset + j): -> (x_t (P*n, C, H, W), start steps (P,), the noise eps0, its generators)."""
+    seed_for("noise", g, offset + j): -> (x_t (P*n, C, H, W), start steps (P,), the noise eps0, its generators, x0
+    repeated n times)."""
     ks = start_steps(gidx, run.k_range, run.cfg.seed)  # the noise level per prompt; its n trajectories share it
     gens = [torch.Generator().manual_seed(run.seed_for("noise", g, offset + j)) for g in gidx for j in range(n)]
     eps0 = S.randn(run.pipe.latent_shape, gens, run.device)  # (P*n, C, H, W): the noise that reaches x_t
-    t0 = run.ts[torch.tensor(ks, device=run.ts.device)].repeat_interleave(n, 0)
-    return S.add_noise(run.pipe, x0.repeat_interleave(n, 0), t0, eps0), ks, eps0, gens
+    t0, x0n = run.ts[torch.tensor(ks, device=run.ts.device)].repeat_interleave(n, 0), x0.repeat_interleave(n, 0)
+    return S.add_noise(run.pipe, x0n, t0, eps0), ks, eps0, gens, x0n
 
 
 def roll(run, prompts, gidx, cond, x0):
@@ -240,7 +241,7 @@ def roll(run, prompts, gidx, cond, x0):
     last: of the last one). -> dict with the per-step rewards r (P, n, m or 1) (a failed score is NaN: it drops out
     of selection), traj, and what recompute needs."""
     c, n, m = run.cfg, run.cfg.n_traj, run.cfg.m_steps
-    x_t, ks, eps0, gens = noised(run, x0, gidx, n)
+    x_t, ks, eps0, gens, x0n = noised(run, x0, gidx, n)
     tsn = torch.stack([run.ts[k:k + m + 1] for k in ks]).repeat_interleave(n, 0)  # (P*n, m+1)
     condn = cond.repeat_interleave(n, 0)
     traj = S.rollout(run.pipe, x_t, tsn, condn, run.uncond, c.guidance, c.eta, gens)
@@ -252,8 +253,7 @@ def roll(run, prompts, gidx, cond, x0):
     last = r[:, :, -1]
     info = dict(reward=last.nanmean().item(), reward_std=last[last.isfinite()].std().nan_to_num(0).item(),
                 failed=(~r.isfinite()).float().mean().item())
-    return dict(r=r, traj=traj, x_t=x_t, tsn=tsn, condn=condn, gens=gens, eps0=eps0,
-                x0n=x0.repeat_interleave(n, 0), info=info)
+    return dict(r=r, traj=traj, x_t=x_t, tsn=tsn, condn=condn, gens=gens, eps0=eps0, x0n=x0n, info=info)
 
 
 def recompute(run, b, rows, net):

@@ -42,6 +42,7 @@ import eval as E  # noqa: E402
 import kernels  # noqa: E402
 import lora as L  # noqa: E402
 import models as M  # noqa: E402
+M._quiet()  # the libraries' chatter (torchvision hints at import) out of the test lines
 import reward  # noqa: E402
 import rollout  # noqa: E402
 import sample as S  # noqa: E402
@@ -74,9 +75,11 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # forkserver; the child runs the script as python does, runpy with __name__ "__main__", and exits with its code):
 # a process of its own per run, with its exit code, os._exit and signals, and our modules as imported (none has run).
 # TEST_FORK=0 runs every script as a plain `python` subprocess instead; torchrun runs always are.
-PRELOAD = ["__main__", "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders",
+PRELOAD = ["test_all", "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders",
            "diffusers.schedulers", "transformers.models.clip.modeling_clip", "transformers.models.t5.modeling_t5",
-           "transformers.models.auto.tokenization_auto"]  # __main__: this file and what it imports
+           "transformers.models.auto.tokenization_auto"]  # test_all: this file and what it imports, which a child
+# imports again as its __main__ (multiprocessing re-imports the parent's main script in every child), all cached:
+# a run that stops at a bad flag takes 30 ms
 _forks = None
 
 
@@ -125,7 +128,8 @@ def run(*args, ok=True, env=None, cwd=HERE):
             if child.is_alive():
                 child.kill()
                 raise AssertionError(f"{' '.join(args)} still ran after an hour")
-            code, stdout, stderr = child.exitcode, open(f"{d}/out").read(), open(f"{d}/err").read()
+            code, (stdout, stderr) = child.exitcode, (open(p).read() if os.path.exists(p) else f"(no {p}: the fork failed)"
+                                                      for p in (f"{d}/out", f"{d}/err"))
     if ok and code != 0:
         raise AssertionError(f"{' '.join(args)} exited {code}:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     return code, stdout + stderr

@@ -68,7 +68,7 @@ def measure(pipe, algo, m):
         fresh = S.rollout(pipe, S.randn(pipe.latent_shape, gens), ts, cond.repeat_interleave(n, 0), u, 1.0, 0.0, gens,
                           record=False)
         F += list(gold(pipe, fresh, [p for p in ps for _ in range(n)]).view(len(gidx), n))
-        x_t, ks, _, _ = rollout.noised(run, x0, gidx, n)  # train.py's start steps and noises
+        x_t, ks, *_ = rollout.noised(run, x0, gidx, n)  # train.py's start steps and noises
         Rb, Gb, Lb = (torch.zeros(len(gidx), n, dtype=torch.float64) for _ in range(3))
         for k in sorted(set(ks)):  # prompts that start at step k: their n trajectories rolled on to the end
             rows = [i for i, kk in enumerate(ks) if kk == k]
