@@ -94,31 +94,66 @@ def new_round(run, key):
         del run.rounds[k]
 
 
+def raft_round(run, it):
+    """Where step it sits in RAFT's rounds -> (round, slice): a round's pool is raft_pool train prompts (0: one
+    step's), sampled once and visited raft_epochs times, prompts_per_step of them a step (the slice)."""
+    c = run.cfg
+    slices = max(1, c.raft_pool // c.prompts_per_step)
+    return it // (slices * c.raft_epochs), it % slices
+
+
 def prepare_raft(run, it, micro):
-    """RAFT, best-of-N distillation: every raft_epochs steps the current model samples raft_n images per train
-    prompt with the evaluation sampler (eta 0, guidance); the best by the reward (failed scores never picked; a
-    prompt with none scored drops out) is trained on with the plain denoising loss at uniform t. count: the
-    prompts kept."""
-    c, P, N, key = run.cfg, run.P, run.cfg.raft_n, (it // run.cfg.raft_epochs, micro)
+    """RAFT, best-of-N distillation: at the start of a round the current model samples raft_n images of each of its
+    pool's train prompts with the evaluation sampler (eta 0, guidance); the best by the reward (raft_select=first:
+    candidate 0, the no-selection control of the same pool; failed scores never picked, a prompt with none scored
+    drops out) is trained on with the plain denoising loss at uniform t, one slice of prompts_per_step a step,
+    raft_epochs passes over the pool. raft_replay pretraining scenes a step (the base's data: alt-text captions)
+    ride along as the anchor against training on its own samples. count: the prompts kept + the replayed."""
+    c, P, N = run.cfg, run.P, run.cfg.raft_n
+    rnd, sl = raft_round(run, it)
+    key = (rnd, micro)
     if key not in run.rounds:
         new_round(run, key)
-        first = run.first_index(it // c.raft_epochs, micro)
-        prompts = [run.train_prompt(g) for g in range(first, first + P)]
-        traj, r = R.scored_samples(run, [p for p in prompts for _ in range(N)],
-                                   [run.seed_for("noise", first, j) for j in range(P * N)])
-        rew, ar = r.to(run.device).view(P, N), torch.arange(P)
-        best = sharpen.best_worst(rew)[0]
-        r_best = rew[ar, best]
-        live = torch.isfinite(r_best)
-        x = traj.x_final.view(P, N, *traj.x_final.shape[1:])[ar, best]
-        run.rounds[key] = dict(x0=x[live], prompts=[p for p, ok in zip(prompts, live.tolist()) if ok],
-                               reward=r_best.nanmean().item())
-    rd = run.rounds[key]
+        run.rounds[key] = [raft_slice(run, rnd, b, micro) for b in range(max(1, c.raft_pool // c.prompts_per_step))]
+    rd = run.rounds[key][sl]
     K = len(rd["prompts"])
     gen = torch.Generator().manual_seed(run.seed_for("t noise", run.first_index(it, micro)))
     t = S.train_timesteps(run.pipe, max(K, 1), gen).to(run.device)
     eps = torch.randn((max(K, 1), *rd["x0"].shape[1:]), generator=gen).to(run.device)
-    return dict(x0=rd["x0"], t=t[:K], eps=eps[:K], prompts=rd["prompts"], count=K, info=dict(best_reward=rd["reward"]))
+    b = dict(x0=rd["x0"], t=t[:K], eps=eps[:K], prompts=rd["prompts"], count=K, info=dict(best_reward=rd["reward"]))
+    if c.raft_replay:
+        b = replay(run, b, it, micro)
+    return b
+
+
+def raft_slice(run, rnd, b, micro):
+    """One slice of a RAFT round's pool on this rank: P prompts x raft_n samples, the selected one of each."""
+    c, P, N, ar = run.cfg, run.P, run.cfg.raft_n, torch.arange(run.P)
+    first = rnd * max(c.raft_pool, c.prompts_per_step) + b * c.prompts_per_step + (micro * run.world + run.rank) * P
+    prompts = [run.train_prompt(g) for g in range(first, first + P)]
+    traj, r = R.scored_samples(run, [p for p in prompts for _ in range(N)],
+                               [run.seed_for("noise", first, j) for j in range(P * N)])
+    rew = r.to(run.device).view(P, N)
+    pick = torch.zeros(P, dtype=torch.long) if c.raft_select == "first" else sharpen.best_worst(rew)[0]
+    r_pick = rew[ar, pick]
+    live = torch.isfinite(r_pick) | (c.raft_select == "first")  # the control needs no score
+    x = traj.x_final.view(P, N, *traj.x_final.shape[1:])[ar, pick]
+    return dict(x0=x[live], prompts=[p for p, ok in zip(prompts, live.tolist()) if ok], reward=r_pick.nanmean().item())
+
+
+def replay(run, b, it, micro):
+    """b with this rank's share of raft_replay pretraining scenes appended (alt-text captions, own t and noise)."""
+    n = run.cfg.raft_replay // (run.world * run.cfg.grad_accum)
+    first = (micro * run.world + run.rank) * n
+    scenes = [toyworld.sample_scene(run.seed_for("replay", it, i)) for i in range(first, first + n)]
+    caps = [toyworld.alt_text(toyworld.parse(cap), random.Random(run.seed_for("replay", it, i)))[0]
+            for (_, cap), i in zip(scenes, range(first, first + n))]
+    x0 = torch.stack([image for image, _ in scenes]).to(run.device) * 2 - 1
+    gen = torch.Generator().manual_seed(run.seed_for("replay noise", it, first))
+    t = S.train_timesteps(run.pipe, n, gen).to(run.device)
+    eps = torch.randn(x0.shape, generator=gen).to(run.device)
+    return dict(x0=torch.cat([b["x0"], x0]), t=torch.cat([b["t"], t]), eps=torch.cat([b["eps"], eps]),
+                prompts=b["prompts"] + caps, count=b["count"] + n, info=dict(b["info"], replay=n))
 
 # -----------------------------------------------------------------------------
 # diffusion_dpo

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+import fidelity as F
 import models as M
 import sample as S
 import toyworld
@@ -392,34 +393,42 @@ def main():
     except ValueError as e:
         raise SystemExit(f"error: --search_reward: {e}")
     prompts, seed_list = prompts_and_seeds(split, per_skill, seeds)
-    rows, grids = [], []
+    rows, grids, judge = [], [], None  # judge: the first model, whose denoising loss on each row's images is `denoise`
     for folder, how in [(f, None) for f in folders] + [(folders[0], s) for s in searches]:
         pipe = M.load_model(folder, device, uncond=uncond_embed, resolution=resolution)
+        if judge is None:
+            judge, reference = pipe, F.denoise_loss(pipe, F.renders(prompts, seed_list), prompts)
         t0 = time.time()
         images, nfe = run_search(pipe, how, prompts, seed_list, verifier)
         dt = time.time() - t0
         g = gold(images, prompts)
         scores = {spec: fn(images, prompts)[0].nanmean().item() for spec, fn in extra.items()}  # NaN: failed
+        fid = F.fidelity(images, prompts, seed_list, judge, reference)
         d = g["rewards"] - rows[0]["gold_per_image"] if rows else None  # paired: same (prompt, seed) pairs
         rows.append(r := dict(
             name=f"{label(folder)} {how}" if how else label(folder), search=how, overall=g["overall"],
             gold_per_image=g["rewards"], delta=None if d is None else d.mean().item(),
             delta_se=None if d is None else (d.std() / math.sqrt(len(d))).item(), per_skill=g["per_skill"],
-            rewards=scores, diversity=diversity(images, seeds), nfe_per_image=nfe,
+            rewards=scores, diversity=diversity(images, seeds), **fid, nfe_per_image=nfe,
             ms_per_image=dt / len(prompts) * 1000, n=len(prompts), train_nfe=None if how else train_nfe(folder)))
         grids.append(images[::seeds][:16])  # the first seed of up to 16 prompts
         print(f"{r['name']}: gold {r['overall']:.3f} | NFE/image {nfe} | {r['ms_per_image']:.0f} ms/image", flush=True)
     skills = list(rows[0]["per_skill"])
-    head = ["model", "gold", "Δ vs first ± SE"] + skills + list(extra) + ["diversity", "NFE/image", "ms/image", "training UNet passes"]
+    head = ["model", "gold", "Δ vs first ± SE"] + skills + list(extra) + ["diversity", "background", "palette", "denoise ×",
+                                                                          "NFE/image", "ms/image", "training UNet passes"]
     table = "| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|\n"
     for r in rows:
-        vals = [r["overall"]] + [r["per_skill"][k] for k in skills] + list(r["rewards"].values()) + [r["diversity"]]
+        vals = [r["overall"]] + [r["per_skill"][k] for k in skills] + list(r["rewards"].values()) + \
+            [r[k] for k in ("diversity", "background", "palette", "denoise")]
         delta = "—" if r["delta"] is None else f"{r['delta']:+.3f} ± {r['delta_se']:.3f}"
         table += f"| {r['name']} | {vals[0]:.3f} | {delta} | " + " | ".join(f"{v:.3f}" for v in vals[1:]) + \
             f" | {r['nfe_per_image']} | {r['ms_per_image']:.0f} | {r['train_nfe'] or '—'} |\n"
     table += f"\n{len(prompts)} images per row ({split} prompts x {seeds} seeds), {num_steps} steps (DDIM; Euler for a " \
              f"flow model), guidance {guidance}; search verifier: {search_reward}; on {device}. Δ: mean paired difference in " \
-             f"gold from the first row over the same (prompt, seed) pairs, ± its standard error."
+             f"gold from the first row over the same (prompt, seed) pairs, ± its standard error. Fidelity (fidelity.py; 0, 0 " \
+             f"and 1 for renders): background, mean |1 − value| of background pixels; palette, mean distance of a pixel to " \
+             f"its nearest palette colour; denoise, the first model's denoising loss on the images over its loss on renders " \
+             f"of the same prompts (t = {', '.join(map(str, F.DENOISE_T))}, mean of the ratios)."
     print(table)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:

@@ -37,7 +37,8 @@ def seed_for(seed, purpose, a, b=0):
     return {"prompt": seed * 1_000_003 + a, "scene": (seed * 1_000_003 + a) * 4096 + b,
             "noise": (seed * 1_000_003 + a) * 64 + b, "sample": seed * 31 + a, "render": seed + a,
             "t noise": seed * 7919 + a, "pool": seed * 7 + a, "pool prompts": seed * 99991,
-            "ddpo t": seed + a * 131 + b}[purpose]
+            "ddpo t": seed + a * 131 + b, "replay": (seed * 1_000_033 + a) * 4096 + b,
+            "replay noise": (seed * 7927 + a) * 4096 + b}[purpose]
 
 
 def parse_range(start_range):
@@ -79,7 +80,7 @@ def planned_nfe(c, family="sd"):
             "sharpen_rlhf": P * (T * g + n * m * g + 3 * 2 * m + 2 * m),  # sample, rollouts, w/l x policy/ref
             "diffusion_dpo": P * (3 * 2 + 2),  # winner and loser through policy and reference (+ the pool, once)
             "ddpo": P * n * (T * g / c.ppo_epochs + 3 * ddpo_steps(c) * g),  # a round serves ppo_epochs steps
-            "raft": P * (c.raft_n * T * g / c.raft_epochs + 3)}[c.method]  # best of raft_n, plain loss
+            "raft": P * (c.raft_n * T * g / c.raft_epochs + 3) + 3 * c.raft_replay}[c.method]  # best of raft_n
 
 
 def batch_line(c, P, world):
@@ -88,8 +89,10 @@ def batch_line(c, P, world):
     if c.method == "pretrain":
         return f"batch: {P} images x {c.grad_accum} micro-steps x {world} ranks = {per_step} per step"
     if c.method == "raft":
-        return (f"batch: {per_step} prompts per step, each the best of {c.raft_n} samples, sampled every "
-                f"{c.raft_epochs} steps")
+        pool = max(c.raft_pool, per_step)
+        return (f"batch: {per_step} prompts per step, each the {'best' if c.raft_select == 'best' else 'first'} of "
+                f"{c.raft_n} samples, from a pool of {pool} sampled every {c.raft_epochs * pool // per_step} steps"
+                + (f", + {c.raft_replay} pretraining scenes" if c.raft_replay else ""))
     return (f"batch: {P} prompts x {c.n_traj} trajectories x {c.m_steps} steps per micro-step per rank; "
             f"{c.grad_accum} micro-steps x {world} ranks = {per_step} prompts = {per_step * c.n_traj} trajectories = "
             f"{per_step * c.n_traj * c.m_steps} scored x0 per step")
@@ -127,6 +130,14 @@ class Run:
 
     def seed_for(self, purpose, a, b=0):
         return seed_for(self.cfg.seed, purpose, a, b)
+
+    def all_rounds(self):
+        """Every rank's rounds, in rank order (a collective: every rank calls it), for the checkpoint."""
+        if self.world == 1:
+            return [self.rounds]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, self.rounds)
+        return out
 
     def first_index(self, it, micro):
         """Global index of this rank's first prompt in optimizer step it, micro-step micro: step it trains prompts

@@ -39,6 +39,7 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the in
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import baselines  # noqa: E402
 import eval as E  # noqa: E402
+import fidelity  # noqa: E402
 import kernels  # noqa: E402
 import lora as L  # noqa: E402
 import models as M  # noqa: E402
@@ -631,7 +632,7 @@ def test_selection_statistics_by_hand():
             "G_w − G_l (preference pairs)": 0.75, "oracle max − min": 1.0, "loss_sel − loss_mean": -0.05}
     assert c.keys() == want.keys() and all(abs(c[k] - want[k]) < 1e-9 for k in want), c
     selection.prompts, selection.n_traj, selection.batch = 3, 2, 2
-    R, G, L, F, K = selection.measure(M.load_model(M.TOY_MODEL), "rlhf", 2)
+    R, G, L, F, K = selection.measure(M.load_model(M.TOY_MODEL), "rlhf", 2, selection.start_range)
     assert R.shape == G.shape == L.shape == F.shape == (3, 2) and ((R >= 0) & (R <= 2)).all(), (R, G)
     assert K.tolist() == rollout.start_steps(range(3), (1, 9), selection.seed) and (L > 0).all(), (K, L)
 
@@ -1330,10 +1331,15 @@ def test_train_bad_input_one_line():
                              ([f"--prompt_file={d}/empty.txt"], "has no prompts"),
                              (["--method=sharpen_sft", f"--prompt_file={d}/empty.txt"], "dataset images"),
                              (["--prompts_per_step=0"], "prompts_per_step must be >= 1, got 0"),
+                             (["--grad_accum=0"], "grad_accum must be >= 1, got 0"),
                              (["--agg=median"], "agg must be 'sum' or 'mean' or 'last', got 'median'"),
                              (["--resolution=33"], "resolution=33: "), (["--ema=1.0"], "ema must be in [0, 1)"),
                              (["--method=pretrain", "--resolution=64"], "32-pixel toy-world scenes"),
                              (["--method=raft", "--raft_n=1"], "raft_n must be >= 2"), (["--lr=0.0"], "lr must be > 0"),
+                             (["--method=raft", "--raft_pool=6"], "raft_pool=6 must be a multiple of prompts_per_step=32"),
+                             (["--method=raft", "--raft_replay=-1"], "raft_replay must be >= 0"),
+                             (["--raft_replay=4"], "sharpen_rlhf does not use them"),
+                             (["--method=raft", "--raft_select=worst"], "raft_select must be"),
                              (["--method=ddpo", "--num_steps=1", "--m_steps=1"], "ddpo needs num_steps >= 2"),
                              (["--model=assets/toy-flow-model", "--method=ddpo"], "is a flow-matching model")]:
             if "cuda" not in args[0] or not torch.cuda.is_available():
@@ -1410,17 +1416,17 @@ def test_sharpen_options_change_the_first_step_as_documented():
         assert noisy["reward"] < clean["reward"], (noisy, clean)
 
 
-def raft_first_loss(seed=1337, P=4, N=4, num_steps=4):
+def raft_first_loss(seed=1337, P=4, N=4, num_steps=4, first=False):
     """RAFT's step-1 loss by hand: the base model samples N images per train prompt (train.py's prompts and
-    noise seeds), the gold reward picks each prompt's best (first on ties), plain denoising loss at t and noise
-    from the step's generator."""
+    noise seeds), the gold reward picks each prompt's best (first on ties; first=True: candidate 0, the
+    no-selection control), plain denoising loss at t and noise from the step's generator."""
     pipe, gold = M.load_model(M.TOY_MODEL), reward.make_reward("compositional")
     prompts = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g))) for g in range(P)]
     gens = [torch.Generator().manual_seed((seed * 1_000_003) * 64 + j) for j in range(P * N)]
     reps = [p for p in prompts for _ in range(N)]
     x = S.rollout(pipe, S.randn((3, 32, 32), gens), S.timesteps(pipe, num_steps), M.encode(pipe, reps),
                   M.uncond(pipe), record=False)
-    best = gold(M.to_images(pipe, x), reps)[0].view(P, N).argmax(1)
+    best = torch.zeros(P, dtype=torch.long) if first else gold(M.to_images(pipe, x), reps)[0].view(P, N).argmax(1)
     x0 = x.view(P, N, 3, 32, 32)[torch.arange(P), best]
     gen = torch.Generator().manual_seed(seed * 7919)
     t = torch.randint(0, 1000, (P,), generator=gen)
@@ -1459,6 +1465,22 @@ def test_baseline_methods_train_count_nfe_and_resume():
         assert abs(lines[0]["loss"] - raft_first_loss()) < 2e-6, (lines[0]["loss"], raft_first_loss())
         full, part = (step_lines(f"{d}/dpokill/{k}")[-1] for k in ("full", "part"))
         assert full["step"] == part["step"] == 4 and full["nfe"] == part["nfe"], (full, part)
+
+
+def test_raft_pool_rounds_replay_and_no_selection_control():
+    """raft_pool: a round's pool (8 prompts x raft_n) is sampled once and serves raft_epochs passes of 2 steps
+    (4 prompts each), planned = counted over a round; raft_replay adds pretraining scenes to every step (kept 4 + 4);
+    raft_select=first trains candidate 0 of the same pool: its first loss is the hand computation's, not the best's."""
+    with tempfile.TemporaryDirectory() as d:
+        tiny = [*SHARPEN_TINY, "--method=raft", "--raft_pool=8", "--raft_epochs=2", "--steps=5"]
+        (_, log), _ = two_at_a_time([(run, "train.py", *tiny, "--raft_replay=4", f"--out_dir={d}/pool"),
+                                     (run, "train.py", *tiny, "--raft_select=first", f"--out_dir={d}/first")])
+        lines = step_lines(f"{d}/pool")
+        assert [s["scored"] for s in lines] == [32, 32, 32, 32, 64] and all(s["kept"] == 8 for s in lines), lines
+        per_step = 4 * (4 * 4 / 2 + 3) + 3 * 4  # 4 prompts x (best of 4 of 4 steps, over 2 steps + grad) + replay
+        assert f"compute: {per_step:.0f} UNet passes per step planned" in log and lines[3]["nfe"] == 4 * per_step, log
+        first, best = step_lines(f"{d}/first")[0]["loss"], raft_first_loss()
+        assert abs(first - raft_first_loss(first=True)) < 2e-6 and abs(first - best) > 1e-4, (first, best)
 
 
 def test_train_with_every_reward_and_a_flaky_grader():
@@ -1541,6 +1563,22 @@ def test_ddp_ties_on_one_rank_equal_one_rank():
         code, out = run("train.py", "--method=diffusion_dpo", "--steps=1", *SHARPEN_TINY, "--dpo_pool=4", *grader,
                         f"--out_dir={d}/dd", ok=False)
         assert code != 0 and "no preference pairs" in error_lines(out)[0], out[-1500:]
+
+
+def test_ddp_raft_resumed_mid_round_equals_uninterrupted():
+    """2 ranks of raft, each training its own half of a sampled round (4 steps): killed after the step-2
+    checkpoint and resumed, every rank continues with its own half (the checkpoint holds every rank's rounds)
+    and the run ends where the uninterrupted one ends."""
+    with tempfile.TemporaryDirectory() as d:
+        args = [*TORCHRUN, "train.py", "--method=raft", "--steps=4", "--raft_epochs=4", "--ckpt_interval=1",
+                *SHARPEN_TINY, "--lr=1e-3"]
+        run(*args, f"--out_dir={d}/full")
+        code, out = run(*args, f"--out_dir={d}/part", ok=False, env={"TRAIN_CRASH_AFTER_STEP": "2"})
+        assert code != 0 and torch.load(f"{d}/part/ckpt.pt", weights_only=False)["step"] == 2, out[-1500:]
+        _, log = run(*args, f"--out_dir={d}/part", "--init_from=resume")
+        assert "at step 2" in log, log
+        assert [s["scored"] for s in step_lines(f"{d}/part")] == [s["scored"] for s in step_lines(f"{d}/full")]
+        weights_equal(f"{d}/full/model", f"{d}/part/model", exact=False, atol=1e-6)
 
 
 def test_ddp_dead_rank_stops_the_run():
@@ -1678,6 +1716,36 @@ def test_builtin_model_is_in_target_band():
     assert 0.35 <= res["overall"] <= 0.60 and max(res["per_skill"].values()) < 0.75, (res["overall"], res["per_skill"])
 
 
+def test_fidelity_by_hand_and_denoise_ratio():
+    """Renders have background 0, palette 0 and denoise 1 (the judge's loss on them over its loss on them); four
+    pixels by hand: white dimmed to 0.9, cyan with green 0.8, red, magenta with red 0.7 (background: 0.1 over the white
+    pixel's three channels; distances 0.1 sqrt 3, 0.2, 0 and 0.3 to the nearest colours); uniform noise, far from
+    what the base learned, denoises worse than renders; the loss of an image does not depend on its batch."""
+    prompts, seeds = ["a red circle", "two blue squares above a green triangle", "three yellow triangles"], [0, 1, 2]
+    images = fidelity.renders(prompts, seeds)
+    assert fidelity.palette_stats(images) == (0.0, 0.0)
+    px = torch.tensor([[0.9, 0.9, 0.9], [0.0, 0.8, 1.0], [1.0, 0.0, 0.0], [0.7, 0.0, 1.0]]).T.reshape(1, 3, 2, 2)
+    background, palette = fidelity.palette_stats(px)
+    assert abs(background - 0.1) < 1e-6 and abs(palette - (0.1 * math.sqrt(3) + 0.2 + 0 + 0.3) / 4) < 1e-6
+    pipe = M.load_model(M.TOY_MODEL)
+    own = fidelity.fidelity(images, prompts, seeds, judge=pipe)
+    assert abs(own["denoise"] - 1) < 1e-6 and own["background"] == own["palette"] == 0.0, own
+    noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
+    assert fidelity.fidelity(noise, prompts, seeds, judge=pipe)["denoise"] > 2, "noise should denoise worse than renders"
+    one = fidelity.denoise_loss(pipe, images, prompts, batch_size=1)
+    assert all(abs(one[t] - v) < 1e-6 for t, v in fidelity.denoise_loss(pipe, images, prompts).items()), one
+
+
+def test_sampler_fidelity_script_compares_three_samplers():
+    """dev/sampler_fidelity.py: one row per sampler, the clip row paired with itself (Δ exactly 0); without the
+    per-step clip the base's background is whiter (what it measures); a flow model is one error line."""
+    _, out = run("dev/sampler_fidelity.py", "--per_skill=1", "--seeds=2", "--num_steps=4", "--threads=1")
+    rows = {l.split(" | ")[0][2:]: l.split(" | ") for l in out.splitlines() if l.startswith("| clip") or l.startswith("| noclip")}
+    assert set(rows) == {"clip", "clip_eps", "noclip"} and rows["clip"][2] == "+0.0000 ± 0.0000", out
+    assert float(rows["noclip"][3]) < float(rows["clip"][3]), out
+    assert_one_line_error("clip_sample true", "dev/sampler_fidelity.py", f"--model={os.path.join(HERE, 'assets', 'toy-flow-model')}")
+
+
 def test_eval_cli_two_models_and_search():
     """eval.py on two checkpoints plus two search rows writes its table, grid and figure; the search
     rows report the NFE they spent; the same model gives the same numbers in two rows."""
@@ -1689,6 +1757,8 @@ def test_eval_cli_two_models_and_search():
         assert [r["nfe_per_image"] for r in rows] == [4, 4, 4, 8, 1 + 3 * 2], rows
         assert rows[0]["overall"] == rows[1]["overall"] == rows[2]["overall"] == rows[0]["rewards"]["compositional"]
         assert rows[3]["overall"] >= rows[2]["overall"] and set(rows[0]["per_skill"]) == {"binding", "counting", "spatial"}
+        assert all(rows[0][k] == rows[1][k] == rows[2][k] for k in ("background", "palette", "denoise")), rows
+        assert 0 < rows[0]["palette"] < 0.5 and rows[0]["denoise"] > 1, rows[0]  # the base's samples are not renders
         assert all(r["n"] == 12 and r["diversity"] > 0 for r in rows)
         for f in ("results.md", "grid.png", "reward_vs_nfe.png"):
             assert os.path.getsize(os.path.join(d, f)) > 0, f

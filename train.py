@@ -7,7 +7,6 @@ The defaults are the variables below; config files and --key=value override them
     python train.py config/sharpen_sft.py --lam=0.1                # the SFT variant
     python train.py --device=cuda --model=/path/to/diffusers/folder --lora_rank=16 --dtype=bf16   # README, real models
     torchrun --standalone --nproc_per_node=8 train.py --device=cuda   # 8 GPUs (on CPU: 2 processes, gloo)
-    python train.py --init_from=resume --out_dir=out/sharpen_rlhf    # continue out_dir/ckpt.pt
     torchrun --standalone --nproc_per_node=2 train.py config/pretrain_alttext.py   # the built-in model
 """
 import contextlib
@@ -54,8 +53,7 @@ lam = 0.0                # path-integral temperature: 0 = argmax (the paper), in
 normalize = False        # z-score each prompt's trajectory rewards before the softmax
 sft_t = "uniform"        # sft: noise levels: uniform (all timesteps) | sampler (DDIM steps as sharpen_sft's: start_range, m_steps)
 sft_target = "exact"     # exact: eps from the noised x0 at every step | official: the first eps reused
-dpo_target = "outcome"   # sharpen_rlhf's targets aim at: outcome (each trajectory's own last x0 prediction, so winner
-                         # and loser differ in it, as Diffusion-DPO's pairs do) | start (the sample that was noised)
+dpo_target = "outcome"   # sharpen_rlhf's targets: outcome (each trajectory's last x0 prediction: winner and loser aim apart) | start
 chain_grad = False       # backprop through the chain of m steps (the official code) instead of per step
 beta = 5000.0            # Diffusion-DPO beta (the 1/2 inside: beta = 2 * official beta_dpo); 2 and 500 collapsed the toy model
 reward_in_sigmoid = True # -log sigma(h - (R_w - R_l)) (the paper, Eq. 11) | -log sigma(h) + (R_w - R_l) (the official code)
@@ -71,14 +69,15 @@ dpo_pool = 256           # diffusion_dpo: train prompts the base model samples o
 dpo_k = 2                # the best and worst of them make the prompt's preference pair
 ppo_clip = 1e-4          # ddpo: ratio clip range (ddpo-pytorch's default)
 ppo_epochs = 2           # ddpo: optimizer steps per sampled batch (the second sees a ratio != 1)
-ddpo_fraction = 0.0      # ddpo: fraction of the sampler's steps each optimizer step trains (ddpo-pytorch's
-                         # timestep_fraction; 0 = m_steps of them)
+ddpo_fraction = 0.0      # ddpo: fraction of the sampler's steps a step trains (ddpo-pytorch's timestep_fraction; 0: m_steps)
 ddpo_eta = 1.0           # ddpo: DDIM eta of its sampler (the policy needs step noise to have a density)
 raft_n = 4               # raft: samples per train prompt (the evaluation sampler); the best by the reward is trained on
-raft_epochs = 2          # raft: optimizer steps each sampled round serves (each at fresh t and noise)
+raft_epochs = 2          # raft: passes over each sampled round's pool (each step at fresh t and noise)
+raft_pool = 0            # raft: train prompts per round (a multiple of prompts_per_step; 0 = one step's)
+raft_select = "best"     # raft: best (by the reward) | first (candidate 0: the no-selection control, the same pool)
+raft_replay = 0          # raft: pretraining scenes (alt-text captions) added to every step, the anchor
 # pretraining (toy world) and its continuation (method continued: the UNet alone, from `model`)
 flow = False             # pretrain: a rectified-flow toy model (velocity target, Euler sampler) instead of DDIM v-pred
-                         # (pretraining captions: web-like alt-text, toyworld.ALT_TEXT, as assets/toy-model)
 caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-free guidance)
 # optim
 steps = 120              # optimizer steps (the default run: 11 min on 2 CPU cores, docs/results.md)
@@ -150,7 +149,8 @@ CHECKS = [
     *[(globals()[k] not in v, f"{k} must be {' or '.join(map(repr, v))}, got {globals()[k]!r}") for k, v in (
         ("init_from", ("scratch", "resume")), ("dtype", tuple(DTYPES)), ("dpo_target", ("start", "outcome")),
         ("sft_target", ("exact", "official")), ("score_steps", ("all", "last")), ("sft_t", ("uniform", "sampler")),
-        ("agg", sharpen.AGGREGATES), ("uncond_embed", ("auto", "zeros", "empty")), ("device", ("cpu", "cuda")))],
+        ("agg", sharpen.AGGREGATES), ("uncond_embed", ("auto", "zeros", "empty")), ("device", ("cpu", "cuda")),
+        ("raft_select", ("best", "first")))],
     (not eval_split or bool(set(eval_split.split(",")) - {"heldout", "train"}),
      f"eval_split must be 'heldout', 'train' or both comma-separated, got {eval_split!r}"),
     *[within(k, 1) for k in ("steps", "prompts_per_step", "batch_size", "grad_accum", "n_traj", "m_steps", "num_steps",
@@ -158,12 +158,16 @@ CHECKS = [
                              "ckpt_interval")],
     *[within(k, 0) for k in ("nfe_budget", "lam", "guidance", "eta", "resolution", "warmup", "weight_decay",
                              "eval_interval", "eval_count", "eval_seeds", "probe_pairs", "lora_rank", "lora_alpha",
-                             "threads")],
+                             "threads", "raft_pool", "raft_replay")],
+    (raft_pool % max(per_step, 1) or raft_replay % max(world * grad_accum, 1), f"raft_pool={raft_pool} must be a "
+     f"multiple of prompts_per_step={per_step}, raft_replay={raft_replay} of {world} ranks x grad_accum {grad_accum}"),
+    (method != "raft" and (raft_pool or raft_replay or raft_select != "best"), f"raft_pool, raft_replay and raft_select "
+     f"are raft's; {method} does not use them"),
     *[within(k, 2) for k in ("dpo_k", "raft_n")],  # a best and a worst, or a choice
     *[within(k, 0, low_open=True) for k in ("lr", "beta", "grad_clip", "ppo_clip", "ddpo_eta", "ddp_timeout")],
     within("ema", 0, 1), within("caption_dropout", 0, 1),
     (not 0 <= ddpo_fraction <= 1, f"ddpo_fraction must be in [0, 1], got {ddpo_fraction}"),
-    (per_step % (world * grad_accum) != 0, f"{'batch_size' if pretrain else 'prompts_per_step'}={per_step} is not "
+    (per_step % max(world * grad_accum, 1) != 0, f"{'batch_size' if pretrain else 'prompts_per_step'}={per_step} is not "
                                            f"divisible by {world} ranks x grad_accum {grad_accum}"),
     (not m_steps <= num_steps, f"m_steps={m_steps} must be in 1..num_steps={num_steps}"),
     (method == "ddpo" and num_steps < 2, f"ddpo needs num_steps >= 2 (stochastic steps to train), got {num_steps}"),
@@ -185,9 +189,9 @@ CHECKS = [
     (lora_rank and pretrain, f"lora_rank={lora_rank}: must be 0 for pretrain (LoRA adapts a trained UNet)"),
     (pretrain and resolution not in (0, toyworld.SIZE),
      f"resolution={resolution}: pretraining trains on {toyworld.SIZE}-pixel toy-world scenes (0 or {toyworld.SIZE})"),
-    (bool(prompt_file) and method in ("pretrain", "sft", "continued", "sharpen_sft"),
-     f"--prompt_file with method {method}: it trains on dataset images, which only the toy world provides here; use "
-     "sharpen_rlhf, ddpo or diffusion_dpo (they need prompts only)"),
+    (bool(prompt_file) and (method in ("pretrain", "sft", "continued", "sharpen_sft") or raft_replay),
+     f"--prompt_file with method {method}{' and raft_replay' if raft_replay else ''}: it trains on dataset images, "
+     "which only the toy world provides here; use sharpen_rlhf, ddpo or diffusion_dpo (they need prompts only)"),
 ]
 for bad, msg in CHECKS:
     if bad:
@@ -201,12 +205,10 @@ cfg = SimpleNamespace(**config)
 if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
     pool_cost = dpo_pool * dpo_k * num_steps * S.passes_per_call(guidance, family) if method == "diffusion_dpo" else 0
     steps = config["steps"] = cfg.steps = max(1, int((nfe_budget - pool_cost) // R.planned_nfe(cfg, family)))
-reward_fn = None
-if method not in ("pretrain", "sft", "continued"):
-    try:
-        reward_fn = make_reward(reward, device)
-    except ValueError as e:
-        fail(e)
+try:  # a reward spec that names no reward or folder stops here, before any model loads
+    reward_fn = None if method in ("pretrain", "sft", "continued") else make_reward(reward, device)
+except ValueError as e:
+    fail(e)
 if master:
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -272,7 +274,8 @@ if init_from == "resume":
     for m, sd in zip(trained, ck["models"]):
         m.load_state_dict(sd, strict=not lora_rank)  # a LoRA checkpoint holds the adapters only
     opt.load_state_dict(ck["optimizer"])
-    ema_params, step, spent, rounds = ck["ema"], ck["step"], ck["spent"], ck["rounds"]
+    ema_params, step, spent = ck["ema"], ck["step"], ck["spent"]
+    rounds = ck["rounds"][rank] if len(ck["rounds"]) == world else {}  # other ranks: a round is sampled again
     if master:
         print(f"resumed from {ckpt_path} at step {step}")
 run = R.Run(cfg, pipe, ref=ref_unet, reward_fn=reward_fn, rank=rank, world=world, P=P, per_step=per_step,
@@ -343,13 +346,12 @@ def log(line):
         f.write(line + "\n")
 
 
-def checkpoint():
-    """out_dir/ckpt.pt, written beside and renamed into place: a crash leaves the old or the new one."""
+def checkpoint(rounds):
+    """out_dir/ckpt.pt (rounds: every rank's, in rank order), written beside and renamed: a crash leaves old or new."""
     if not all(p.isfinite().all() for p in params):  # never write a poisoned state
         fail(f"non-finite weights at step {step}; not writing {ckpt_path} (it holds the last good state)")
     ck = dict(models=[{k: v for k, v in m.state_dict().items() if not lora_rank or ".lora_" in k} for m in trained],
-              optimizer=opt.state_dict(), ema=ema_params, step=step, config=config, spent=run.spent,
-              rounds=run.rounds)
+              optimizer=opt.state_dict(), ema=ema_params, step=step, config=config, spent=run.spent, rounds=rounds)
     try:
         with open(ckpt_path + ".tmp", "wb") as f:
             torch.save(ck, f)
@@ -361,6 +363,8 @@ def checkpoint():
             f.flush()
             os.fsync(f.fileno())
         os.replace(ckpt_path + ".tmp", ckpt_path)
+        if str(step) in FAULTS["CRASH_AFTER_STEP"]:
+            os._exit(3)
         return step
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -471,10 +475,9 @@ try:
                 log(f"step {step} | loss {sums[0].float():.6f}{cols} | gnorm {gnorm.item():.3f} | nfe {int(sums[1])} | "
                     f"scored {int(sums[2])} | lr {lr_at(step - 1):.2e} | dt {(time.time() - t0) * 1000:.0f}ms" +
                     (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device == "cuda" else ""))
-        if master and (step % ckpt_interval == 0 or step == steps):
-            saved = checkpoint()
-            if str(step) in FAULTS["CRASH_AFTER_STEP"]:
-                os._exit(3)
+        if step % ckpt_interval == 0 or step == steps:
+            rounds = run.all_rounds()  # every rank's: ddpo's and raft's sampled rounds are each rank's own
+            saved = checkpoint(rounds) if master else saved
         if master and profile:  # where this step's time went
             log(run.profile_line(step, time.time() - t0))
         run.timing.clear()

@@ -8,14 +8,20 @@ final gold G: best-of-n among the same trajectories, the search that sharpening 
     python dev/selection.py                       # the built-in model, sharpen_rlhf's and sharpen_sft's settings
     python dev/selection.py --n_traj=8 --prompts=128
 
-Per algorithm (rlhf: the model's own sample is noised, m = 3; sft: the dataset render, m = 1, as
-config/sharpen_sft.py), over prompts (mean ± SE): `no preference`: prompts whose n path rewards all tie;
+Per algorithm (rlhf: the model's own sample is noised, m = 3, from train.py's start range; sft: the dataset render,
+m = 1, from anywhere in the schedule, as config/sharpen_sft.py), over prompts (mean ± SE): `no preference`: prompts
+whose n path rewards all tie;
 `agree`: P(the selected trajectory has the best final G) against chance (a uniform pick); `selected − mean G`:
 the final gold the selection gains over a uniform pick; `oracle − mean G`: best-of-n's gain among the same
 trajectories; `captured`: their ratio; `best-of-n of independent samples`: its gain among n samples from fresh
 noise (eval.py's best-of-n, the search the comparison is about); `G_w − G_l`: the final gold gap between RLHF's winner and loser (oracle: max − min); `loss_sel −
 loss_mean`: the denoising loss of the base model at the selected trajectories' states minus the mean over all n
 (< 0: the selection picks states the model already denoises well).
+
+What `oracle − mean G` bounds: for rlhf, the final gold that a pick among these trajectories can gain, the room
+its preference pairs have. For sft it bounds nothing that is learned: sharpen_sft's target is the render whichever
+trajectory is selected, so the selection only decides which noise draws (states) the loss sees; G scores the
+trajectories' own outcomes, which sft never trains toward.
 """
 import os
 import sys
@@ -37,7 +43,8 @@ prompts = 256            # train prompts (train.py's prompts 0..prompts-1 of see
 n_traj = 3               # trajectories per prompt (train.py's default)
 m_rlhf = 3               # rolled, scored steps for rlhf (train.py's default) and sft (config/sharpen_sft.py)
 m_sft = 1
-start_range = "0.05:0.45"
+start_range = "0.05:0.45"  # rlhf's start steps (train.py's default: 1..9 of 20)
+start_range_sft = ""     # sft's (config/sharpen_sft.py: the whole schedule)
 num_steps = 20
 agg = "sum"
 seed = 1337
@@ -51,10 +58,10 @@ def gold(pipe, x, prompts_):
 
 
 @torch.no_grad()
-def measure(pipe, algo, m):
+def measure(pipe, algo, m, start):
     """Per prompt: R (n,), G (n,), loss (n,) for `algo` (rlhf | sft), F (n,): the final gold of n samples from
     independent noise (eval.py's best-of-n), and K: the start step. The set-up is train.py's (rollout.py)."""
-    cfg = SimpleNamespace(seed=seed, n_traj=n_traj, m_steps=m, start_range=start_range, num_steps=num_steps,
+    cfg = SimpleNamespace(seed=seed, n_traj=n_traj, m_steps=m, start_range=start, num_steps=num_steps,
                           guidance=1.0, eta=0.0, profile=False)
     run = rollout.Run(cfg, pipe)
     ts, u, n = run.ts, run.uncond, n_traj
@@ -117,7 +124,9 @@ def main():
               (agg not in sharpen.AGGREGATES, f"agg must be one of {sharpen.AGGREGATES}, got {agg!r}"),
               (not 1 <= min(m_rlhf, m_sft) <= max(m_rlhf, m_sft) <= num_steps,
                f"m_rlhf={m_rlhf} and m_sft={m_sft} must be in 1..num_steps={num_steps}"),
-              (rollout.parse_range(start_range) is None, f"start_range={start_range!r}: expected 'a:b', 0 <= a <= b <= 1")]
+              (rollout.parse_range(start_range) is None, f"start_range={start_range!r}: expected 'a:b', 0 <= a <= b <= 1"),
+              (rollout.parse_range(start_range_sft) is None,
+               f"start_range_sft={start_range_sft!r}: expected 'a:b', 0 <= a <= b <= 1 or '' (anywhere)")]
     for bad, msg in checks:
         if bad:
             raise SystemExit(f"error: {msg}")
@@ -125,8 +134,8 @@ def main():
     torch.set_num_threads(threads or os.cpu_count())
     pipe = M.load_model(model)
     cols, by_k = {}, []
-    for algo, m in (("rlhf", m_rlhf), ("sft", m_sft)):
-        R, G, L, F, K = measure(pipe, algo, m)
+    for algo, m, start in (("rlhf", m_rlhf, start_range), ("sft", m_sft, start_range_sft)):
+        R, G, L, F, K = measure(pipe, algo, m, start)
         cols[f"{algo} (n={n_traj}, m={m})"] = summary(R, G, L, F)
         for k in sorted(set(K.tolist())):  # where the trajectories start: how much they still differ
             c, i = summary(R[K == k], G[K == k], L[K == k], F[K == k]), K == k
@@ -134,7 +143,8 @@ def main():
                         f"{c['oracle − mean G'][0]:+.3f} ± {c['oracle − mean G'][1]:.3f} | "
                         f"{c['best-of-n of independent samples − mean'][0]:+.3f} |")
     cell = lambda v: f"{v[0]:.3f}" + ("" if v[1] != v[1] else f" ± {v[1]:.3f}")  # noqa: E731
-    print(f"{prompts} train prompts of seed {seed}, {num_steps} {'Euler' if S.is_flow(pipe) else 'DDIM'} steps, start_range {start_range}, agg {agg}\n")
+    print(f"{prompts} train prompts of seed {seed}, {num_steps} {'Euler' if S.is_flow(pipe) else 'DDIM'} steps, start_range "
+          f"{start_range!r} (rlhf) and {start_range_sft!r} (sft), agg {agg}\n")
     print("| statistic | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for k in next(iter(cols.values())):
         print(f"| {k} | " + " | ".join(cell(c[k]) for c in cols.values()) + " |")
