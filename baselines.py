@@ -109,7 +109,7 @@ def prepare_raft(run, it, micro):
     drops out) is trained on with the plain denoising loss at uniform t, one slice of prompts_per_step a step,
     raft_epochs passes over the pool. raft_replay pretraining scenes a step (the base's data: alt-text captions)
     ride along as the anchor against training on its own samples. count: the prompts kept + the replayed."""
-    c, P, N = run.cfg, run.P, run.cfg.raft_n
+    c = run.cfg
     rnd, sl = raft_round(run, it)
     key = (rnd, micro)
     if key not in run.rounds:
