@@ -1776,7 +1776,7 @@ def test_reproduce_quick_end_to_end_and_resumable():
         for needle in ("| sharpen_rlhf |", "| raft_s2 |", "greedy2", "Three training seeds", "| raft |", "Amortisation",
                        "| sharpen_rlhf n_traj=2 |", "| sharpen_sft lam=inf |", "| sharpen_rlhf − raft |",
                        "| sharpen_sft − sft_steps |", "| --eta=1 |", "Reward hacking", "Selected by gold", "Base model best-of-N",
-                       "What the selection can carry", "| oracle − mean G |"):
+                       "What the selection can carry", "| oracle − mean G |", "| diversity | palette | denoise × |"):
             assert needle in md, needle
         for f in ("convergence.png", "amortisation.png", "reward_vs_nfe.png"):
             assert os.path.getsize(f"{d}/{f}") > 0, f

@@ -295,13 +295,14 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
     md.append("\nAblations, reward hacking and the selection tables: not run yet (dev/reproduce.py adds them).\n"
               if abl is None else "" if not abl_rows else f"\nAblations (each method at {budget} UNet passes with one change from its default "
               "run; Δ: paired differences ± SE over the same images):\n\n| run | gold | Δ vs base ± SE | Δ vs its default "
-              "± SE | binding | counting | spatial | diversity |\n|---|---|---|---|---|---|---|---|\n")
+              "± SE | binding | counting | spatial | diversity | palette | denoise × |\n|---|---|---|---|---|---|---|---|---|---|\n")
     tagged = dict(zip(["base", *(abl or ())], abl_rows or ()))  # "method change" rows are paired with "method"'s
     for tag, r in tagged.items():
         delta = "—" if r["delta"] is None else f"{r['delta']:+.3f} ± {r['delta_se']:.3f}"
         vs = "{:+.3f} ± {:.3f}".format(*paired(r, tagged[tag.split()[0]])) if " " in tag else "—"
         md.append(f"| {tag} | {r['overall']:.3f} | {delta} | {vs} | " + " | ".join(f"{v:.3f}" for v in r["per_skill"].values())
-                  + f" | {r['diversity']:.3f} |\n")
+                  + f" | {r['diversity']:.3f} | " + " | ".join("—" if r.get(k) is None else f"{r[k]:.3f}"  # (fidelity.py;
+                                                           for k in ("palette", "denoise")) + " |\n")  # older runs: —)
     for m, d in (hack or {}).items():
         md.append(f"\nReward hacking ({m} on `{hack_reward}`; held-out, {1 if quick else 2} seeds):\n\n| step | nfe | {hack_reward} | gold |\n|---|---|---|---|\n")
         for step, nfe, g, kv in evals(d):
