@@ -56,24 +56,29 @@ def prepare_scenes(run, it, micro):
     caption_dropout of them empty for CFG), the text encoder trains too; continued: the same captions, the UNet
     alone (the control for "more training"); sft (the plain fine-tuning baseline): exact captions, the UNet alone,
     at uniform t or (sft_t=sampler) at sharpen_sft's noise levels: its start step k per prompt, + j < m."""
-    c, P = run.cfg, run.P
-    images, prompts, web = [], [], c.method in ("pretrain", "continued")
-    first = (micro * run.world + run.rank) * P
-    for i in range(first, first + P):
-        s = run.seed_for("scene", it, i)
-        image, cap = toyworld.sample_scene(s)
-        rng = random.Random(s)
-        if web:
-            cap = toyworld.alt_text(toyworld.parse(cap), rng)[0]
-        images.append(image)
-        prompts.append("" if web and rng.random() < c.caption_dropout else cap)
-    x0 = torch.stack(images).to(run.device) * 2 - 1  # model space: [-1, 1]
+    c, P, first = run.cfg, run.P, (micro * run.world + run.rank) * run.P
+    x0, prompts = scenes(run, [run.seed_for("scene", it, i) for i in range(first, first + P)],
+                         c.method in ("pretrain", "continued"), c.caption_dropout)
     gen = torch.Generator().manual_seed(run.seed_for("t noise", (it * c.grad_accum + micro) * run.world + run.rank))
     t = S.train_timesteps(run.pipe, P, gen).to(run.device)
     if c.method == "sft" and c.sft_t == "sampler":
         g0, j = run.first_index(it, micro), torch.randint(0, c.m_steps, (P,), generator=gen).tolist()
         t = torch.stack([run.ts[k + jj] for k, jj in zip(R.start_steps(range(g0, g0 + P), run.k_range, c.seed), j)])
     return dict(x0=x0, t=t, eps=torch.randn(x0.shape, generator=gen).to(run.device), prompts=prompts, count=P, info={})
+
+
+def scenes(run, seeds, web, dropout=0.0):
+    """Toy-world scenes of seeds -> (x0 (B, 3, H, W) in model space, captions: exact, or (web) the pretraining
+    alt-text drawn from Random(seed), a fraction `dropout` of them "" for CFG)."""
+    images, caps = [], []
+    for s in seeds:
+        image, cap = toyworld.sample_scene(s)
+        rng = random.Random(s)
+        if web:
+            cap = toyworld.alt_text(toyworld.parse(cap), rng)[0]
+        images.append(image)
+        caps.append("" if web and rng.random() < dropout else cap)
+    return torch.stack(images).to(run.device) * 2 - 1, caps  # model space: [-1, 1]
 
 
 def loss_denoising(run, b):
@@ -95,11 +100,10 @@ def new_round(run, key):
 
 
 def raft_round(run, it):
-    """Where step it sits in RAFT's rounds -> (round, slice): a round's pool is raft_pool train prompts (0: one
-    step's), sampled once and visited raft_epochs times, prompts_per_step of them a step (the slice)."""
-    c = run.cfg
-    slices = max(1, c.raft_pool // c.prompts_per_step)
-    return it // (slices * c.raft_epochs), it % slices
+    """Where step it sits in RAFT's rounds -> (round, slice, slices per round): a round's pool is raft_pool train
+    prompts (0: one step's), sampled once and visited raft_epochs times, prompts_per_step of them a step (a slice)."""
+    slices = max(1, run.cfg.raft_pool // run.cfg.prompts_per_step)
+    return it // (slices * run.cfg.raft_epochs), it % slices, slices
 
 
 def prepare_raft(run, it, micro):
@@ -110,11 +114,11 @@ def prepare_raft(run, it, micro):
     raft_epochs passes over the pool. raft_replay pretraining scenes a step (the base's data: alt-text captions)
     ride along as the anchor against training on its own samples. count: the prompts kept + the replayed."""
     c = run.cfg
-    rnd, sl = raft_round(run, it)
+    rnd, sl, slices = raft_round(run, it)
     key = (rnd, micro)
     if key not in run.rounds:
         new_round(run, key)
-        run.rounds[key] = [raft_slice(run, rnd, b, micro) for b in range(max(1, c.raft_pool // c.prompts_per_step))]
+        run.rounds[key] = [raft_slice(run, rnd * slices + b, micro) for b in range(slices)]
     rd = run.rounds[key][sl]
     K = len(rd["prompts"])
     gen = torch.Generator().manual_seed(run.seed_for("t noise", run.first_index(it, micro)))
@@ -126,10 +130,11 @@ def prepare_raft(run, it, micro):
     return b
 
 
-def raft_slice(run, rnd, b, micro):
-    """One slice of a RAFT round's pool on this rank: P prompts x raft_n samples, the selected one of each."""
+def raft_slice(run, q, micro):
+    """Slice q (counted over all rounds) of RAFT's pools on this rank: P prompts x raft_n samples, the selected one
+    of each."""
     c, P, N, ar = run.cfg, run.P, run.cfg.raft_n, torch.arange(run.P)
-    first = rnd * max(c.raft_pool, c.prompts_per_step) + b * c.prompts_per_step + (micro * run.world + run.rank) * P
+    first = q * c.prompts_per_step + (micro * run.world + run.rank) * P
     prompts = [run.train_prompt(g) for g in range(first, first + P)]
     traj, r = R.scored_samples(run, [p for p in prompts for _ in range(N)],
                                [run.seed_for("noise", first, j) for j in range(P * N)])
@@ -145,10 +150,7 @@ def replay(run, b, it, micro):
     """b with this rank's share of raft_replay pretraining scenes appended (alt-text captions, own t and noise)."""
     n = run.cfg.raft_replay // (run.world * run.cfg.grad_accum)
     first = (micro * run.world + run.rank) * n
-    scenes = [toyworld.sample_scene(run.seed_for("replay", it, i)) for i in range(first, first + n)]
-    caps = [toyworld.alt_text(toyworld.parse(cap), random.Random(run.seed_for("replay", it, i)))[0]
-            for (_, cap), i in zip(scenes, range(first, first + n))]
-    x0 = torch.stack([image for image, _ in scenes]).to(run.device) * 2 - 1
+    x0, caps = scenes(run, [run.seed_for("replay", it, i) for i in range(first, first + n)], web=True)
     gen = torch.Generator().manual_seed(run.seed_for("replay noise", it, first))
     t = S.train_timesteps(run.pipe, n, gen).to(run.device)
     eps = torch.randn(x0.shape, generator=gen).to(run.device)
