@@ -14,12 +14,9 @@ import itertools
 import json
 import math
 import multiprocessing
-import multiprocessing.util
-from multiprocessing import resource_tracker
 import os
 import random
 import re
-import runpy
 import shutil
 import signal
 import subprocess
@@ -49,7 +46,7 @@ import rollout  # noqa: E402
 import sample as S  # noqa: E402
 import sharpen  # noqa: E402
 import toyworld  # noqa: E402
-from dev import reproduce, sdconfigs, selection, toyclip  # noqa: E402
+from dev import forkrun, reproduce, sdconfigs, selection, toyclip  # noqa: E402
 from dev.stub_grader import StubGrader  # noqa: E402
 from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline  # noqa
 from diffusers.utils import convert_unet_state_dict_to_peft  # noqa: E402
@@ -71,66 +68,17 @@ except ImportError:
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # 2 CPU ranks (gloo)
 
 
-# Each of our scripts starts by importing torch, diffusers and transformers: 5 s of a 6 s test run on 2 cores. So
-# run() starts `python script.py args` as a process forked from a server that imported them once (multiprocessing's
-# forkserver; the child runs the script as python does, runpy with __name__ "__main__", and exits with its code):
-# a process of its own per run, with its exit code, os._exit and signals, and our modules as imported (none has run).
-# TEST_FORK=0 runs every script as a plain `python` subprocess instead; torchrun runs always are.
-PRELOAD = ["test_all", "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders",
-           "diffusers.schedulers", "transformers.models.clip.modeling_clip", "transformers.models.t5.modeling_t5",
-           "transformers.models.auto.tokenization_auto"]  # test_all: this file and what it imports, which a child
-# imports again as its __main__ (multiprocessing re-imports the parent's main script in every child), all cached:
-# a run that stops at a bad flag takes 30 ms
-_forks = None
-
-
-def _run_script(script, args, env, cwd, out, err):
-    """A forked child: `python script args` in cwd with env, its stdout and stderr into the files out and err."""
-    for fd, path in ((1, out), (2, err)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    os.environ.update(env)
-    os.chdir(cwd)
-    tracker = resource_tracker.ResourceTracker()  # its own, as a process of its own has (tqdm's lock registers there)
-    resource_tracker._resource_tracker = tracker
-    for name in ("ensure_running", "register", "unregister", "getfd"):
-        setattr(resource_tracker, name, getattr(tracker, name))
-    sys.argv, sys.path[0] = [script, *args], os.path.dirname(os.path.abspath(script))  # as `python script` sets them
-    code = 0
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:  # as the interpreter reports it: a message to stderr and 1, else the code
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush(), sys.stderr.flush()
-    multiprocessing.util._exit_function()  # finalizers (tqdm's lock), as the interpreter's exit runs them
-    os._exit(code)
-
-
 def run(*args, ok=True, env=None, cwd=HERE):
     """Run one of our scripts as a user would (env: extra variables) -> (returncode, stdout+stderr). The timeout
-    only stops a hung script: a test checks behaviour, not speed, and CI machines may be busy."""
-    global _forks
+    only stops a hung script: a test checks behaviour, not speed, and CI machines may be busy. The script runs as its
+    own process forked from one that imported the libraries once (dev/forkrun.py); TEST_FORK=0, and torchrun
+    always, as a plain `python` subprocess."""
     if args[0].startswith("-") or os.environ.get("TEST_FORK") == "0":
         p = subprocess.run([sys.executable, *args], cwd=cwd, env=dict(os.environ, **(env or {})), capture_output=True,
                            text=True, timeout=3600)
         code, stdout, stderr = p.returncode, p.stdout, p.stderr
     else:
-        if _forks is None:
-            _forks = multiprocessing.get_context("forkserver")
-            _forks.set_forkserver_preload(PRELOAD)
-        with tempfile.TemporaryDirectory() as d:
-            child = _forks.Process(target=_run_script, args=(args[0], args[1:], env or {}, cwd, f"{d}/out", f"{d}/err"))
-            child.start()
-            child.join(3600)
-            if child.is_alive():
-                child.kill()
-                raise AssertionError(f"{' '.join(args)} still ran after an hour")
-            code, (stdout, stderr) = child.exitcode, (open(p).read() if os.path.exists(p) else f"(no {p}: the fork failed)"
-                                                      for p in (f"{d}/out", f"{d}/err"))
+        code, stdout, stderr = forkrun.forked(args[0], args[1:], env or {}, cwd, "test_all")
     if ok and code != 0:
         raise AssertionError(f"{' '.join(args)} exited {code}:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     return code, stdout + stderr
@@ -1224,11 +1172,12 @@ def assert_two_adam_steps(base, out_dir, lora_rank=0):
     assert first.max() < 1.01 and moved > 0.99, (out_dir, first.max(), moved)  # 10 % off in either lr fails
 
 
-def crash_and_resume(args, d):
-    """A run killed right after its step-2 checkpoint and resumed ends where an uninterrupted run ends."""
+def crash_and_resume(args, d, crash_code=3):
+    """A run killed right after its step-2 checkpoint (exit 3; under torchrun, whose failed worker makes it exit 1)
+    and resumed ends where an uninterrupted run ends."""
     run(*args, f"--out_dir={d}/full")
     code, out = run(*args, f"--out_dir={d}/part", ok=False, env={"TRAIN_CRASH_AFTER_STEP": "2"})
-    assert code == 3 and not os.path.exists(f"{d}/part/model"), out[-1000:]
+    assert code == crash_code and not os.path.exists(f"{d}/part/model"), out[-1000:]
     _, log = run(*args, f"--out_dir={d}/part", "--init_from=resume")
     assert "resumed from" in log and "at step 2" in log and "step 4 |" in log, log
     weights_equal(f"{d}/full/model", f"{d}/part/model")
@@ -1570,15 +1519,9 @@ def test_ddp_raft_resumed_mid_round_equals_uninterrupted():
     checkpoint and resumed, every rank continues with its own half (the checkpoint holds every rank's rounds)
     and the run ends where the uninterrupted one ends."""
     with tempfile.TemporaryDirectory() as d:
-        args = [*TORCHRUN, "train.py", "--method=raft", "--steps=4", "--raft_epochs=4", "--ckpt_interval=1",
-                *SHARPEN_TINY, "--lr=1e-3"]
-        run(*args, f"--out_dir={d}/full")
-        code, out = run(*args, f"--out_dir={d}/part", ok=False, env={"TRAIN_CRASH_AFTER_STEP": "2"})
-        assert code != 0 and torch.load(f"{d}/part/ckpt.pt", weights_only=False)["step"] == 2, out[-1500:]
-        _, log = run(*args, f"--out_dir={d}/part", "--init_from=resume")
-        assert "at step 2" in log, log
+        crash_and_resume([*TORCHRUN, "train.py", "--method=raft", "--steps=4", "--raft_epochs=4", "--ckpt_interval=1",
+                          *SHARPEN_TINY, "--lr=1e-3"], d, crash_code=1)
         assert [s["scored"] for s in step_lines(f"{d}/part")] == [s["scored"] for s in step_lines(f"{d}/full")]
-        weights_equal(f"{d}/full/model", f"{d}/part/model", exact=False, atol=1e-6)
 
 
 def test_ddp_dead_rank_stops_the_run():
