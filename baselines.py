@@ -21,7 +21,6 @@ import rollout as R
 import models as M
 import sample as S
 import sharpen
-import toyworld
 
 # -----------------------------------------------------------------------------
 # ddpo's equations
@@ -57,7 +56,7 @@ def prepare_scenes(run, it, micro):
     alone (the control for "more training"); sft (the plain fine-tuning baseline): exact captions, the UNet alone,
     at uniform t or (sft_t=sampler) at sharpen_sft's noise levels: its start step k per prompt, + j < m."""
     c, P, first = run.cfg, run.P, (micro * run.world + run.rank) * run.P
-    x0, prompts = scenes(run, [run.seed_for("scene", it, i) for i in range(first, first + P)],
+    x0, prompts = R.scenes(run, [run.seed_for("scene", it, i) for i in range(first, first + P)],
                          c.method in ("pretrain", "continued"), c.caption_dropout)
     gen = torch.Generator().manual_seed(run.seed_for("t noise", (it * c.grad_accum + micro) * run.world + run.rank))
     t = S.train_timesteps(run.pipe, P, gen).to(run.device)
@@ -65,20 +64,6 @@ def prepare_scenes(run, it, micro):
         g0, j = run.first_index(it, micro), torch.randint(0, c.m_steps, (P,), generator=gen).tolist()
         t = torch.stack([run.ts[k + jj] for k, jj in zip(R.start_steps(range(g0, g0 + P), run.k_range, c.seed), j)])
     return dict(x0=x0, t=t, eps=torch.randn(x0.shape, generator=gen).to(run.device), prompts=prompts, count=P, info={})
-
-
-def scenes(run, seeds, web, dropout=0.0):
-    """Toy-world scenes of seeds -> (x0 (B, 3, H, W) in model space, captions: exact, or (web) the pretraining
-    alt-text drawn from Random(seed), a fraction `dropout` of them "" for CFG)."""
-    images, caps = [], []
-    for s in seeds:
-        image, cap = toyworld.sample_scene(s)
-        rng = random.Random(s)
-        if web:
-            cap = toyworld.alt_text(toyworld.parse(cap), rng)[0]
-        images.append(image)
-        caps.append("" if web and rng.random() < dropout else cap)
-    return torch.stack(images).to(run.device) * 2 - 1, caps  # model space: [-1, 1]
 
 
 def loss_denoising(run, b):
@@ -150,7 +135,7 @@ def replay(run, b, it, micro):
     """b with this rank's share of raft_replay pretraining scenes appended (alt-text captions, own t and noise)."""
     n = run.cfg.raft_replay // (run.world * run.cfg.grad_accum)
     first = (micro * run.world + run.rank) * n
-    x0, caps = scenes(run, [run.seed_for("replay", it, i) for i in range(first, first + n)], web=True)
+    x0, caps = R.scenes(run, [run.seed_for("replay", it, i) for i in range(first, first + n)], web=True)
     gen = torch.Generator().manual_seed(run.seed_for("replay noise", it, first))
     t = S.train_timesteps(run.pipe, n, gen).to(run.device)
     eps = torch.randn(x0.shape, generator=gen).to(run.device)

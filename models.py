@@ -173,8 +173,8 @@ COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae", "text_enc
 def save_model(pipe, folder, lora=None):
     """The pipe as a diffusers-style folder that load_model reads back bit-exactly, every component copied in,
     and with a VAE a complete diffusers pipeline (model_index.json: StableDiffusion[XL|3]Pipeline or FluxPipeline,
-    its scheduler, SDXL's uncond convention). The pixel-space toy model gets none: StableDiffusionPipeline would run it without a VAE
-    (vae=None, output_type="latent"), but it turns clip_sample off, and the toy model's DDIM clips x0.
+    its scheduler, SDXL's uncond convention). The pixel-space toy model gets none: it has no VAE for a diffusers
+    pipeline to decode with.
     lora: {name: tensor}, written as pytorch_lora_weights.safetensors (lora.diffusers_state_dict).
     Written beside the target and renamed into place: a crash never leaves a half-written folder."""
     import shutil

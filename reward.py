@@ -67,7 +67,7 @@ def _check(images, prompts):
 # compositional: the exact judge. Each constraint a caption makes is worth the same partial credit:
 #   single   "a red circle"                     object present
 #   binding  "a red circle and a blue square"   each object present (right colour on the right shape)
-#   counting "three green triangles"            object present, exact count
+#   counting "three green triangles"            object present, exact count ("green triangles": two or more)
 #   spatial  "a red circle left of a blue sq."  each object present, relation holds for some pair
 
 def constraints(spec, objects):
@@ -78,7 +78,7 @@ def constraints(spec, objects):
         centres.append([(o["cx"], o["cy"]) for o in found])
         out[f"present:{colour} {shape}"] = float(len(found) > 0)
         if spec.skill == "counting":
-            out[f"count:{n} {colour} {shape}"] = float(len(found) == n)
+            out[f"count:{n or '2+'} {colour} {shape}"] = float(len(found) == n if n else len(found) >= 2)
     if spec.skill == "spatial":  # some pair whose relation's axis dominates (toyworld's own test)
         out[f"relation:{spec.relation}"] = float(any(toyworld.relation_ok(spec.relation, a, b)
                                                      for a in centres[0] for b in centres[1]))

@@ -38,7 +38,7 @@ def seed_for(seed, purpose, a, b=0):
             "noise": (seed * 1_000_003 + a) * 64 + b, "sample": seed * 31 + a, "render": seed + a,
             "t noise": seed * 7919 + a, "pool": seed * 7 + a, "pool prompts": seed * 99991,
             "ddpo t": seed + a * 131 + b, "replay": (seed * 1_000_033 + a) * 4096 + b,
-            "replay noise": (seed * 7927 + a) * 4096 + b}[purpose]
+            "replay noise": (seed * 7927 + a) * 4096 + b, "alttext": (seed * 1_000_037 + a) * 4096 + b}[purpose]
 
 
 def parse_range(start_range):
@@ -76,7 +76,8 @@ def planned_nfe(c, family="sd"):
     does (run.spent, the `nfe` log column)."""
     g, P, n, m, T = S.passes_per_call(c.guidance, family), c.prompts_per_step, c.n_traj, c.m_steps, c.num_steps
     return {"pretrain": 3 * c.batch_size, "sft": 3 * P, "continued": 3 * P,
-            "sharpen_sft": P * (n * m * g + 3 * (1 if c.lam == 0 else n) * m),  # rollouts + selected, with grad
+            "sharpen_sft": P * (n * m * g + 3 * (1 if c.lam == 0 else n) * m  # rollouts + selected, with grad
+                                + n * g * (T - m - sum(step_range(c.start_range, T, m)) / 2) * (c.sft_target == "final")),
             "sharpen_rlhf": P * (T * g + n * m * g + 3 * 2 * m + 2 * m),  # sample, rollouts, w/l x policy/ref
             "diffusion_dpo": P * (3 * 2 + 2),  # winner and loser through policy and reference (+ the pool, once)
             "ddpo": P * n * (T * g / c.ppo_epochs + 3 * ddpo_steps(c) * g),  # a round serves ppo_epochs steps
@@ -221,6 +222,20 @@ class Run:
 # -----------------------------------------------------------------------------
 # the rollout helpers
 
+def scenes(run, seeds, web, dropout=0.0):
+    """Toy-world scenes of seeds -> (x0 (B, 3, H, W) in model space, captions: exact, or (web) the pretraining
+    alt-text drawn from Random(seed), a fraction `dropout` of them "" for CFG)."""
+    images, caps = [], []
+    for s in seeds:
+        image, cap = toyworld.sample_scene(s)
+        rng = random.Random(s)
+        if web:
+            cap = toyworld.alt_text(toyworld.parse(cap), rng)[0]
+        images.append(image)
+        caps.append("" if web and rng.random() < dropout else cap)
+    return torch.stack(images).to(run.device) * 2 - 1, caps  # model space: [-1, 1]
+
+
 def renders(run, prompts, gidx):
     """Algorithm 1's dataset images of prompts (global indices gidx), in the model's clean space: toy-world renders."""
     images = [toyworld.render(toyworld.parse(p), np.random.default_rng(run.seed_for("render", g)))[0]
@@ -264,7 +279,18 @@ def roll(run, prompts, gidx, cond, x0):
     last = r[:, :, -1]
     info = dict(reward=last.nanmean().item(), reward_std=last[last.isfinite()].std().nan_to_num(0).item(),
                 failed=(~r.isfinite()).float().mean().item())
-    return dict(r=r, traj=traj, x_t=x_t, tsn=tsn, condn=condn, gens=gens, eps0=eps0, x0n=x0n, info=info)
+    return dict(r=r, traj=traj, x_t=x_t, tsn=tsn, condn=condn, gens=gens, eps0=eps0, x0n=x0n, ks=ks, info=info)
+
+
+def finals(run, b):
+    """Each trajectory of roll's b sampled on from its last state to the end of the schedule, without a graph:
+    its own final image (P*n, C, H, W), which depends on what the trajectory did (counted, as every pass)."""
+    c, n, x = run.cfg, run.cfg.n_traj, b["traj"].x_final.clone()
+    for k in sorted(set(b["ks"])):  # the rows that start at step k share the rest of the schedule
+        rows = [p * n + j for p, kk in enumerate(b["ks"]) if kk == k for j in range(n)]
+        x[rows] = S.rollout(run.pipe, x[rows], run.ts[k + c.m_steps:], b["condn"][rows], run.uncond, c.guidance,
+                            c.eta, [b["gens"][i] for i in rows], record=False)
+    return x
 
 
 def recompute(run, b, rows, net):

@@ -9,6 +9,8 @@ r_jk is the reward of trajectory j's x0 prediction at step k, e_jk its per-pixel
     L_RLHF = -E_c log sigma(-beta/2 [(e_w - e_l) - (e_w^ref - e_l^ref)] - (R_w - R_l))     (Eq. 11)
 with e_j = 1/m sum_k e_jk and w, l = argmax, argmin of R: Diffusion-DPO (arXiv 2311.12908) between a
 prompt's best and worst trajectory. Rewards and weights are constants: everything here detaches them.
+sft_weights=step takes Eq. 9's softmax over every trajectory of the optimizer step instead of each prompt's:
+w_pj = exp(R_pj / lam) / sum_{p'j'} exp(R_p'j' / lam), so that a reward can weigh prompts (data pairs) too.
 
 Provenance: semantics checked against Gen-Verse/Diffusion-Sharpening train_{sft,rlhf}_diffusion_sharpen_sdxl.py
 and Diffusion-DPO's train.py (differences noted where they matter); no code copied.
@@ -67,6 +69,21 @@ def trajectory_weights(rewards, lam, normalize=False, eps=1e-6):
     if math.isinf(lam):
         return ok.to(R.dtype) / cnt.clamp_min(1)
     return torch.softmax(R / lam, dim=1).nan_to_num(0.0)
+
+
+@torch.no_grad()
+def step_weights(rewards, lam, top):
+    """Path-integral weights across prompts (sft_weights=step): u_pj = exp((R_pj - top) / lam), (P, n) -> (P, n) in
+    float64, unnormalised; the method divides by their sum over every trajectory of the optimizer step (all prompts,
+    micro-steps and ranks: train.py's count), so that w = softmax(R / lam) over the whole step. top (the path
+    reward's largest value) is a constant that cancels there and keeps exp in range. lam = inf: u = 1 (uniform
+    over the step); 0 < lam required. Non-finite rewards get weight 0."""
+    lam = float(lam)
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0 for weights across a step (0 would keep one trajectory), got {lam}")
+    R = rewards.detach().double()
+    u = torch.ones_like(R) if math.isinf(lam) else torch.exp((R - top) / lam)
+    return torch.where(torch.isfinite(R), u, torch.zeros_like(u))
 
 
 def select_rows(weights):
@@ -168,17 +185,24 @@ def rlhf_loss(mse_w, mse_l, ref_mse_w, ref_mse_l, R_w, R_l, beta, reward_in_sigm
 
 def rolled(run, gidx):
     """Algorithms 1 and 2 up to the trajectory rewards for the prompts of global indices gidx: each prompt's image
-    (Alg. 1, sharpen_sft: a dataset render; Alg. 2, sharpen_rlhf: the model's own sample) is noised to a start step
-    drawn per prompt, and n trajectories roll m scored steps from there (rollout.roll). Adds R (P, n) (Eq. 8) and
-    the exact per-step targets (P*n, m, C, H, W): towards the image that was noised or (sharpen_rlhf,
-    dpo_target=outcome) towards each trajectory's own last x0 prediction, so winner and loser differ in it."""
-    c = run.cfg
-    prompts = [run.train_prompt(g) for g in gidx]
+    (Alg. 1, sharpen_sft: a dataset render, or sft_data=alttext a pretraining scene with its alt-text caption as the
+    prompt; Alg. 2, sharpen_rlhf: the model's own sample) is noised to a start step drawn per prompt, and n
+    trajectories roll m scored steps from there (rollout.roll). Adds R (P, n) (Eq. 8) and the exact per-step targets
+    (P*n, m, C, H, W): towards the image that was noised, or (sharpen_rlhf, dpo_target=outcome) each trajectory's own
+    last x0 prediction, so winner and loser differ in it, or (sharpen_sft, sft_target=final) each trajectory's own
+    final image, sampled on to the end: then what the selection picks is what is learned."""
+    c, sft = run.cfg, run.cfg.method == "sharpen_sft"
+    if sft and c.sft_data == "alttext":  # the pretraining pairs: scenes with their web-like, often wrong captions
+        x0, prompts = R.scenes(run, [run.seed_for("alttext", g) for g in gidx], web=True)
+    else:
+        prompts = [run.train_prompt(g) for g in gidx]
     cond = M.encode(run.pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
-    x0 = R.renders(run, prompts, gidx) if c.method == "sharpen_sft" else R.own_samples(run, cond, gidx)
+    if not (sft and c.sft_data == "alttext"):
+        x0 = R.renders(run, prompts, gidx) if sft else R.own_samples(run, cond, gidx)
     b = R.roll(run, prompts, gidx, cond, x0)
     traj, outcome = b["traj"], c.method == "sharpen_rlhf" and c.dpo_target == "outcome"
-    target = S.state_targets(run.pipe, traj, traj.x0_pred[:, -1] if outcome else b["x0n"])[0]
+    aim = traj.x0_pred[:, -1] if outcome else R.finals(run, b) if c.sft_target == "final" else b["x0n"]
+    target = S.state_targets(run.pipe, traj, aim)[0]
     if c.sft_target == "official":
         target = S.param_target(run.pipe, official_eps_target(b["eps0"], c.m_steps).flatten(0, 1),
                                 b["x0n"].repeat_interleave(c.m_steps, 0), traj.t.flatten()).view_as(target)
@@ -198,17 +222,25 @@ def exact_target_warning(run):
 
 
 def prepare_sharpen_sft(run, it, micro):
-    """Algorithm 1: the trajectories that the path-integral weights select (Eq. 9); count: the prompts with a
-    scored trajectory."""
+    """Algorithm 1: the trajectories that the path-integral weights select (Eq. 9), each prompt's softmax, or
+    (sft_weights=step) one softmax over the optimizer step's trajectories (step_weights); count: the prompts with a
+    scored trajectory, or the sum of the step's unnormalised weights on this rank and micro-step."""
+    c = run.cfg
     b = rolled(run, run.prompt_range(it, micro))
-    w = trajectory_weights(b["R"], run.cfg.lam, run.cfg.normalize)
+    if c.sft_weights == "step":
+        u = step_weights(b["R"], c.lam, c.m_steps if c.agg == "sum" and c.score_steps == "all" else 1)
+        w, count = u.float(), u.sum().item()
+    else:
+        w = trajectory_weights(b["R"], c.lam, c.normalize)
+        count = int((w.sum(1) > 0).sum())
     p_idx, n_idx = select_rows(w)  # only trajectories with w > 0 need a forward
-    return dict(b, w=w, sel=(p_idx, n_idx), rows=p_idx * run.cfg.n_traj + n_idx, count=int((w.sum(1) > 0).sum()),
-                info=dict(b["info"], w_max=w.max(1).values.mean().item()))
+    return dict(b, w=w, sel=(p_idx, n_idx), rows=p_idx * c.n_traj + n_idx, count=count,
+                info=dict(b["info"], w_max=(w.max(1).values / w.sum(1).clamp_min(1e-30)).mean().item()))
 
 
 def loss_sharpen_sft(run, b):
-    """Eq. 9's weighted denoising loss, as a mean over the prompts with a scored trajectory."""
+    """Eq. 9's weighted denoising loss, as a mean over the prompts with a scored trajectory (sft_weights=step: the
+    sum of u e over this batch's sum of u; train.py's count scaling makes it the step's softmax-weighted sum)."""
     pred = R.recompute(run, b, b["rows"], run.net)
     return sft_loss(pred, b["target"][b["rows"]], b["w"], rows=b["sel"]) * (len(b["w"]) / b["count"]), b["info"]
 

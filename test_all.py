@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from unittest import mock
@@ -150,9 +151,10 @@ def test_caption_round_trip_every_form():
     for s in specs:
         assert toyworld.parse(toyworld.caption(s)) == s, s
     for text in ["three green triangles", "a red circle left of a blue square", "a red circle and a blue square",
-                 "a cyan square", "a yellow circle below a magenta triangle"]:
+                 "a cyan square", "a yellow circle below a magenta triangle", "green triangles"]:
         assert toyworld.caption(toyworld.parse(text)) == text
-    for bad in ["two red circle", "a purple circle", "a red circle near a blue square", ""]:
+    assert toyworld.parse("green triangles") == toyworld.Spec("counting", ((0, "green", "triangle"),))  # 2 or more
+    for bad in ["two red circle", "a purple circle", "a red circle near a blue square", "", "red circle", "a red"]:
         raises(lambda: toyworld.parse(bad), repr(bad))
 
 
@@ -218,9 +220,11 @@ def test_compositional_reward_one_on_renders_lower_on_any_swap():
                           ("a red circle and a blue square", "a red triangle and a blue square"),
                           ("three green triangles", "two green triangles"),
                           ("a red circle left of a blue square", "a red circle right of a blue square"),
-                          ("a red circle above a blue square", "a red circle below a blue square")]:
+                          ("a red circle above a blue square", "a red circle below a blue square"),
+                          ("three green triangles", "three green circles"), ("a green triangle", "green triangles")]:
         r, _ = fn(scene(true)[0].repeat(2, 1, 1, 1), [true, swapped])
         assert r[0] == 1 and r[1] < 1, swapped
+    assert fn(scene("three green triangles")[0], ["green triangles"])[0].item() == 1  # a count-less plural: 2 or more
     raises(lambda: fn(torch.rand(2, 3, 32, 32), ["a red circle"]), "2 images but 1 prompts")
     raises(lambda: fn(torch.rand(2, 32, 32), ["x", "y"]), "(B,3,H,W)")
     raises(lambda: reward.make_reward("nope"), "compositional")
@@ -946,9 +950,9 @@ def test_config_file_then_overrides():
         assert "\n" not in err, err
 
 
-def dry_run(path, cwd):
-    """python train.py PATH --dry_run from cwd -> the config it resolved, {key: value} (it loads no model)."""
-    code, out = run(os.path.join(HERE, "train.py"), path, "--dry_run", ok=False, cwd=cwd)
+def dry_run(path, cwd, *flags):
+    """python train.py PATH [flags] --dry_run from cwd -> the config it resolved, {key: value} (it loads no model)."""
+    code, out = run(os.path.join(HERE, "train.py"), path, *flags, "--dry_run", ok=False, cwd=cwd)
     assert code == 0, f"{path}: {out.strip().splitlines()[-1:]}"
     line = next(l for l in out.splitlines() if l.startswith("config "))
     return {k: ast.literal_eval(v) for k, v in re.findall(r"(\w+)=('[^']*'|\S+)", line[len("config "):])}
@@ -1289,6 +1293,9 @@ def test_train_bad_input_one_line():
                              (["--method=raft", "--raft_replay=-1"], "raft_replay must be >= 0"),
                              (["--raft_replay=4"], "sharpen_rlhf does not use them"),
                              (["--method=raft", "--raft_select=worst"], "raft_select must be"),
+                             (["--method=raft", "--sft_data=alttext"], "raft does not use them"),
+                             (["--method=sharpen_sft", "--sft_weights=step"], "sft_weights=step needs 0 < lam"),
+                             (["--method=sharpen_sft", "--sft_data=web"], "sft_data must be"),
                              (["--method=ddpo", "--num_steps=1", "--m_steps=1"], "ddpo needs num_steps >= 2"),
                              (["--model=assets/toy-flow-model", "--method=ddpo"], "is a flow-matching model")]:
             if "cuda" not in args[0] or not torch.cuda.is_available():
@@ -1363,6 +1370,47 @@ def test_sharpen_options_change_the_first_step_as_documented():
         assert abs(start["gnorm"] - outcome["gnorm"]) > 1e-3 * start["gnorm"], (start, outcome)
         noisy, clean = (first_step(f"{d}/{v}", "--reward=toyclip", f"--start_range={v}:{v}") for v in (0, 0.5))
         assert noisy["reward"] < clean["reward"], (noisy, clean)
+
+
+def test_sharpen_sft_alttext_step_weights_and_final_targets_by_hand():
+    """Selection that can carry information. step_weights: exp((R - top) / lam), NaN 0, normalised over the step a
+    softmax of every finite trajectory; inf uniform; lam 0 an error. train.py's first loss with the alt-text pairs
+    (the scenes' web captions as prompts), weights across the step (lam 0.3) and each trajectory's own final image as
+    its target equals the hand computation: each trajectory sampled from its start state to the end on its own,
+    sum_pj u_pj mse_pj / sum u. Planned = counted UNet passes with the start step pinned (the plan: its mean)."""
+    R = torch.tensor([[0.2, 0.9], [0.5, float("nan")]])
+    u = sharpen.step_weights(R, 0.5, top=1.0)
+    soft = torch.softmax(torch.tensor([0.2, 0.9, 0.5], dtype=torch.float64) / 0.5, 0)
+    assert u[1, 1] == 0 and torch.allclose((u / u.sum()).flatten()[:3], soft) and u.max() <= 1, u
+    assert torch.equal(sharpen.step_weights(R, math.inf, 1.0), torch.tensor([[1, 1], [1, 0]], dtype=torch.float64))
+    raises(lambda: sharpen.step_weights(R, 0.0, 1.0), "lam must be > 0")
+    flags = ["--method=sharpen_sft", "--sft_data=alttext", "--sft_weights=step", "--lam=0.3", "--sft_target=final"]
+    with tempfile.TemporaryDirectory() as d:
+        line, pinned = two_at_a_time([(first_step, f"{d}/a", *flags),
+                                      (first_step, f"{d}/b", *flags, "--start_range=0.25:0.25")])
+    cfg = dry_run(flags[0], HERE, *flags[1:], *SHARPEN_TINY)
+    assert 4 * (2 * 2 + 3 * 2 * 2 + 2 * (4 - 2 - 1)) == pinned["nfe"], pinned  # rollouts, grad, the rest of 1 step
+    pipe = M.load_model(M.TOY_MODEL)
+    run_ = rollout.Run(types.SimpleNamespace(**cfg), pipe, reward_fn=reward.make_reward("compositional"), P=4, per_step=4)
+    with torch.no_grad():
+        b = sharpen.rolled(run_, range(4))
+        x0, prompts = rollout.scenes(run_, [run_.seed_for("alttext", g) for g in range(4)], web=True)
+        assert prompts != [run_.train_prompt(g) for g in range(4)] and torch.equal(b["x0n"][::2], x0), prompts
+        ts, traj, total, norm = run_.ts, b["traj"], 0.0, 0.0
+        u = torch.exp((b["R"].double() - 2) / 0.3)  # top: m = 2 steps of rewards <= 1
+        cond = M.encode(pipe, prompts)
+        for p in range(4):
+            k = rollout.start_steps([p], run_.k_range, cfg["seed"])[0]
+            for j in range(2):
+                i = 2 * p + j
+                end = S.rollout(pipe, b["x_t"][i:i + 1], ts[k:], cond[p:p + 1], run_.uncond, record=False)
+                err = 0.0
+                for s in range(2):
+                    x, t = traj.x[i:i + 1, s], ts[k + s].view(1)
+                    out = M.unet_call(pipe, pipe.unet, x, t, cond[p:p + 1])
+                    err += ((out - S.training_target(pipe, x, end, t)[0]) ** 2).mean().item() / 2
+                total, norm = total + u[p, j].item() * err, norm + u[p, j].item()
+    assert abs(line["loss"] - total / norm) <= 1e-5 * max(1.0, total / norm), (line["loss"], total / norm)
 
 
 def raft_first_loss(seed=1337, P=4, N=4, num_steps=4, first=False):
@@ -1472,6 +1520,12 @@ def test_ddp_two_ranks_and_grad_accum_equal_one_rank():
             # tenth of one step (lr 1e-3); a missing gradient sync differs by whole steps
             weights_equal(f"{d}/one/model", f"{d}/two{accum}/model", exact=False, atol=1e-4, why=f"grad_accum {accum}")
         assert len(syncs[1]) == 2 and syncs[2] == syncs[1], syncs  # without no_sync: more with grad_accum = 2
+        # one softmax over the whole step's trajectories (sft_weights=step), alt-text pairs, final-image targets
+        step = ["train.py", "--method=sharpen_sft", "--steps=2", "--lam=0.3", "--sft_weights=step", "--sft_data=alttext",
+                "--sft_target=final", *SHARPEN_TINY]
+        run(*step, f"--out_dir={d}/step1")
+        run(*TORCHRUN, *step, "--grad_accum=2", f"--out_dir={d}/step2")
+        weights_equal(f"{d}/step1/model", f"{d}/step2/model", exact=False, atol=1e-4, why="sft_weights=step")
 
 
 def test_ddp_ties_on_one_rank_equal_one_rank():
@@ -1686,7 +1740,7 @@ def test_sampler_fidelity_script_compares_three_samplers():
     rows = {l.split(" | ")[0][2:]: l.split(" | ") for l in out.splitlines() if l.startswith("| clip") or l.startswith("| noclip")}
     assert set(rows) == {"clip", "clip_eps", "noclip"} and rows["clip"][2] == "+0.0000 ± 0.0000", out
     assert float(rows["noclip"][3]) < float(rows["clip"][3]), out
-    assert_one_line_error("clip_sample true", "dev/sampler_fidelity.py", f"--model={os.path.join(HERE, 'assets', 'toy-flow-model')}")
+    assert_one_line_error("flow-matching model", "dev/sampler_fidelity.py", f"--model={os.path.join(HERE, 'assets', 'toy-flow-model')}")
 
 
 def test_eval_cli_two_models_and_search():

@@ -47,7 +47,7 @@ class Spec:
 # captions <-> specs
 
 def caption(spec):
-    parts = [f"{NUMBERS[n]} {c} {s}" + ("s" if n > 1 else "") for n, c, s in spec.items]
+    parts = [(f"{NUMBERS[n]} " if n else "") + f"{c} {s}" + ("s" if n != 1 else "") for n, c, s in spec.items]
     if spec.skill == "spatial":
         return f"{parts[0]} {spec.relation} {parts[1]}"
     return " and ".join(parts)
@@ -58,10 +58,11 @@ def parse(text):
     words = text.strip().lower().split()
     def phrase(ws):
         number = {v: k for k, v in NUMBERS.items()}
-        if len(ws) != 3 or ws[0] not in number or ws[1] not in COLORS:
+        ws = ["some", *ws] if len(ws) == 2 else ws  # a plural without a number (alt-text's "red circles"): n = 0, 2+
+        if len(ws) != 3 or ws[0] not in {**number, "some": 0} or ws[1] not in COLORS:
             raise ValueError(f"not a toy-world caption: {text!r}")
-        n, shape = number[ws[0]], ws[2]
-        if n > 1:
+        n, shape = {**number, "some": 0}[ws[0]], ws[2]
+        if n != 1:
             shape = shape[:-1] if shape.endswith("s") else "?"
         if shape not in SHAPES:
             raise ValueError(f"not a toy-world caption: {text!r}")
@@ -75,7 +76,7 @@ def parse(text):
         i = words.index("and")
         return Spec("binding", (phrase(words[:i]), phrase(words[i + 1:])))
     item = phrase(words)
-    return Spec("counting" if item[0] > 1 else "single", (item,))
+    return Spec("counting" if item[0] != 1 else "single", (item,))
 
 
 def all_specs():
@@ -325,6 +326,6 @@ def new_toy_model(seed=0, flow=False):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8)  # cross-attention at 8x8 only: half the cost
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0) if flow else DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
         prediction_type="v_prediction", timestep_spacing="trailing", set_alpha_to_one=True)
     return Pipe(unet, text_encoder.eval().requires_grad_(False), tokenizer, scheduler)

@@ -52,7 +52,9 @@ agg = "sum"              # trajectory reward: sum (Eq. 8; Eq. 11's gap R_w - R_l
 lam = 0.0                # path-integral temperature: 0 = argmax (the paper), inf = uniform
 normalize = False        # z-score each prompt's trajectory rewards before the softmax
 sft_t = "uniform"        # sft: noise levels: uniform (all timesteps) | sampler (DDIM steps as sharpen_sft's: start_range, m_steps)
-sft_target = "exact"     # exact: eps from the noised x0 at every step | official: the first eps reused
+sft_target = "exact"     # exact (to the noised x0) | official (the first eps reused) | final (sharpen_sft: its own end)
+sft_data = "render"      # sharpen_sft's pairs: render (exact captions) | alttext (pretraining scenes, their web captions)
+sft_weights = "prompt"   # sharpen_sft's softmax: over each prompt's trajectories (Eq. 9) | step (all of a step's, lam > 0)
 dpo_target = "outcome"   # sharpen_rlhf's targets: outcome (each trajectory's last x0 prediction: winner and loser aim apart) | start
 chain_grad = False       # backprop through the chain of m steps (the official code) instead of per step
 beta = 5000.0            # Diffusion-DPO beta (the 1/2 inside: beta = 2 * official beta_dpo); 2 and 500 collapsed the toy model
@@ -148,9 +150,9 @@ CHECKS = [
     (method not in METHODS, f"unknown method {method!r} (known: {', '.join(METHODS)})"),
     *[(globals()[k] not in v, f"{k} must be {' or '.join(map(repr, v))}, got {globals()[k]!r}") for k, v in (
         ("init_from", ("scratch", "resume")), ("dtype", tuple(DTYPES)), ("dpo_target", ("start", "outcome")),
-        ("sft_target", ("exact", "official")), ("score_steps", ("all", "last")), ("sft_t", ("uniform", "sampler")),
+        ("sft_target", ("exact", "official", "final")), ("score_steps", ("all", "last")), ("sft_t", ("uniform", "sampler")),
         ("agg", sharpen.AGGREGATES), ("uncond_embed", ("auto", "zeros", "empty")), ("device", ("cpu", "cuda")),
-        ("raft_select", ("best", "first")))],
+        ("raft_select", ("best", "first")), ("sft_data", ("render", "alttext")), ("sft_weights", ("prompt", "step")))],
     (not eval_split or bool(set(eval_split.split(",")) - {"heldout", "train"}),
      f"eval_split must be 'heldout', 'train' or both comma-separated, got {eval_split!r}"),
     *[within(k, 1) for k in ("steps", "prompts_per_step", "batch_size", "grad_accum", "n_traj", "m_steps", "num_steps",
@@ -180,9 +182,12 @@ CHECKS = [
      f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}"),
     (flow and not pretrain, "--flow builds a fresh flow toy model to pretrain (--method=pretrain); to train a flow "
                             "model, pass its folder with --model"),
-    (method != "sharpen_sft" and (lam != 0 or normalize),  # an ablation that silently changed nothing
-     f"lam={lam} normalize={normalize}: the path-integral weights (Eq. 9) select sharpen_sft's trajectories; "
-     f"{method} does not use them (sharpen_rlhf trains each prompt's best vs worst trajectory, Eq. 11)"),
+    (method != "sharpen_sft" and (lam != 0 or normalize or (sft_data, sft_weights) != ("render", "prompt") or
+                                  sft_target == "final"),  # an ablation that silently changed nothing
+     f"lam, normalize, sft_data, sft_weights, sft_target=final are sharpen_sft's (Eq. 9's weights, its data); {method} "
+     "does not use them (sharpen_rlhf trains each prompt's best vs worst trajectory, Eq. 11)"),
+    (sft_weights == "step" and (lam == 0 or normalize), f"sft_weights=step needs 0 < lam (0 keeps one trajectory of "
+     f"the whole step) and no normalize, got lam={lam} normalize={normalize}"),
     (method == "sharpen_rlhf" and sft_target == "official" and dpo_target != "start",
      "--sft_target=official reuses the first noise, aimed at the sample that was noised: with sharpen_rlhf it needs "
      "--dpo_target=start (the outcome targets are exact by construction)"),
@@ -301,13 +306,12 @@ run.net = torch.compile(nets[0]) if compile else nets[0]
 run.text_net = nets[1] if pretrain else None
 scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
 prepare, loss_of = METHODS[method]
-if master and method == "sharpen_sft" and sharpen.exact_target_warning(run):
-    print(sharpen.exact_target_warning(run))
+if master and method == "sharpen_sft" and (warning := sharpen.exact_target_warning(run)):
+    print(warning)
 
-def lr_at(it):
-    if it < warmup:
-        return lr * (it + 1) / warmup
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, steps - warmup))))
+def lr_at(it):  # linear warmup, then cosine decay to lr/10
+    return lr * (it + 1) / warmup if it < warmup else \
+        lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, steps - warmup))))
 
 # -----------------------------------------------------------------------------
 # export, evaluation, logging, checkpoints
@@ -400,27 +404,24 @@ try:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
-        # first every micro-step's sampling, scoring and selection (no graph), then the count of what they train on
-        # over all ranks and micro-steps, so that the loss is one mean over the whole optimizer step
+        # every micro-step's sampling, scoring, selection (no graph), then the count over ranks and micro-steps: one mean
         with run.amp():
             batches = [prepare(run, step, micro) for micro in range(grad_accum)]
-        units = torch.tensor([float(sum(b["count"] for b in batches)), float(sum(b["count"] == 0 for b in batches))])
-        if ddp:
-            torch.distributed.all_reduce(units)  # [pairs or items, rank-micro-steps with none], every rank, every step
-        kept, idle_micro = int(units[0].item()), int(units[1].item())
+        units = torch.tensor([sum(b["count"] for b in batches), sum(b["count"] == 0 for b in batches)], dtype=torch.float64)
+        if ddp:  # [pairs, items or (sft_weights=step) weights; rank-micro-steps with none], every rank, every step
+            torch.distributed.all_reduce(units)
+        kept, idle_micro = units[0].item(), int(units[1].item())
         infos, step_loss = [], 0.0
         for micro, b in enumerate(batches):
             with contextlib.ExitStack() as no_sync:  # DDP all-reduces only on the last micro-step
-                if ddp and micro < grad_accum - 1:
-                    for net in nets:
-                        no_sync.enter_context(net.no_sync())
+                for net in nets if ddp and micro < grad_accum - 1 else []:
+                    no_sync.enter_context(net.no_sync())
                 with run.amp():
                     loss, info = loss_of(run, b) if b["count"] else (run.idle_loss(), b["info"])
                 if str(step + 1) in FAULTS["NAN_STEPS"]:
                     loss = loss * float("nan")
-                # DDP averages gradients over ranks: this weight makes the sum over ranks and micro-steps
-                # sum_pairs loss_pair / (pairs in the whole step), whatever each rank kept
-                scale = b["count"] * world / max(kept, 1)
+                # DDP averages over ranks: the sum over ranks and micro-steps is then sum loss_pair / (step's pairs)
+                scale = b["count"] * world / (kept or 1)
                 with run.timed("unet bwd"):
                     scaler.scale(loss.float() * scale).backward()
             step_loss += loss.item() * scale
@@ -436,8 +437,6 @@ try:
                 torch.distributed.all_reduce(bad)
             bad, nothing = bad.item() > 0, kept == 0  # nothing: every prompt tied (or failed) on every rank
             bad_in_row, skipped = (bad_in_row + 1 if bad else 0), skipped + bad
-            if bad or nothing:
-                opt.zero_grad(set_to_none=True)
             if bad:
                 scaler.update()
                 if master:
@@ -470,7 +469,7 @@ try:
                     stats = torch.stack(ranks_stats).nanmean(0)
             if master:
                 cols = "".join(f" | {k} {v:.4f}" for k, v in zip(sorted(infos[0]), stats.tolist()))
-                cols += f" | kept {kept} | idle {idle_micro}" + \
+                cols += f" | kept {kept:g} | idle {idle_micro}" + \
                     (sharpen.probe_line(run, probe) if step % probe_interval == 0 or step == steps else "")
                 log(f"step {step} | loss {sums[0].float():.6f}{cols} | gnorm {gnorm.item():.3f} | nfe {int(sums[1])} | "
                     f"scored {int(sums[2])} | lr {lr_at(step - 1):.2e} | dt {(time.time() - t0) * 1000:.0f}ms" +

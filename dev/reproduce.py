@@ -46,8 +46,9 @@ model = ""               # the model every run trains from and every table start
 quick = False            # tiny settings: checks the pipeline, numbers mean nothing
 budget = 184320          # UNet cost of every training run (train.py nfe_budget: forward passes, grad x3):
                          # config/sharpen_sft.py's 480 steps
-methods = "sharpen_rlhf+sharpen_sft+sft+raft+diffusion_dpo+ddpo+continued"
-seeded = "sharpen_rlhf+sharpen_sft+sft+raft"  # these are trained with seeds 1 and 2 as well
+methods = "sharpen_rlhf+sharpen_sft+sft+raft+raft_rounds+raft_first+diffusion_dpo+ddpo+continued"
+                         # raft: config/raft.py; raft_rounds: config/raft_rounds.py; raft_first: the same, unselected
+seeded = "sharpen_rlhf+sharpen_sft+sft+raft_rounds"  # these are trained with seeds 1 and 2 as well
 ablations = "n_traj=2+n_traj=5+m_steps=1+m_steps=5+score_steps=last+start_range=0.05:0.15"
                          # sharpen_rlhf, one change each; the last starts at steps 1-3 only (dev/selection.py)
 sft_ablations = "lam=0.1+lam=inf"  # sharpen_sft, one change each: the path-integral temperature (Eq. 9; sharpen_rlhf
@@ -71,7 +72,10 @@ FLAGS = {  # each method's settings; the controls share sharpen_sft's so that ea
     "raft": [os.path.join(ROOT, "config", "raft.py")],  # its lr chosen on train prompts (train.py's collapses it)
     "sft": [SFT_CONFIG, "--sft_t=sampler"],  # plain SFT: random noise at the same noise levels
     "continued": [SFT_CONFIG],  # more pretraining (its alt-text captions): "more training"
+    "raft_rounds": [os.path.join(ROOT, "config", "raft_rounds.py")],  # RAFT's rounds of a pool, scenes replayed
+    "raft_first": [os.path.join(ROOT, "config", "raft_rounds.py"), "--raft_select=first"],  # its pools unselected
 }
+METHOD = {"raft_rounds": "raft", "raft_first": "raft"}  # rows that are another method's settings: train.py's method
 OWN_SAMPLER = {"ddpo": ["--eta=1"]}  # methods trained on another sampler than the evaluation's: eval.py flags for it
 BASE = M.TOY_MODEL  # model's folder
 POOL, QUEUED, LOCK = None, [], threading.Lock()  # with jobs > 1: the training runs in flight, and out/wall.json's lock
@@ -130,7 +134,7 @@ def finished(*dirs):
 def method_run(name, method, seed=0, *extra, steps=0):
     """One training run of `method` at the budget (or for `steps` optimizer steps): seed 0 is train.py's default
     seed, others --seed=s."""
-    return train(name, *FLAGS.get(method, []), f"--method={method}", f"--seed={seed or 1337}",
+    return train(name, *FLAGS.get(method, []), f"--method={METHOD.get(method, method)}", f"--seed={seed or 1337}",
                  f"--steps={steps}" if steps else f"--nfe_budget={budget}", *extra)
 
 
@@ -197,7 +201,7 @@ def main():
           f"({sft_ablations.replace('+', ', ')}); reward hacking: {hack_methods} on "
           f"{hack_reward} for {hack_budget}x the budget, gold tracked ({jobs} at a time)")
     # the long hacking run first: the ablations fill the other job slots beside it
-    hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={m}", f"--reward={hack_reward}",
+    hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={METHOD.get(m, m)}", f"--reward={hack_reward}",
                      f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, hack_evals)}",
                      f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in names(hack_methods)}
     abl = {}  # "method change" -> its run; each method's own default run first: the reference of its changes
@@ -275,6 +279,7 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
         md.append(f"| {m} | " + " | ".join(cells) + f" | {mean:+.3f} ± {se:.3f} |\n")
     md.append("\nPaired differences between methods (seed 0, same images):\n\n| comparison | Δ ± SE |\n|---|---|\n")
     for a, b in [("sharpen_sft", "sft_steps"), ("sharpen_sft", "sft"), ("sharpen_rlhf", "raft"), ("sharpen_sft", "raft"),
+                 ("sharpen_rlhf", "raft_rounds"), ("raft_rounds", "raft_first"), ("raft_rounds", "raft"),
                  ("sharpen_rlhf", "sharpen_sft"), ("sft", "continued"), ("raft", "continued")]:
         if a in by and b in by:
             m, se = paired(by[a], by[b])
