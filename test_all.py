@@ -1266,12 +1266,16 @@ def test_train_bad_input_one_line():
         open(f"{d}/empty.txt", "w").close()
         os.makedirs(f"{d}/o")
         torch.save({"config": {"method": "sft", "seed": 1337}}, f"{d}/o/ckpt.pt")
+        os.makedirs(f"{d}/s")
+        torch.save({"config": {"method": "sharpen_sft", "sft_target": "exact"}}, f"{d}/s/ckpt.pt")
         cases = []
         for args, needle in [(["--method=dance"], "unknown method 'dance'"),
                              (["--prompts_per_step=3", "--grad_accum=2"], "prompts_per_step=3 is not divisible"),
                              (["--model=/no/such/model"], "/no/such/model"), (["--reward=nope"], "unknown reward 'nope'"),
                              (["--init_from=resume", f"--out_dir={d}/empty"], "does not exist"),
                              (["--init_from=resume"], "is from another config: method='sft' there, 'sharpen_rlhf' here"),
+                             (["--init_from=resume", f"--out_dir={d}/s", "--method=sharpen_sft", "--sft_target=final"],
+                              "another config: sft_target='exact' there, 'final' here"),
                              ([f"--out_dir={d}/file/sub"], "out_dir"), (["--device=cuda"], "no CUDA device"),
                              (["--method=sharpen_rlhf", "--n_traj=1"], "n_traj >= 2"),
                              (["--lam=inf"], "sharpen_rlhf does not use them"),
