@@ -96,7 +96,7 @@ def prepare_raft(run, it, micro):
     pool's train prompts with the evaluation sampler (eta 0, guidance); the best by the reward (raft_select=first:
     candidate 0, the no-selection control of the same pool; failed scores never picked, a prompt with none scored
     drops out) is trained on with the plain denoising loss at uniform t, one slice of prompts_per_step a step,
-    raft_epochs passes over the pool. raft_replay pretraining scenes a step (the base's data: alt-text captions)
+    raft_epochs passes over the pool. `replay` pretraining scenes a step (the base's data: alt-text captions)
     ride along as the anchor against training on its own samples. count: the prompts kept + the replayed."""
     c = run.cfg
     rnd, sl, slices = raft_round(run, it)
@@ -110,8 +110,10 @@ def prepare_raft(run, it, micro):
     t = S.train_timesteps(run.pipe, max(K, 1), gen).to(run.device)
     eps = torch.randn((max(K, 1), *rd["x0"].shape[1:]), generator=gen).to(run.device)
     b = dict(x0=rd["x0"], t=t[:K], eps=eps[:K], prompts=rd["prompts"], count=K, info=dict(best_reward=rd["reward"]))
-    if c.raft_replay:
-        b = replay(run, b, it, micro)
+    if c.replay:  # the anchor: pretraining scenes beside the pool's
+        rp = R.replay(run, it, micro)
+        b = dict(x0=torch.cat([b["x0"], rp["x0"]]), t=torch.cat([b["t"], rp["t"]]), eps=torch.cat([b["eps"], rp["eps"]]),
+                 prompts=b["prompts"] + rp["prompts"], count=K + len(rp["t"]), info=dict(b["info"], replay=len(rp["t"])))
     return b
 
 
@@ -130,17 +132,6 @@ def raft_slice(run, q, micro):
     x = traj.x_final.view(P, N, *traj.x_final.shape[1:])[ar, pick]
     return dict(x0=x[live], prompts=[p for p, ok in zip(prompts, live.tolist()) if ok], reward=r_pick.nanmean().item())
 
-
-def replay(run, b, it, micro):
-    """b with this rank's share of raft_replay pretraining scenes appended (alt-text captions, own t and noise)."""
-    n = run.cfg.raft_replay // (run.world * run.cfg.grad_accum)
-    first = (micro * run.world + run.rank) * n
-    x0, caps = R.scenes(run, [run.seed_for("replay", it, i) for i in range(first, first + n)], web=True)
-    gen = torch.Generator().manual_seed(run.seed_for("replay noise", it, first))
-    t = S.train_timesteps(run.pipe, n, gen).to(run.device)
-    eps = torch.randn(x0.shape, generator=gen).to(run.device)
-    return dict(x0=torch.cat([b["x0"], x0]), t=torch.cat([b["t"], t]), eps=torch.cat([b["eps"], eps]),
-                prompts=b["prompts"] + caps, count=b["count"] + n, info=dict(b["info"], replay=n))
 
 # -----------------------------------------------------------------------------
 # diffusion_dpo

@@ -81,7 +81,7 @@ def planned_nfe(c, family="sd"):
             "sharpen_rlhf": P * (T * g + n * m * g + 3 * 2 * m + 2 * m),  # sample, rollouts, w/l x policy/ref
             "diffusion_dpo": P * (3 * 2 + 2),  # winner and loser through policy and reference (+ the pool, once)
             "ddpo": P * n * (T * g / c.ppo_epochs + 3 * ddpo_steps(c) * g),  # a round serves ppo_epochs steps
-            "raft": P * (c.raft_n * T * g / c.raft_epochs + 3) + 3 * c.raft_replay}[c.method]  # best of raft_n
+            "raft": P * (c.raft_n * T * g / c.raft_epochs + 3)}[c.method] + 3 * c.replay  # best of raft_n; anchor
 
 
 def batch_line(c, P, world):
@@ -93,7 +93,7 @@ def batch_line(c, P, world):
         pool = max(c.raft_pool, per_step)
         return (f"batch: {per_step} prompts per step, each the {'best' if c.raft_select == 'best' else 'first'} of "
                 f"{c.raft_n} samples, from a pool of {pool} sampled every {c.raft_epochs * pool // per_step} steps"
-                + (f", + {c.raft_replay} pretraining scenes" if c.raft_replay else ""))
+                + (f", + {c.replay} pretraining scenes" if c.replay else ""))
     return (f"batch: {P} prompts x {c.n_traj} trajectories x {c.m_steps} steps per micro-step per rank; "
             f"{c.grad_accum} micro-steps x {world} ranks = {per_step} prompts = {per_step * c.n_traj} trajectories = "
             f"{per_step * c.n_traj * c.m_steps} scored x0 per step")
@@ -234,6 +234,25 @@ def scenes(run, seeds, web, dropout=0.0):
         images.append(image)
         caps.append("" if web and rng.random() < dropout else cap)
     return torch.stack(images).to(run.device) * 2 - 1, caps  # model space: [-1, 1]
+
+
+def replay(run, it, micro):
+    """This rank's share of the `replay` pretraining scenes of step it (alt-text captions, their own t and noise, one
+    generator per scene: any split over ranks and micro-steps draws the same): the anchor against training on the
+    model's own samples -> dict(x0, t, eps, prompts)."""
+    n = run.cfg.replay // (run.world * run.cfg.grad_accum)
+    idx = range((micro * run.world + run.rank) * n, (micro * run.world + run.rank + 1) * n)
+    x0, caps = scenes(run, [run.seed_for("replay", it, i) for i in idx], web=True)
+    gens = [torch.Generator().manual_seed(run.seed_for("replay noise", it, i)) for i in idx]
+    t = torch.cat([S.train_timesteps(run.pipe, 1, g) for g in gens] or [torch.zeros(0, dtype=torch.long)])
+    return dict(x0=x0, t=t.to(run.device), eps=S.randn(x0.shape[1:], gens, run.device), prompts=caps)
+
+
+def denoising_sum(run, d, net):
+    """Sum over d's images (x0, t, eps, prompts) of the plain denoising loss, each the mean over its pixels."""
+    x_t = S.add_noise(run.pipe, d["x0"], d["t"], d["eps"])
+    out = M.unet_call(run.pipe, net, x_t, d["t"], M.encode(run.pipe, d["prompts"])).float()
+    return (out - S.training_target(run.pipe, x_t, d["x0"], d["t"])[0].float()).pow(2).flatten(1).mean(1).sum()
 
 
 def renders(run, prompts, gidx):

@@ -234,15 +234,22 @@ def prepare_sharpen_sft(run, it, micro):
         w = trajectory_weights(b["R"], c.lam, c.normalize)
         count = int((w.sum(1) > 0).sum())
     p_idx, n_idx = select_rows(w)  # only trajectories with w > 0 need a forward
-    return dict(b, w=w, sel=(p_idx, n_idx), rows=p_idx * c.n_traj + n_idx, count=count,
-                info=dict(b["info"], w_max=(w.max(1).values / w.sum(1).clamp_min(1e-30)).mean().item()))
+    info = dict(b["info"], w_max=(w.max(1).values / w.sum(1).clamp_min(1e-30)).mean().item())
+    if c.replay:  # the anchor: pretraining scenes, each weighing what one prompt's weights sum to
+        b["replay"] = R.replay(run, it, micro)
+        count, info["replay"] = count + len(b["replay"]["t"]), len(b["replay"]["t"])
+    return dict(b, w=w, sel=(p_idx, n_idx), rows=p_idx * c.n_traj + n_idx, count=count, info=info)
 
 
 def loss_sharpen_sft(run, b):
     """Eq. 9's weighted denoising loss, as a mean over the prompts with a scored trajectory (sft_weights=step: the
-    sum of u e over this batch's sum of u; train.py's count scaling makes it the step's softmax-weighted sum)."""
-    pred = R.recompute(run, b, b["rows"], run.net)
-    return sft_loss(pred, b["target"][b["rows"]], b["w"], rows=b["sel"]) * (len(b["w"]) / b["count"]), b["info"]
+    sum of u e over this batch's sum of u; train.py's count scaling makes it the step's softmax-weighted sum);
+    with replay, each replayed scene's plain denoising loss counts as one more prompt."""
+    loss = R.denoising_sum(run, b["replay"], run.net) / b["count"] if "replay" in b else 0.0
+    if len(b["rows"]):
+        pred = R.recompute(run, b, b["rows"], run.net)
+        loss = loss + sft_loss(pred, b["target"][b["rows"]], b["w"], rows=b["sel"]) * (len(b["w"]) / b["count"])
+    return loss, b["info"]
 
 
 def rlhf_pairs(run, gidx):

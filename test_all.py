@@ -1297,8 +1297,8 @@ def test_train_bad_input_one_line():
                              (["--method=pretrain", "--resolution=64"], "32-pixel toy-world scenes"),
                              (["--method=raft", "--raft_n=1"], "raft_n must be >= 2"), (["--lr=0.0"], "lr must be > 0"),
                              (["--method=raft", "--raft_pool=6"], "raft_pool=6 must be a multiple of prompts_per_step=32"),
-                             (["--method=raft", "--raft_replay=-1"], "raft_replay must be >= 0"),
-                             (["--raft_replay=4"], "sharpen_rlhf does not use them"),
+                             (["--method=raft", "--replay=-1"], "replay must be >= 0"),
+                             (["--replay=4"], "sharpen_rlhf does not use it"),
                              (["--method=raft", "--raft_select=worst"], "raft_select must be"),
                              (["--method=raft", "--sft_data=alttext"], "raft does not use them"),
                              (["--method=sharpen_sft", "--sft_weights=step"], "sft_weights=step needs 0 < lam"),
@@ -1384,7 +1384,9 @@ def test_sharpen_sft_alttext_step_weights_and_final_targets_by_hand():
     softmax of every finite trajectory; inf uniform; lam 0 an error. train.py's first loss with the alt-text pairs
     (the scenes' web captions as prompts), weights across the step (lam 0.3) and each trajectory's own final image as
     its target equals the hand computation: each trajectory sampled from its start state to the end on its own,
-    sum_pj u_pj mse_pj / sum u. Planned = counted UNet passes with the start step pinned (the plan: its mean)."""
+    sum_pj u_pj mse_pj / sum u; with --replay=2 the anchor's two pretraining scenes (alt-text captions, their own t
+    and noise) add their plain denoising losses: (sum u mse + sum_r mse_r) / (sum u + 2). Planned = counted UNet
+    passes with the start step pinned (the plan: its mean)."""
     R = torch.tensor([[0.2, 0.9], [0.5, float("nan")]])
     u = sharpen.step_weights(R, 0.5, top=1.0)
     soft = torch.softmax(torch.tensor([0.2, 0.9, 0.5], dtype=torch.float64) / 0.5, 0)
@@ -1393,8 +1395,9 @@ def test_sharpen_sft_alttext_step_weights_and_final_targets_by_hand():
     raises(lambda: sharpen.step_weights(R, 0.0, 1.0), "lam must be > 0")
     flags = ["--method=sharpen_sft", "--sft_data=alttext", "--sft_weights=step", "--lam=0.3", "--sft_target=final"]
     with tempfile.TemporaryDirectory() as d:
-        line, pinned = two_at_a_time([(first_step, f"{d}/a", *flags),
-                                      (first_step, f"{d}/b", *flags, "--start_range=0.25:0.25")])
+        line, pinned, anchored = two_at_a_time([(first_step, f"{d}/a", *flags),
+                                                (first_step, f"{d}/b", *flags, "--start_range=0.25:0.25"),
+                                                (first_step, f"{d}/c", *flags, "--replay=2")])
     cfg = dry_run(flags[0], HERE, *flags[1:], *SHARPEN_TINY)
     assert 4 * (2 * 2 + 3 * 2 * 2 + 2 * (4 - 2 - 1)) == pinned["nfe"], pinned  # rollouts, grad, the rest of 1 step
     pipe = M.load_model(M.TOY_MODEL)
@@ -1417,7 +1420,15 @@ def test_sharpen_sft_alttext_step_weights_and_final_targets_by_hand():
                     out = M.unet_call(pipe, pipe.unet, x, t, cond[p:p + 1])
                     err += ((out - S.training_target(pipe, x, end, t)[0]) ** 2).mean().item() / 2
                 total, norm = total + u[p, j].item() * err, norm + u[p, j].item()
+        x0, caps = rollout.scenes(run_, [run_.seed_for("replay", 0, i) for i in range(2)], web=True)
+        gens = [torch.Generator().manual_seed(run_.seed_for("replay noise", 0, i)) for i in range(2)]
+        t = torch.cat([S.train_timesteps(pipe, 1, g) for g in gens])
+        x_t = S.add_noise(pipe, x0, t, torch.stack([torch.randn(3, 32, 32, generator=g) for g in gens]))
+        out = M.unet_call(pipe, pipe.unet, x_t, t, M.encode(pipe, caps))
+        anchor = ((out - S.training_target(pipe, x_t, x0, t)[0]) ** 2).flatten(1).mean(1).sum().item()
     assert abs(line["loss"] - total / norm) <= 1e-5 * max(1.0, total / norm), (line["loss"], total / norm)
+    hand = (total + anchor) / (norm + 2)
+    assert abs(anchored["loss"] - hand) <= 1e-5 * max(1.0, hand) and anchored["nfe"] == line["nfe"] + 3 * 2, (anchored, hand)
 
 
 def raft_first_loss(seed=1337, P=4, N=4, num_steps=4, first=False):
@@ -1473,11 +1484,11 @@ def test_baseline_methods_train_count_nfe_and_resume():
 
 def test_raft_pool_rounds_replay_and_no_selection_control():
     """raft_pool: a round's pool (8 prompts x raft_n) is sampled once and serves raft_epochs passes of 2 steps
-    (4 prompts each), planned = counted over a round; raft_replay adds pretraining scenes to every step (kept 4 + 4);
+    (4 prompts each), planned = counted over a round; replay adds pretraining scenes to every step (kept 4 + 4);
     raft_select=first trains candidate 0 of the same pool: its first loss is the hand computation's, not the best's."""
     with tempfile.TemporaryDirectory() as d:
         tiny = [*SHARPEN_TINY, "--method=raft", "--raft_pool=8", "--raft_epochs=2", "--steps=5"]
-        (_, log), _ = two_at_a_time([(run, "train.py", *tiny, "--raft_replay=4", f"--out_dir={d}/pool"),
+        (_, log), _ = two_at_a_time([(run, "train.py", *tiny, "--replay=4", f"--out_dir={d}/pool"),
                                      (run, "train.py", *tiny, "--raft_select=first", f"--out_dir={d}/first")])
         lines = step_lines(f"{d}/pool")
         assert [s["scored"] for s in lines] == [32, 32, 32, 32, 64] and all(s["kept"] == 8 for s in lines), lines
@@ -1529,7 +1540,7 @@ def test_ddp_two_ranks_and_grad_accum_equal_one_rank():
         assert len(syncs[1]) == 2 and syncs[2] == syncs[1], syncs  # without no_sync: more with grad_accum = 2
         # one softmax over the whole step's trajectories (sft_weights=step), alt-text pairs, final-image targets
         step = ["train.py", "--method=sharpen_sft", "--steps=2", "--lam=0.3", "--sft_weights=step", "--sft_data=alttext",
-                "--sft_target=final", *SHARPEN_TINY]
+                "--sft_target=final", "--replay=4", *SHARPEN_TINY]  # and the anchor's scenes
         run(*step, f"--out_dir={d}/step1")
         run(*TORCHRUN, *step, "--grad_accum=2", f"--out_dir={d}/step2")
         weights_equal(f"{d}/step1/model", f"{d}/step2/model", exact=False, atol=1e-4, why="sft_weights=step")

@@ -77,7 +77,7 @@ raft_n = 4               # raft: samples per train prompt (the evaluation sample
 raft_epochs = 2          # raft: passes over each sampled round's pool (each step at fresh t and noise)
 raft_pool = 0            # raft: train prompts per round (a multiple of prompts_per_step; 0 = one step's)
 raft_select = "best"     # raft: best (by the reward) | first (candidate 0: the no-selection control, the same pool)
-raft_replay = 0          # raft: pretraining scenes (alt-text captions) added to every step, the anchor
+replay = 0               # raft, sharpen_sft: pretraining scenes (alt-text captions) added to every step, the anchor
 # pretraining (toy world) and its continuation (method continued: the UNet alone, from `model`)
 flow = False             # pretrain: a rectified-flow toy model (velocity target, Euler sampler) instead of DDIM v-pred
 caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-free guidance)
@@ -160,11 +160,12 @@ CHECKS = [
                              "ckpt_interval")],
     *[within(k, 0) for k in ("nfe_budget", "lam", "guidance", "eta", "resolution", "warmup", "weight_decay",
                              "eval_interval", "eval_count", "eval_seeds", "probe_pairs", "lora_rank", "lora_alpha",
-                             "threads", "raft_pool", "raft_replay")],
-    (raft_pool % max(per_step, 1) or raft_replay % max(world * grad_accum, 1), f"raft_pool={raft_pool} must be a "
-     f"multiple of prompts_per_step={per_step}, raft_replay={raft_replay} of {world} ranks x grad_accum {grad_accum}"),
-    (method != "raft" and (raft_pool or raft_replay or raft_select != "best"), f"raft_pool, raft_replay and raft_select "
-     f"are raft's; {method} does not use them"),
+                             "threads", "raft_pool", "replay")],
+    (raft_pool % max(per_step, 1) or replay % max(world * grad_accum, 1), f"raft_pool={raft_pool} must be a "
+     f"multiple of prompts_per_step={per_step}, replay={replay} of {world} ranks x grad_accum {grad_accum}"),
+    (method != "raft" and (raft_pool or raft_select != "best"), f"raft_pool and raft_select are raft's; {method} does "
+     "not use them"),
+    (method not in ("raft", "sharpen_sft") and replay, f"replay is raft's and sharpen_sft's; {method} does not use it"),
     *[within(k, 2) for k in ("dpo_k", "raft_n")],  # a best and a worst, or a choice
     *[within(k, 0, low_open=True) for k in ("lr", "beta", "grad_clip", "ppo_clip", "ddpo_eta", "ddp_timeout")],
     within("ema", 0, 1), within("caption_dropout", 0, 1),
@@ -194,8 +195,8 @@ CHECKS = [
     (lora_rank and pretrain, f"lora_rank={lora_rank}: must be 0 for pretrain (LoRA adapts a trained UNet)"),
     (pretrain and resolution not in (0, toyworld.SIZE),
      f"resolution={resolution}: pretraining trains on {toyworld.SIZE}-pixel toy-world scenes (0 or {toyworld.SIZE})"),
-    (bool(prompt_file) and (method in ("pretrain", "sft", "continued", "sharpen_sft") or raft_replay),
-     f"--prompt_file with method {method}{' and raft_replay' if raft_replay else ''}: it trains on dataset images, "
+    (bool(prompt_file) and (method in ("pretrain", "sft", "continued", "sharpen_sft") or replay),
+     f"--prompt_file with method {method}{' and replay' if replay else ''}: it trains on dataset images, "
      "which only the toy world provides here; use sharpen_rlhf, ddpo or diffusion_dpo (they need prompts only)"),
 ]
 for bad, msg in CHECKS:

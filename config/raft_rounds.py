@@ -8,5 +8,5 @@ raft_pool = 64           # train prompts per round
 raft_n = 4               # candidates per prompt
 raft_epochs = 4          # passes over each pool: a round serves 8 steps
 prompts_per_step = 32
-raft_replay = 16         # pretraining scenes per step (alt-text captions): without them lr 1e-4 loses 0.083 train gold
+replay = 16              # pretraining scenes per step (alt-text captions): without them lr 1e-4 loses 0.083 train gold
 lr = 3e-4                # with the replay: 3e-5 -0.002, 1e-4 +0.009, 3e-4 +0.029, 1e-3 +0.012 (train prompts)
