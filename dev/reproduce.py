@@ -5,8 +5,9 @@ own settings (train.py's defaults; raft config/raft.py's; sharpen_sft and its co
 plain sft also at sharpen_sft's steps, half its compute: what the selection adds per step), three training seeds
 for the central ones; 41 held-out prompts x 16 seeds per model; the base model's best-of-N curve with the gold
 verifier and the N each trained model matches; the paper's ablations (n, m, path sum vs last step, and the start
-range on sharpen_rlhf; lambda on sharpen_sft) at the same budget; reward hacking on the learned toyclip proxy with
-gold tracked.
+range on sharpen_rlhf; lambda on sharpen_sft) at the same budget, and two tests of sharpen_sft's selection where it
+can choose (misaligned pretraining pairs; targets that are the picked trajectory's own outcome), each beside its
+control without selection; reward hacking on the learned toyclip proxy with gold tracked.
 
     python dev/reproduce.py --jobs=2   # ~6.5 h on 2 CPU cores -> out/reproduce/results.md + figures (two training
                                        # runs at a time, a thread each: 10.5 h of training steps, 1.1 h of evaluation)
@@ -51,8 +52,13 @@ methods = "sharpen_rlhf+sharpen_sft+sft+raft+raft_rounds+raft_first+diffusion_dp
 seeded = "sharpen_rlhf+sharpen_sft+sft+raft_rounds"  # these are trained with seeds 1 and 2 as well
 ablations = "n_traj=2+n_traj=5+m_steps=1+m_steps=5+score_steps=last+start_range=0.05:0.15"
                          # sharpen_rlhf, one change each; the last starts at steps 1-3 only (dev/selection.py)
-sft_ablations = "lam=0.1+lam=inf"  # sharpen_sft, one change each: the path-integral temperature (Eq. 9; sharpen_rlhf
-                         # trains best vs worst and has none): soft weights, and uniform ones (no selection)
+sft_ablations = ("lam=0.1+lam=inf+lam=0.3,sft_data=alttext,sft_weights=step+lam=inf,sft_data=alttext,sft_weights=step"
+                 "+lam=0,sft_target=final,replay=16+lam=inf,sft_target=final,replay=16")
+                         # sharpen_sft, one change each (a change: ','-separated settings): the path-integral temperature
+                         # (Eq. 9; sharpen_rlhf trains best vs worst and has none): soft weights, and uniform ones (no
+                         # selection); selection among the misaligned pretraining pairs, weights across the step; each
+                         # trajectory's own final image as its target, pretraining scenes replayed. A change that starts
+                         # lam=x is also paired with the same change at lam=inf, its control without selection
 eval_seeds = 16          # seeds per held-out prompt in the final tables (41 prompts x 16 = 656 images)
 amortise = 16            # candidates per (prompt, seed) for the base model's best-of-N curve (N = 1..amortise)
 search = "noise1x3+greedy2"  # other inference-time search rows beside best-of-N
@@ -208,7 +214,8 @@ def main():
     for m, changes, prefix in (("sharpen_rlhf", ablations, "abl_"), ("sharpen_sft", sft_ablations, "abl_sft_")):
         if names(changes):
             abl[m] = runs.get(m) or method_run(m, m, 0, *curve)
-            abl.update({f"{m} {a}": method_run(prefix + re.sub(r"\W+", "_", a), m, 0, f"--{a}", "--eval_seeds=0",
+            abl.update({f"{m} {a}": method_run(prefix + re.sub(r"\W+", "_", a), m, 0, *[f"--{x}" for x in a.split(",")],
+                                               "--eval_seeds=0",
                                                "--ckpt_interval=10") for a in names(changes)})
     finished()
     print("4/5 held-out evaluation of the ablations")
@@ -308,6 +315,12 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
         md.append(f"| {tag} | {r['overall']:.3f} | {delta} | {vs} | " + " | ".join(f"{v:.3f}" for v in r["per_skill"].values())
                   + f" | {r['diversity']:.3f} | " + " | ".join("—" if r.get(k) is None else f"{r[k]:.3f}"  # (fidelity.py;
                                                            for k in ("palette", "denoise")) + " |\n")  # older runs: —)
+    controls = {t.split(" ", 1)[1].split(",", 1)[1]: t for t in tagged if " lam=inf," in t}  # the rest -> control
+    tests = [(t, controls[rest]) for t in tagged if " lam=" in t and "," in t and t not in controls.values()
+             for rest in [t.split(" ", 1)[1].split(",", 1)[1]] if rest in controls]
+    md += ["\nSelection against no selection (each change beside the same change at lam=inf; paired ± SE):\n\n"
+           "| change | Δ vs its lam=inf control |\n|---|---|\n"] if tests else []
+    md += ["| {} | {:+.3f} ± {:.3f} |\n".format(t, *paired(tagged[t], tagged[c])) for t, c in tests]
     for m, d in (hack or {}).items():
         md.append(f"\nReward hacking ({m} on `{hack_reward}`; held-out, {1 if quick else 2} seeds):\n\n| step | nfe | {hack_reward} | gold |\n|---|---|---|---|\n")
         for step, nfe, g, kv in evals(d):
