@@ -9,8 +9,9 @@ range on sharpen_rlhf; lambda on sharpen_sft) at the same budget, and two tests 
 can choose (misaligned pretraining pairs; targets that are the picked trajectory's own outcome), each beside its
 control without selection; reward hacking on the learned toyclip proxy with gold tracked.
 
-    python dev/reproduce.py --jobs=2   # ~6.5 h on 2 CPU cores -> out/reproduce/results.md + figures (two training
-                                       # runs at a time, a thread each: 10.5 h of training steps, 1.1 h of evaluation)
+    python dev/reproduce.py --jobs=2   # ~8 h on 2 CPU cores -> out/reproduce/results.md + figures (two training
+                                       # runs at a time, a thread each; 6.5 h before the raft_rounds rows and the
+                                       # selection tests, whose ~8 runs add ~3 h of training steps, estimated per run)
     python dev/reproduce.py --quick    # tiny settings, a few minutes (test_all.py runs it)
     python dev/reproduce.py --redraw=docs/reproduce.md --fig_dir=docs/fig   # figures from a results.md
     python dev/reproduce.py --model=assets/toy-flow-model --out=out/reproduce_flow --methods=sharpen_rlhf+sharpen_sft \
