@@ -14,7 +14,6 @@ import contextlib
 import random
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import rollout as R
@@ -69,13 +68,8 @@ def prepare_scenes(run, it, micro):
 def loss_denoising(run, b):
     """The plain denoising loss: b's x0 noised to t with eps, the trained net's output against the exact target
     (pretrain: the prompts through the trained text encoder)."""
-    if run.text_net is not None:
-        cond = run.text_net(M.tokenize(run.pipe, b["prompts"]).to(run.device))[0]
-    else:
-        cond = M.encode(run.pipe, b["prompts"])
-    x_t = S.add_noise(run.pipe, b["x0"], b["t"], b["eps"])
-    target, _ = S.training_target(run.pipe, x_t, b["x0"], b["t"])
-    return F.mse_loss(M.unet_call(run.pipe, run.net, x_t, b["t"], cond).float(), target.float()), b["info"]
+    cond = None if run.text_net is None else run.text_net(M.tokenize(run.pipe, b["prompts"]).to(run.device))[0]
+    return R.denoising_sum(run, b, run.net, cond) / len(b["t"]), b["info"]
 
 
 def new_round(run, key):

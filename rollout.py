@@ -244,14 +244,16 @@ def replay(run, it, micro):
     idx = range((micro * run.world + run.rank) * n, (micro * run.world + run.rank + 1) * n)
     x0, caps = scenes(run, [run.seed_for("replay", it, i) for i in idx], web=True)
     gens = [torch.Generator().manual_seed(run.seed_for("replay noise", it, i)) for i in idx]
-    t = torch.cat([S.train_timesteps(run.pipe, 1, g) for g in gens] or [torch.zeros(0, dtype=torch.long)])
+    t = torch.cat([S.train_timesteps(run.pipe, 1, g) for g in gens])
     return dict(x0=x0, t=t.to(run.device), eps=S.randn(x0.shape[1:], gens, run.device), prompts=caps)
 
 
-def denoising_sum(run, d, net):
-    """Sum over d's images (x0, t, eps, prompts) of the plain denoising loss, each the mean over its pixels."""
+def denoising_sum(run, d, net, cond=None):
+    """Sum over d's images (x0, t, eps, prompts) of the plain denoising loss, each the mean over its pixels (cond:
+    the prompts' encoding, if not the frozen text encoder's)."""
     x_t = S.add_noise(run.pipe, d["x0"], d["t"], d["eps"])
-    out = M.unet_call(run.pipe, net, x_t, d["t"], M.encode(run.pipe, d["prompts"])).float()
+    cond = M.encode(run.pipe, d["prompts"]) if cond is None else cond
+    out = M.unet_call(run.pipe, net, x_t, d["t"], cond).float()
     return (out - S.training_target(run.pipe, x_t, d["x0"], d["t"])[0].float()).pow(2).flatten(1).mean(1).sum()
 
 

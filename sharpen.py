@@ -192,12 +192,13 @@ def rolled(run, gidx):
     last x0 prediction, so winner and loser differ in it, or (sharpen_sft, sft_target=final) each trajectory's own
     final image, sampled on to the end: then what the selection picks is what is learned."""
     c, sft = run.cfg, run.cfg.method == "sharpen_sft"
-    if sft and c.sft_data == "alttext":  # the pretraining pairs: scenes with their web-like, often wrong captions
+    alttext = sft and c.sft_data == "alttext"  # the pretraining pairs: scenes with their web-like, often wrong captions
+    if alttext:
         x0, prompts = R.scenes(run, [run.seed_for("alttext", g) for g in gidx], web=True)
     else:
         prompts = [run.train_prompt(g) for g in gidx]
     cond = M.encode(run.pipe, prompts)  # (P, L, E), shared by the prompt's n trajectories
-    if not (sft and c.sft_data == "alttext"):
+    if not alttext:
         x0 = R.renders(run, prompts, gidx) if sft else R.own_samples(run, cond, gidx)
     b = R.roll(run, prompts, gidx, cond, x0)
     traj, outcome = b["traj"], c.method == "sharpen_rlhf" and c.dpo_target == "outcome"
