@@ -7,8 +7,10 @@ loss(run, batch) -> (loss, info)), and the pretraining of the built-in toy model
                    the best by the reward trained on with the plain loss
     diffusion_dpo  Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908) on an offline pool of the base's pairs
     ddpo           DDPO (Black et al. 2023, arXiv 2305.13301): PPO-clip on per-step DDIM log-probabilities
+    diffusion_nft  DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117): the old policy's own clean samples, trained
+                   on with a reward-weighted pair of implicit policies, positive and negative; no likelihoods
 
-diffusion_dpo's loss is sharpen.rlhf_loss with no reward gap; ddpo's equations are below.
+diffusion_dpo's loss is sharpen.rlhf_loss with no reward gap; ddpo's and diffusion_nft's equations are below.
 """
 import contextlib
 import random
@@ -25,14 +27,34 @@ import sharpen
 # ddpo's equations
 
 
-def group_advantages(rewards, eps=1e-4, clip=5.0):
+def group_advantages(rewards, eps=1e-4, clip=5.0, std=None):
     """DDPO's per-prompt advantage: A_pj = (r_pj - mean_j r_pj) / (std_j r_pj + eps), clipped to
-    [-clip, clip]: (P, n) -> (P, n). NaN (a failed score) gets advantage 0 and stays out of the stats."""
+    [-clip, clip]: (P, n) -> (P, n). NaN (a failed score) gets advantage 0 and stays out of the stats. std: one
+    number for every prompt instead (Flow-GRPO's and DiffusionNFT's global_std: the step's, step_std)."""
     ok = rewards.isfinite()
     cnt = ok.sum(1, keepdim=True).clamp_min(1)
     mu = torch.where(ok, rewards, 0).sum(1, keepdim=True) / cnt
-    std = (torch.where(ok, (rewards - mu) ** 2, 0).sum(1, keepdim=True) / (cnt - 1).clamp_min(1)).sqrt()
+    if std is None:
+        std = (torch.where(ok, (rewards - mu) ** 2, 0).sum(1, keepdim=True) / (cnt - 1).clamp_min(1)).sqrt()
     return torch.where(ok, (rewards - mu) / (std + eps), 0.0).clamp(-clip, clip)
+
+
+def step_std(run, rewards):
+    """The std (ddof 0, as numpy's) of every finite reward in `rewards` (this rank's tensors) and in the other
+    ranks' at the same call: a collective that every rank issues."""
+    r = torch.cat([x.flatten().double() for x in rewards])
+    r = r[r.isfinite()]
+    sums = torch.tensor([r.sum(), r.pow(2).sum(), len(r)], dtype=torch.float64)
+    if run.world > 1:
+        torch.distributed.all_reduce(sums)
+    N = max(sums[2].item(), 1)
+    return max(sums[1].item() / N - (sums[0].item() / N) ** 2, 0) ** 0.5
+
+
+def gaussian_kl(mean, mean_ref, sigma):
+    """KL(N(mean, sigma^2) || N(mean_ref, sigma^2)) of a stochastic sampler step, per pixel, averaged over pixels:
+    |mean - mean_ref|^2 / (2 sigma^2) -> (B,). (Flow-GRPO's code divides by its g^2 without the step's -dt.)"""
+    return ((mean - mean_ref) ** 2 / (2 * sigma ** 2)).flatten(1).mean(1)
 
 
 def ppo_clip_loss(logp, logp_old, adv, clip):
@@ -43,6 +65,30 @@ def ppo_clip_loss(logp, logp_old, adv, clip):
     adv = adv.detach()
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
     return loss, ((ratio - 1).abs() > clip).float().mean()
+
+
+def nft_optimality(rewards, prompt_of, std, clip=5.0, eps=1e-4):
+    """DiffusionNFT's optimality probability r in [0, 1] of each sample (NVlabs/DiffusionNFT, global_std):
+        A = (r_i - mean of its prompt's rewards) / (std + eps),   r = clamp(clamp(A, -clip, clip) / clip / 2 + 1/2, 0, 1)
+    rewards (N,) finite, prompt_of (N,) a group id per sample, std: of the whole step's rewards (step_std)."""
+    groups, inv = torch.unique(prompt_of, return_inverse=True)
+    mean = torch.zeros(len(groups), dtype=rewards.dtype).index_add_(0, inv, rewards) / torch.bincount(inv)
+    adv = ((rewards - mean[inv]) / (std + eps)).clamp(-clip, clip)
+    return (adv / clip / 2 + 0.5).clamp(0, 1)
+
+
+def nft_loss(x0_theta, x0_old, x0, r, beta, clip=5.0):
+    """DiffusionNFT's policy loss per sample (Eq. 8 of arXiv 2509.16117 as train_nft_sd3.py computes it, in x0 space):
+        x0+ = beta * x0_theta + (1 - beta) * x0_old,   x0- = (1 + beta) * x0_old - beta * x0_theta
+        L = clip * (r * |x0+ - x0|^2 / w+  +  (1 - r) * |x0- - x0|^2 / w-) / beta,   w = sg(mean |x0+- - x0|) >= 1e-5
+    |.|^2 and |.| are means over pixels; x0_theta, x0_old: the trained and the old policy's x0 predictions at one
+    x_t; x0: the clean sample it was noised from. At fixed t the x0 prediction is affine in the model output with
+    weights that sum to one, so mixing outputs (the paper's v+ = (1 - beta) v_old + beta v_theta) is mixing x0
+    predictions: the same loss for eps-, v- and flow models. -> (N,)"""
+    pos, neg = beta * x0_theta + (1 - beta) * x0_old, (1 + beta) * x0_old - beta * x0_theta
+    w_pos, w_neg = ((x.detach() - x0).abs().flatten(1).mean(1).clamp_min(1e-5) for x in (pos, neg))
+    err = lambda x: (x - x0).pow(2).flatten(1).mean(1)  # noqa: E731
+    return clip * (r * err(pos) / w_pos + (1 - r) * err(neg) / w_neg) / beta
 
 
 # -----------------------------------------------------------------------------
@@ -189,16 +235,21 @@ def loss_diffusion_dpo(run, b):
 
 
 def prepare_ddpo(run, it, micro):
-    """DDPO: every ppo_epochs steps the current model samples n trajectories per prompt (eta = ddpo_eta), their
-    per-step log-probabilities recorded; advantages are the rewards normalised within each prompt; each step trains
-    on ddpo_steps() random timesteps of the round."""
+    """DDPO: every ppo_epochs steps the current model samples n trajectories per prompt (eta = ddpo_eta; on a flow
+    model Flow-GRPO's SDE with noise level ddpo_eta), their per-step log-probabilities recorded; advantages are the
+    rewards normalised within each prompt (ddpo_std=step: by the std of the round's rewards over every rank and
+    micro-step, set at the last micro-step, as Flow-GRPO); each step trains on ddpo_steps() random timesteps of the
+    round, the same for every sample (any rank split trains the same). With ddpo_kl, Flow-GRPO's KL to the base:
+    ddpo on a flow model is Flow-GRPO (on a DDIM model, DDPO with its group advantages and that KL)."""
     c, P, n, key = run.cfg, run.P, run.cfg.n_traj, (it // run.cfg.ppo_epochs, micro)
     ts = run.ts
-    if key not in run.rounds:  # sample a new round with the current (old) policy
+    new = key not in run.rounds
+    if new:  # sample a new round with the current (old) policy
         new_round(run, key)
-        first = run.first_index(it // c.ppo_epochs, micro)
-        prompts = [run.train_prompt(g) for g in range(first, first + P) for _ in range(n)]
-        traj, r = R.scored_samples(run, prompts, [run.seed_for("noise", first, j) for j in range(P * n)], c.ddpo_eta)
+        gidx = list(run.prompt_range(it // c.ppo_epochs, micro))
+        prompts = [run.train_prompt(g) for g in gidx for _ in range(n)]
+        seeds = [run.seed_for("noise", g, j) for g in gidx for j in range(n)]
+        traj, r = R.scored_samples(run, prompts, seeds, c.ddpo_eta)
         x_next = torch.cat([traj.x[:, 1:], traj.x_final[:, None]], 1)  # (B, steps, C, H, W)
         with torch.no_grad():  # the last step lands on x0 with sigma = 0: no density, left out
             lp = torch.stack([S.ddim_logprob(run.pipe, traj.x[:, k], traj.model_out[:, k], ts[k].expand(P * n),
@@ -206,20 +257,96 @@ def prepare_ddpo(run, it, micro):
                               for k in range(c.num_steps - 1)], 1)
         run.rounds[key] = dict(x=traj.x, x_next=x_next, lp=lp, prompts=prompts, reward=r,
                                adv=group_advantages(r.view(P, n)).flatten())
-    gen = torch.Generator().manual_seed(run.seed_for("ddpo t", it, micro))
+    if new and c.ddpo_std == "step" and micro == c.grad_accum - 1:  # a round starts on every rank at once
+        rounds = [run.rounds[(key[0], m)] for m in range(c.grad_accum)]
+        std = step_std(run, [rd["reward"] for rd in rounds])
+        for rd in rounds:
+            rd["adv"] = group_advantages(rd["reward"].view(P, n), std=std).flatten()
+    gen = torch.Generator().manual_seed(run.seed_for("ddpo t", it))  # the step's, on every rank and micro-step
     ks = torch.randperm(c.num_steps - 1, generator=gen)[:R.ddpo_steps(c)]
     return dict(round=run.rounds[key], ks=ks.tolist(), count=P, info={})
 
 
 def loss_ddpo(run, b):
-    """PPO-clip on the round's log-probabilities at the step's timesteps, a mean over them."""
+    """PPO-clip on the round's log-probabilities at the step's timesteps, a mean over them; + ddpo_kl times the mean
+    gaussian_kl of each step's mean to the base model's (Flow-GRPO's beta)."""
     c, rd, ks, ts = run.cfg, b["round"], b["ks"], run.ts
     B, cond = len(rd["prompts"]), M.encode(run.pipe, rd["prompts"])
-    loss = clipped = 0.0
+    loss = clipped = kl = 0.0
     for k in ks:
-        out = S.predict(run.pipe, rd["x"][:, k], ts[k], cond, run.uncond, c.guidance, run.net)
-        lp = S.ddim_logprob(run.pipe, rd["x"][:, k], out, ts[k].expand(B), ts[k + 1].expand(B), c.ddpo_eta,
-                            rd["x_next"][:, k])
+        x, t, t_prev = rd["x"][:, k], ts[k].expand(B), ts[k + 1].expand(B)
+        out = S.predict(run.pipe, x, ts[k], cond, run.uncond, c.guidance, run.net)
+        lp = S.ddim_logprob(run.pipe, x, out, t, t_prev, c.ddpo_eta, rd["x_next"][:, k])
         l_k, c_k = ppo_clip_loss(lp, rd["lp"][:, k], rd["adv"], c.ppo_clip)
+        if c.ddpo_kl:
+            with torch.no_grad():
+                out_ref = S.predict(run.pipe, x, ts[k], cond, run.uncond, c.guidance, run.ref)
+            mean, mean_ref = (S.ddim_step(run.pipe, x, o, t, t_prev, c.ddpo_eta, torch.zeros_like(x))[0]
+                              for o in (out, out_ref))
+            kl_k = gaussian_kl(mean, mean_ref, S.step_std(run.pipe, x, t, t_prev, c.ddpo_eta)).mean()
+            l_k, kl = l_k + c.ddpo_kl * kl_k, kl + kl_k.item() / len(ks)
         loss, clipped = loss + l_k / len(ks), clipped + c_k.item() / len(ks)
-    return loss, dict(reward=rd["reward"].nanmean().item(), clipfrac=clipped)
+    return loss, dict(reward=rd["reward"].nanmean().item(), clipfrac=clipped, kl=kl)
+
+
+# -----------------------------------------------------------------------------
+# diffusion_nft
+
+
+def nft_follow(run, it):
+    """The old policy after step it - 1: old <- d * old + (1 - d) * theta, d = min(nft_decay * it, 0.5) (the official
+    decay_type 1; nft_decay = 0: the policy that samples is always the current one). Its trained parameters only."""
+    d, live = min(run.cfg.nft_decay * it, 0.5), dict(run.pipe.unet.named_parameters())
+    with torch.no_grad():
+        for name, o in run.old.named_parameters():
+            if live[name].requires_grad:
+                o.lerp_(live[name].detach(), 1 - d)
+
+
+def prepare_diffusion_nft(run, it, micro):
+    """DiffusionNFT: each step the old policy samples n_traj images of each prompt with the evaluation's ODE sampler
+    (eta 0), scored; each sample's optimality r (nft_optimality; the std over the whole step's finite rewards, all
+    ranks and micro-steps, set at the last micro-step: a collective every rank issues); the loss trains
+    timestep_fraction of the schedule's timesteps of each sample, each at fresh noise. A failed score drops its
+    sample. One optimizer step per round, as the official 1 gradient step per epoch."""
+    c, n = run.cfg, run.cfg.n_traj
+    if micro == 0:
+        new_round(run, (it, 0))
+        nft_follow(run, it)
+    gidx = list(run.prompt_range(it, micro))
+    prompts = [run.train_prompt(g) for g in gidx for _ in range(n)]
+    traj, r = R.scored_samples(run, prompts, [run.seed_for("noise", g, j) for g in gidx for j in range(n)], net=run.old)
+    live = r.isfinite()
+    rd = run.rounds[(it, micro)] = dict(x0=traj.x_final[live.to(traj.x_final.device)], reward=r[live].double(),
+                                        group=torch.tensor(gidx).repeat_interleave(n)[live],
+                                        sample=torch.tensor([g * n + j for g in gidx for j in range(n)])[live],
+                                        prompts=[p for p, ok in zip(prompts, live.tolist()) if ok])
+    if micro == c.grad_accum - 1:  # the step's reward std, every rank
+        std = step_std(run, [run.rounds[(it, m)]["reward"] for m in range(c.grad_accum)])
+        for m in range(c.grad_accum):
+            x = run.rounds[(it, m)]
+            x["r"] = nft_optimality(x["reward"], x["group"], std).float().to(run.device) if len(x["reward"]) else None
+    info = dict(reward=r.nanmean().item(), failed=(~live).float().mean().item(), kl=float("nan"), r_mean=float("nan"))
+    return dict(round=rd, count=int(live.sum()), info=info)
+
+
+def loss_diffusion_nft(run, b):
+    """nft_loss at timestep_fraction of the schedule's steps per sample (its own draw: any rank split trains the
+    same), a mean over them and the samples; + nft_kl * |out_theta - out_ref|^2 (the official KL term, in the
+    model's output space)."""
+    c, rd = run.cfg, b["round"]
+    K, T = R.ddpo_steps(c), c.num_steps
+    gens = [torch.Generator().manual_seed(run.seed_for("nft t", s)) for s in rd["sample"].tolist()]
+    k = torch.stack([torch.randperm(T, generator=g)[:K] for g in gens])  # (N, K): steps of the schedule
+    t = run.ts[k.to(run.ts.device)].flatten()
+    x0 = rd["x0"].repeat_interleave(K, 0)
+    x_t = S.add_noise(run.pipe, x0, t, S.randn(x0.shape[1:], [g for g in gens for _ in range(K)], run.device))
+    cond = M.encode(run.pipe, rd["prompts"]).repeat_interleave(K, 0)
+    out = M.unet_call(run.pipe, run.net, x_t, t, cond).float()
+    with torch.no_grad():
+        out_old = M.unet_call(run.pipe, run.old, x_t, t, cond).float()
+        out_ref = M.unet_call(run.pipe, run.ref, x_t, t, cond).float() if c.nft_kl else None
+    x0_theta, x0_old = (S.split_prediction(run.pipe, x_t, o, t)[0] for o in (out, out_old))
+    policy = nft_loss(x0_theta, x0_old, x0, rd["r"].repeat_interleave(K), c.nft_beta).mean()
+    kl = (out - out_ref).pow(2).mean() if c.nft_kl else torch.zeros((), device=out.device)
+    return policy + c.nft_kl * kl, dict(b["info"], kl=kl.item(), r_mean=rd["r"].mean().item())

@@ -380,9 +380,7 @@ def main():
         if not ok:
             raise SystemExit(f"error: {message}")
     for f in folders:  # what each folder's configs allow, still before any model loads
-        greedy = f == folders[0] and any(s.startswith("greedy") for s in searches)
-        M.check_model_folder(f, resolution, f"--eta={eta}" if eta > 0 else
-                             f"--search={search} (greedyK takes stochastic DDIM steps)" if greedy else "")
+        M.check_model_folder(f, resolution)
     torch.set_num_threads(threads or os.cpu_count())
     try:  # every reward loads before any sampling
         extra = {spec: make_reward(spec, device) for spec in str(rewards).split("+") if spec}

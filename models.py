@@ -73,9 +73,8 @@ def family_of(denoiser_class, has_second_encoder):
         ("sdxl" if has_second_encoder else "sd")
 
 
-def check_model_folder(folder, resolution=0, stochastic=""):
-    """Fail with one line unless `folder` has the subfolders load_model reads and takes `resolution` (check_resolution),
-    and, for a flow model, unless nothing asks for a stochastic step (stochastic: the setting that does, "" if none).
+def check_model_folder(folder, resolution=0):
+    """Fail with one line unless `folder` has the subfolders load_model reads and takes `resolution` (check_resolution).
     Reads config files only: the scripts call it before any model loads."""
     has = lambda d: os.path.isdir(os.path.join(folder, d))
     missing = [d for d in ("unet", "text_encoder", "tokenizer", "scheduler") if not has(d)
@@ -84,9 +83,6 @@ def check_model_folder(folder, resolution=0, stochastic=""):
         raise SystemExit(f"error: model folder {folder!r} lacks {', '.join(m + '/' for m in missing)} "
                          "(expected a diffusers-style folder: unet/ text_encoder/ tokenizer/ scheduler/ [vae/])")
     check_resolution(folder, resolution)
-    if stochastic and folder_is_flow(folder):
-        raise SystemExit(f"error: {folder!r} is a flow-matching model: it samples deterministically (Euler steps, eta 0), "
-                         f"so {stochastic} does not apply")
 
 
 def load_model(folder, device="cpu", dtype=torch.float32, uncond="auto", resolution=0):

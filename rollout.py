@@ -38,7 +38,8 @@ def seed_for(seed, purpose, a, b=0):
             "noise": (seed * 1_000_003 + a) * 64 + b, "sample": seed * 31 + a, "render": seed + a,
             "t noise": seed * 7919 + a, "pool": seed * 7 + a, "pool prompts": seed * 99991,
             "ddpo t": seed + a * 131 + b, "replay": (seed * 1_000_033 + a) * 4096 + b,
-            "replay noise": (seed * 7927 + a) * 4096 + b, "alttext": (seed * 1_000_037 + a) * 4096 + b}[purpose]
+            "replay noise": (seed * 7927 + a) * 4096 + b, "alttext": (seed * 1_000_037 + a) * 4096 + b,
+            "nft t": seed * 1_000_039 + a}[purpose]
 
 
 def parse_range(start_range):
@@ -66,8 +67,10 @@ def start_steps(gidx, k_range, seed):
 
 
 def ddpo_steps(c):
-    """How many of the sampler's num_steps - 1 stochastic steps one ddpo optimizer step trains."""
-    return max(1, round(c.ddpo_fraction * (c.num_steps - 1))) if c.ddpo_fraction else min(c.m_steps, c.num_steps - 1)
+    """How many of the sampler's steps one ddpo optimizer step trains (of its num_steps - 1 stochastic ones), or
+    diffusion_nft trains per sample (of num_steps)."""
+    T = c.num_steps - (c.method != "diffusion_nft")
+    return max(1, round(c.timestep_fraction * T)) if c.timestep_fraction else min(c.m_steps, T)
 
 
 def planned_nfe(c, family="sd"):
@@ -80,7 +83,8 @@ def planned_nfe(c, family="sd"):
                                 + n * g * (T - m - sum(step_range(c.start_range, T, m)) / 2) * (c.sft_target == "final")),
             "sharpen_rlhf": P * (T * g + n * m * g + 3 * 2 * m + 2 * m),  # sample, rollouts, w/l x policy/ref
             "diffusion_dpo": P * (3 * 2 + 2),  # winner and loser through policy and reference (+ the pool, once)
-            "ddpo": P * n * (T * g / c.ppo_epochs + 3 * ddpo_steps(c) * g),  # a round serves ppo_epochs steps
+            "ddpo": P * n * (T * g / c.ppo_epochs + (3 + (c.ddpo_kl > 0)) * ddpo_steps(c) * g),  # + the reference
+            "diffusion_nft": P * n * (T * g + ddpo_steps(c) * (3 + 1 + (c.nft_kl > 0))),  # sample; theta, old, ref
             "raft": P * (c.raft_n * T * g / c.raft_epochs + 3)}[c.method] + 3 * c.replay  # best of raft_n; anchor
 
 
@@ -118,7 +122,8 @@ class Run:
     master: bool = True
     quiet: bool = True                # no progress bars
     spent: dict = field(default_factory=lambda: dict(nfe=0, scored=0))  # image-passes (grad x3), images scored
-    rounds: dict = field(default_factory=dict)  # ddpo, raft: {(round, micro): the sampled round}
+    rounds: dict = field(default_factory=dict)  # ddpo, raft, diffusion_nft: {(round, micro): the sampled round}
+    old: torch.nn.Module = None       # diffusion_nft: the old (sampling) policy, a frozen copy that follows the net
     pool: list = field(default_factory=list)    # diffusion_dpo: [x_w, x_l, prompts]
     timing: dict = field(default_factory=lambda: defaultdict(float))  # --profile: seconds per phase this step
 

@@ -184,15 +184,26 @@ def ddim_sigma(pipe, t, t_prev, eta, shape=(-1, 1, 1, 1)):
     return eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt(), ab_prev
 
 
+def flow_sde(pipe, x_t, t, t_prev, a):
+    """Flow-GRPO's SDE form of the flow step (arXiv 2505.05470, Eq. 9-10; its sde_step_with_logprob), noise level a,
+    dt = sigma_prev - sigma < 0: x_prev = x_t (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt
+    + g sqrt(-dt) z, with g = a sqrt(sigma / (1 - sigma)) (sigma = 1, the first step: 1 - sigma_prev below) ->
+    (the coefficients of x_t and v in the mean, the noise std g sqrt(-dt)); a = 0 is the Euler step."""
+    (_, s), (_, s_prev) = coeffs(pipe, t, x_t.dim()), coeffs(pipe, t_prev, x_t.dim())
+    dt, g2 = s_prev - s, a ** 2 * s / (1 - torch.where(s == 1, s_prev, s))
+    return 1 + g2 * dt / (2 * s), (1 + g2 * (1 - s) / (2 * s)) * dt, (g2 * -dt).sqrt()
+
+
 def ddim_step(pipe, x_t, model_out, t, t_prev, eta=0.0, noise=None):
     """One sampler step -> (x_prev, x0_pred, eps_pred). DDIM: x_prev = sqrt(ab_prev)*x0 + sqrt(1 - ab_prev -
     sigma^2)*eps + sigma*noise, x0 clipped as the config says, eps not (diffusers' default). Flow: the Euler step
     of the probability-flow ODE, x_prev = x_t + (sigma_prev - sigma) * v (= (1 - sigma_prev) x0 + sigma_prev eps),
-    as FlowMatchEulerDiscreteScheduler; deterministic only (its SDE form, for DDPO, is not implemented)."""
+    as FlowMatchEulerDiscreteScheduler; with eta > 0, Flow-GRPO's SDE with noise level eta (flow_sde)."""
     x0, eps = split_prediction(pipe, x_t, model_out, t)
     if is_flow(pipe):
         if eta > 0:
-            raise ValueError("flow-matching models sample with eta = 0 only (the stochastic step is DDIM's)")
+            cx, cv, std = flow_sde(pipe, x_t, t, t_prev, eta)
+            return cx * x_t + cv * model_out + std * noise, x0, eps
         (_, s), (_, s_prev) = coeffs(pipe, t, x_t.dim()), coeffs(pipe, t_prev, x_t.dim())
         return x_t + (s_prev - s) * model_out, x0, eps
     cfg = pipe.scheduler.config
@@ -205,11 +216,17 @@ def ddim_step(pipe, x_t, model_out, t, t_prev, eta=0.0, noise=None):
     return x_prev, x0, eps
 
 
+def step_std(pipe, x_t, t, t_prev, eta):
+    """The noise std of a stochastic sampler step (DDIM's sigma_t, or flow_sde's), broadcastable over x_t."""
+    return flow_sde(pipe, x_t, t, t_prev, eta)[2] if is_flow(pipe) else \
+        ddim_sigma(pipe, t, t_prev, eta, (-1, *[1] * (x_t.dim() - 1)))[0]
+
+
 def ddim_logprob(pipe, x_t, model_out, t, t_prev, eta, x_prev):
-    """log N(x_prev; mean, sigma^2 I) of a stochastic DDIM step, averaged over pixels as DDPO (arXiv
-    2305.13301) does: (B,), differentiable in model_out. sigma = 0 (the clean end): -inf/NaN."""
+    """log N(x_prev; mean, sigma^2 I) of a stochastic sampler step (DDIM, or the flow SDE), averaged over pixels as
+    DDPO (arXiv 2305.13301) and Flow-GRPO do: (B,), differentiable in model_out. sigma = 0 (DDIM's clean end): -inf/NaN."""
     mean, _, _ = ddim_step(pipe, x_t, model_out, t, t_prev, eta, torch.zeros_like(x_t))
-    sigma, _ = ddim_sigma(pipe, t, t_prev, eta, (-1, *[1] * (x_t.dim() - 1)))
+    sigma = step_std(pipe, x_t, t, t_prev, eta)
     lp = -(x_prev.detach() - mean) ** 2 / (2 * sigma ** 2) - sigma.log() - 0.5 * math.log(2 * math.pi)
     return lp.flatten(1).mean(1)
 
@@ -337,7 +354,7 @@ if __name__ == "__main__":
             (not device.startswith("cuda") or torch.cuda.is_available(), "--device=cuda but no CUDA device is available")]:
         if not ok:
             raise SystemExit(f"error: {message}")
-    M.check_model_folder(model, resolution, f"--eta={eta}" if eta > 0 else "")  # what its configs allow, before it loads
+    M.check_model_folder(model, resolution)  # what its configs allow, before it loads
     torch.set_num_threads(os.cpu_count())
     pipe = M.load_model(model, device, uncond=uncond_embed, resolution=resolution)
     images = sample(pipe, [prompt] * num_images, [seed + i for i in range(num_images)],

@@ -390,7 +390,9 @@ def test_ddim_step_matches_diffusers():
 def test_flow_step_matches_diffusers_and_targets_exact():
     """Flow matching: our Euler step == FlowMatchEulerDiscreteScheduler.step at every step (shift 1 and 3);
     on x_t = (1 - sigma) x0 + sigma eps with the model output v = eps - x0, the x0 and eps predictions and the
-    training target are exact; a sampler step lands on (1 - sigma') x0 + sigma' eps; eta > 0 is refused."""
+    training target are exact; a sampler step lands on (1 - sigma') x0 + sigma' eps. eta > 0: Flow-GRPO's SDE step
+    (its sde_step_with_logprob, rewritten below from its code) at every step, its log-density a direct Gaussian's, and
+    noise level 0 the Euler step."""
     pipe = toyworld.new_toy_model(0, flow=True)
     for shift in (1.0, 3.0):
         pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
@@ -413,7 +415,22 @@ def test_flow_step_matches_diffusers_and_targets_exact():
     x_prev, x0_pred, eps_pred = S.ddim_step(pipe, x_t, eps - x0, t, t / 2)
     for a, b in ((x0_pred, x0), (eps_pred, eps), (eps_back, eps), (x_prev, (1 - sigma / 2) * x0 + sigma / 2 * eps)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    raises(lambda: S.ddim_step(pipe, x_t, eps - x0, t, t / 2, eta=1.0, noise=eps), "eta = 0 only")
+    ref.set_timesteps(10)  # (shift 3)
+    x, a = torch.randn(2, 3, 8, 8), 0.7
+    for i in range(10):
+        v, z = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+        sigma, sigma_prev, sigma_max = ref.sigmas[i], ref.sigmas[i + 1], ref.sigmas[1].item()
+        dt = sigma_prev - sigma
+        std_dev = (sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))).sqrt() * a
+        mean = x * (1 + std_dev ** 2 / (2 * sigma) * dt) + v * (1 + std_dev ** 2 * (1 - sigma) / (2 * sigma)) * dt
+        want = mean + std_dev * (-dt).sqrt() * z
+        tt, tp = ts[i].expand(2), ts[i + 1].expand(2)
+        torch.testing.assert_close(S.ddim_step(pipe, x, v, tt, tp, a, z)[0], want, rtol=1e-5, atol=1e-5)
+        lp = torch.distributions.Normal(mean, std_dev * (-dt).sqrt()).log_prob(want).flatten(1).mean(1)
+        torch.testing.assert_close(S.ddim_logprob(pipe, x, v, tt, tp, a, want), lp, rtol=1e-5, atol=1e-5)
+        cx, cv, std = S.flow_sde(pipe, x, tt, tp, 0.0)  # noise level 0: the Euler step
+        assert torch.allclose(cx, torch.ones(())) and torch.allclose(cv, dt.expand(2, 1, 1, 1)) and (std == 0).all()
+        x = want
 
 
 def test_ddim_logprob_is_the_step_density():
@@ -842,6 +859,34 @@ def test_baseline_losses_hand_computation():
     loss, _ = sharpen.rlhf_loss(d["mse_w"], d["mse_l"], d["ref_mse_w"], d["ref_mse_l"], zero, zero, beta, False)
     h = [0.2, -0.05]  # from test_rlhf_loss_hand_computation
     assert abs(loss.item() - (math.log1p(math.exp(-h[0])) + math.log1p(math.exp(-h[1]))) / 2) < 1e-6
+    # one std for every prompt (Flow-GRPO's global_std): the step's, ddof 0, NaN left out, over a rank's tensors
+    std = baselines.step_std(types.SimpleNamespace(world=1), [torch.tensor([1.0, 2.0, float("nan")]), torch.tensor([3.0])])
+    assert abs(std - (2 / 3) ** 0.5) < 1e-12, std
+    a = baselines.group_advantages(torch.tensor([[1.0, 2.0], [3.0, 7.0]]), eps=0.0, std=2.0)
+    assert torch.allclose(a, torch.tensor([[-0.25, 0.25], [-1.0, 1.0]])), a
+    # the KL of two Gaussian steps with one sigma: |mean - ref|^2 / (2 sigma^2), averaged over pixels
+    kl = baselines.gaussian_kl(torch.tensor([[1.0, 3.0]]), torch.zeros(1, 2), torch.tensor([[2.0]]))
+    assert torch.allclose(kl, torch.tensor([(1 / 8 + 9 / 8) / 2])), kl
+    # DiffusionNFT's optimality: A = (r - prompt mean) / (step std, ddof 0), clipped to +-5, r = A / 10 + 1/2
+    opt = baselines.nft_optimality(torch.tensor([1.0, 2, 3, 0, 4], dtype=torch.float64), torch.tensor([7, 7, 7, 2, 2]),
+                                   std=2 ** 0.5, eps=0.0)
+    assert torch.allclose(opt, 0.5 + torch.tensor([-1.0, 0, 1, -2, 2], dtype=torch.float64) / 2 ** 0.5 / 10), opt
+    assert baselines.nft_optimality(torch.tensor([0.0, 20.0]), torch.tensor([0, 0]), std=1.0).tolist() == [0.0, 1.0]
+    # its loss, beta 0.5, r 0.75: x0+ = (0.5, 1.5), x0- = (-0.5, 0.5), w = (1, 0.5); L = 5 (0.75 * 1.25 / 1 + 0.25 *
+    # 0.25 / 0.5) / 0.5; dL/dx0_theta = 5 (r (x0+ - x0) / w+ - (1 - r) (x0- - x0) / w-) (w detached)
+    theta = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    loss = baselines.nft_loss(theta, torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2), torch.tensor([0.75]), 0.5)
+    loss.sum().backward()
+    assert abs(loss.item() - 10.625) < 1e-6 and torch.allclose(theta.grad, torch.tensor([[3.125, 4.375]])), theta.grad
+    # the old policy follows the trained weights: d = min(nft_decay * step, 0.5), frozen weights untouched
+    live, old = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    live.bias.requires_grad_(False)
+    w0, b0 = old.weight.detach().clone(), old.bias.detach().clone()
+    fake = types.SimpleNamespace(cfg=types.SimpleNamespace(nft_decay=0.3), pipe=types.SimpleNamespace(unet=live), old=old)
+    baselines.nft_follow(fake, 1)
+    assert torch.allclose(old.weight, 0.3 * w0 + 0.7 * live.weight) and torch.equal(old.bias, b0)
+    baselines.nft_follow(fake, 4)  # d capped at 0.5
+    assert torch.allclose(old.weight, 0.5 * (0.3 * w0 + 0.7 * live.weight) + 0.5 * live.weight)
 
 
 # -----------------------------------------------------------------------------
@@ -1232,10 +1277,9 @@ def test_script_errors_are_one_line():
 
 def test_eval_and_sample_bad_input_one_line():
     """Every eval.py and sample.py setting with a range, out of it, is one `error:` line naming the key (a search
-    spec: and the valid forms) before any model loads; so are what a folder's configs rule out (eta > 0 or greedy
-    search on a flow model, a resolution off its size step). The cases run two at a time (one process each)."""
+    spec: and the valid forms) before any model loads; so is what a folder's configs rule out (a resolution off its
+    size step). The cases run two at a time (one process each)."""
     search = "is not a search (bonN with N >= 1, noiseRxK with R, K >= 1, greedyK with K >= 1"
-    flow = os.path.join(HERE, "assets", "toy-flow-model")
     cases = [("eval.py", [f"--search={s}"], f"--search: {s!r} {search}") for s in ("bon0", "noise0x3", "noise2x0",
                                                                                    "greedy0", "beam4", "bon")]
     cases += [("eval.py", ["--search=bon2+greedy"], "'greedy'"), ("eval.py", ["--per_skill=0"], "--per_skill"),
@@ -1246,12 +1290,10 @@ def test_eval_and_sample_bad_input_one_line():
               ("eval.py", ["--uncond_embed=none"], "--uncond_embed"), ("eval.py", ["--threads=-1"], "--threads"),
               ("eval.py", ["--models=+"], "--models"), ("eval.py", ["--search_reward=nope", "--search=bon2"], "--search_reward: unknown reward 'nope'"),
               ("eval.py", ["--rewards=toyclip+nope"], "--rewards: unknown reward 'nope'"),
-              ("eval.py", [f"--models={flow}", "--search=greedy2"], "flow-matching"),
               ("sample.py", ["--num_images=0"], "--num_images"), ("sample.py", ["--num_steps=0"], "--num_steps"),
               ("sample.py", ["--seed=-1"], "--seed"), ("sample.py", ["--guidance=inf"], "--guidance"),
               ("sample.py", ["--eta=-0.5"], "--eta"), ("sample.py", ["--resolution=-8"], "--resolution"),
-              ("sample.py", ["--uncond_embed=none"], "--uncond_embed"), ("sample.py", ["--out=grid.gif"], "--out"),
-              ("sample.py", [f"--model={flow}", "--eta=1.0"], "flow-matching")]
+              ("sample.py", ["--uncond_embed=none"], "--uncond_embed"), ("sample.py", ["--out=grid.gif"], "--out")]
     if not torch.cuda.is_available():
         cases += [(script, ["--device=cuda"], "--device=cuda") for script in ("eval.py", "sample.py")]
     two_at_a_time([(assert_one_line_error, needle, script, *args) for script, args, needle in cases])
@@ -1303,8 +1345,7 @@ def test_train_bad_input_one_line():
                              (["--method=raft", "--sft_data=alttext"], "raft does not use them"),
                              (["--method=sharpen_sft", "--sft_weights=step"], "sft_weights=step needs 0 < lam"),
                              (["--method=sharpen_sft", "--sft_data=web"], "sft_data must be"),
-                             (["--method=ddpo", "--num_steps=1", "--m_steps=1"], "ddpo needs num_steps >= 2"),
-                             (["--model=assets/toy-flow-model", "--method=ddpo"], "is a flow-matching model")]:
+                             (["--method=ddpo", "--num_steps=1", "--m_steps=1"], "ddpo needs num_steps >= 2")]:
             if "cuda" not in args[0] or not torch.cuda.is_available():
                 cases.append((assert_one_line_error, needle, "train.py", f"--out_dir={d}/o", *args))
         two_at_a_time(cases)  # a failed case raises its assertion here
@@ -1452,13 +1493,13 @@ def raft_first_loss(seed=1337, P=4, N=4, num_steps=4, first=False):
 
 
 def test_baseline_methods_train_count_nfe_and_resume():
-    """sft, continued, raft, diffusion_dpo, ddpo: planned = counted UNet passes, two exact Adam steps; raft's
+    """sft, continued, raft, diffusion_dpo, ddpo, diffusion_nft: planned = counted UNet passes, two exact Adam steps; raft's
     first loss equals a hand computation and its round serves raft_epochs steps (sampled once); raft killed
     between the steps that share a sampled round resumes exactly (ddpo's round is checkpointed alike). The
     runs go two at a time (1 thread each)."""
     with tempfile.TemporaryDirectory() as d:
         cases = (("sft", 3 * 4), ("continued", 3 * 4), ("diffusion_dpo", 4 * 8), ("ddpo", 4 * 2 * (4 / 2 + 3 * 2)),
-                 ("raft", 4 * (4 * 4 / 2 + 3)))
+                 ("raft", 4 * (4 * 4 / 2 + 3)), ("diffusion_nft", 4 * 2 * (4 + 2 * (3 + 1 + 1))))
         runs = [(run, "train.py", f"--method={method}", "--steps=2", f"--out_dir={d}/{method}", *SHARPEN_TINY,
                  "--dpo_pool=8", f"--nfe_budget={int(2 * per_step) + 64 * (method == 'diffusion_dpo')}")
                 for method, per_step in cases]
@@ -1480,6 +1521,27 @@ def test_baseline_methods_train_count_nfe_and_resume():
         assert abs(lines[0]["loss"] - raft_first_loss()) < 2e-6, (lines[0]["loss"], raft_first_loss())
         full, part = (step_lines(f"{d}/dpokill/{k}")[-1] for k in ("full", "part"))
         assert full["step"] == part["step"] == 4 and full["nfe"] == part["nfe"], (full, part)
+
+
+def test_flow_grpo_and_diffusion_nft_on_flow_lora_and_resume_exact():
+    """Flow-GRPO (config/flow_grpo.py: ddpo on the flow SDE, KL to the base) and diffusion_nft on the flow toy model
+    (config/flow_diffusion_nft.py): planned = counted UNet passes, two exact Adam steps. diffusion_nft with an old
+    policy that lags (nft_decay 0.3: the checkpoint holds it), killed after step 2 and resumed, ends where the
+    uninterrupted run ends, full and LoRA (the old policy's adapters only)."""
+    with tempfile.TemporaryDirectory() as d:
+        flow = ["--steps=2", *SHARPEN_TINY, "--timestep_fraction=0.5"]  # 2 of the 4 steps trained
+        args = ["train.py", "--method=diffusion_nft", "--steps=4", "--ckpt_interval=1", "--nft_decay=0.3", *SHARPEN_TINY]
+        for sub in ("full", "lora"):
+            os.makedirs(f"{d}/{sub}")
+        *logs, _, _ = two_at_a_time([(run, "train.py", f"config/{c}.py", *flow, f"--out_dir={d}/{c}")
+                                     for c in ("flow_grpo", "flow_diffusion_nft")] +
+                                    [(crash_and_resume, args, f"{d}/full"), (crash_and_resume, [*args, "--lora_rank=4"], f"{d}/lora")])
+        for c, (_, log) in zip(("flow_grpo", "flow_diffusion_nft"), logs):
+            assert f"x 2 steps = {step_lines(f'{d}/{c}')[-1]['nfe']:.0f}" in log, log
+            assert_two_adam_steps("assets/toy-flow-model", f"{d}/{c}")
+        ck = torch.load(f"{d}/lora/part/ckpt.pt", weights_only=False)["models"]
+        assert len(ck) == 2 and all(".lora_" in k for k in ck[1]) and any(
+            not torch.equal(ck[0][k], ck[1][k]) for k in ck[1]), "the old policy's adapters lag the trained ones"
 
 
 def test_raft_pool_rounds_replay_and_no_selection_control():
@@ -1551,8 +1613,9 @@ def test_ddp_ties_on_one_rank_equal_one_rank():
     other's do not: the run goes on (the idle rank still joins DDP's all-reduce) with the loss, gradient norm
     and weights of 1 rank at the same global batch (the loss is a mean over the pairs of the whole step, all
     ranks and micro-steps): sharpen_rlhf, also with grad_accum = 2 (idle micro-steps under no_sync), and
-    sharpen_sft and raft when every score of a rank fails. The other baselines finish too; a pool of ties is
-    one error line."""
+    sharpen_sft and raft when every score of a rank fails, diffusion_nft and ddpo as Flow-GRPO (one reward std over
+    the step's ranks and micro-steps; ddpo trains every prompt, a failed score at advantage 0). diffusion_dpo
+    finishes; a pool of ties is one error line."""
     with stub_grader() as stub, tempfile.TemporaryDirectory() as d:
         with open(f"{d}/prompts.txt", "w") as f:
             f.write("tie a red circle\nvary a red circle\ngarbage a red circle\nvary two blue squares\n")
@@ -1562,23 +1625,25 @@ def test_ddp_ties_on_one_rank_equal_one_rank():
                  "sft": ["--method=sharpen_sft", "--prompts_per_step=2",
                          f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"],
                  "raft": ["--method=raft", "--prompts_per_step=2", "--raft_n=2", "--raft_epochs=1",
-                          f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"]}
+                          f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"],
+                 "nft": ["--method=diffusion_nft", "--prompts_per_step=4", "--grad_accum=2", *grader],
+                 "grpo": ["--method=ddpo", "--prompts_per_step=4", "--grad_accum=2", "--ddpo_std=step", "--ddpo_kl=0.04",
+                          *grader]}
         args = {name: ["train.py", "--steps=4", *SHARPEN_TINY, "--lr=1e-4", "--grad_clip=1e6", *extra]  # unclipped:
                 for name, extra in cases.items()}                                            # Adam sees the scale
         two_at_a_time([(run, *a, f"--out_dir={d}/{name}1") for name, a in args.items()])  # the 1-rank runs, 1 thread each
         for name in cases:
             run(*TORCHRUN, *args[name], f"--out_dir={d}/{name}2")
             one, two = step_lines(f"{d}/{name}1"), step_lines(f"{d}/{name}2")
-            assert len(two) == 4 and any(s["idle"] >= 1 and s["kept"] >= 1 for s in two), (name, two)  # one idled
+            assert len(two) == 4 and (name == "grpo" or any(s["idle"] >= 1 and s["kept"] >= 1 for s in two)), (name, two)
             for a, b in zip(one, two):  # an idle rank that halved the mean, or a mean per rank, shows here
                 assert a["kept"] == b["kept"], (name, one, two)
                 assert all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])) for k in ("loss", "gnorm")), (name, one, two)
             sa, sb = (M.load_model(f"{d}/{name}{r}/model").unet.state_dict() for r in (1, 2))
             off = torch.cat([(sa[k] - sb[k]).abs().flatten() for k in sa]) > 1e-5  # Adam moves a few by float noise
             assert off.float().mean() < 0.02, (name, off.float().mean())
-        for method in ("ddpo", "diffusion_dpo"):  # they train on every item (ddpo: a failed score has advantage 0)
-            run(*TORCHRUN, "train.py", f"--method={method}", "--steps=2", *SHARPEN_TINY, "--prompts_per_step=2",
-                "--dpo_pool=8", *grader, f"--out_dir={d}/{method}")
+        run(*TORCHRUN, "train.py", "--method=diffusion_dpo", "--steps=2", *SHARPEN_TINY, "--prompts_per_step=2",
+            "--dpo_pool=8", *grader, f"--out_dir={d}/diffusion_dpo")  # it trains on every pair of its pool
         with open(f"{d}/prompts.txt", "w") as f:
             f.write("tie a red circle\n")
         code, out = run("train.py", "--method=diffusion_dpo", "--steps=1", *SHARPEN_TINY, "--dpo_pool=4", *grader,
@@ -1609,10 +1674,11 @@ def test_ddp_dead_rank_stops_the_run():
 # real models
 
 def test_real_folders_sharpen_full_and_lora_export_reload():
-    """Two steps of sharpen_sft (full) and sharpen_rlhf (LoRA) on tiny SD1.5, SDXL, SD3 and FLUX folders, and of
-    the other two combinations on one UNet each (rlhf full: SD1.5, sft LoRA: SDXL): the exported folder is a
-    plain diffusers folder that reloads and samples, two Adam steps from the base; LoRA runs also write the
-    adapters' file; the SDXL, SD3 and FLUX exports load as their diffusers pipelines and sample as we do."""
+    """Two steps of sharpen_sft (full) and sharpen_rlhf (LoRA) on tiny SD1.5, SDXL, SD3 and FLUX folders, of the
+    other two combinations on one UNet each (rlhf full: SD1.5, sft LoRA: SDXL), of diffusion_nft and Flow-GRPO (ddpo
+    on the flow SDE, KL to the base) on SD3 and FLUX, full and LoRA: the exported folder is a plain diffusers folder
+    that reloads and samples, two Adam steps from the base; LoRA runs also write the adapters' file; the SDXL, SD3
+    and FLUX exports load as their diffusers pipelines and sample as we do."""
     with tempfile.TemporaryDirectory() as d:
         bases = {kind: sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction="v_prediction" if kind == "sdxl" else "")
                  for kind in ("sd15", "sdxl", "sd3", "flux")}
@@ -1627,13 +1693,20 @@ def test_real_folders_sharpen_full_and_lora_export_reload():
                     run, "train.py", f"--model={base}", f"--method={method}", "--steps=2", f"--lora_rank={lora}",
                     f"--out_dir={out}", "--resolution=32", *REAL_TINY,
                     *["--guidance=3.5"] * (kind == "flux"))  # FLUX: an input, one pass per step
+        for kind, method, lora in (("sd3", "diffusion_nft", 4), ("flux", "diffusion_nft", 0), ("sd3", "ddpo", 4),
+                                   ("flux", "ddpo", 0)):  # DiffusionNFT and Flow-GRPO on both flow transformers
+            out = f"{d}/{kind}-{method}-{lora}"
+            runs[kind, method, lora, bases[kind], out] = (
+                run, "train.py", f"--model={bases[kind]}", f"--method={method}", "--steps=2", f"--lora_rank={lora}",
+                f"--out_dir={out}", "--resolution=32", *REAL_TINY, *["--guidance=3.5"] * (kind == "flux"),
+                *["--ddpo_eta=0.7", "--ddpo_kl=0.04", "--ddpo_std=step"] * (method == "ddpo"))
         *logs, _ = two_at_a_time([*runs.values(), (run, "train.py", f"--model={bases['sd15']}", "--method=sharpen_sft",
                                                    "--steps=2", "--grad_ckpt", f"--out_dir={d}/sd15-sharpen_sft-0-ckpt",
                                                    *REAL_TINY)])
         for (kind, method, lora, base, out), (_, log) in zip(runs, logs):
             losses = [s["loss"] for s in step_lines(out)]
             assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log
-            if kind == "flux":  # planned = counted UNet passes
+            if kind == "flux" or method in ("diffusion_nft", "ddpo"):  # planned = counted UNet passes
                 assert f"x 2 steps = {step_lines(out)[-1]['nfe']:.0f}" in log, log
             assert_two_adam_steps(base, out, lora)
             pipe = M.load_model(f"{out}/model", resolution=32)
@@ -1778,6 +1851,25 @@ def test_eval_cli_two_models_and_search():
         for f in ("results.md", "grid.png", "reward_vs_nfe.png"):
             assert os.path.getsize(os.path.join(d, f)) > 0, f
         assert "| toy-model | " in open(os.path.join(d, "results.md")).read()
+
+
+def test_scaling_quick_end_to_end_and_resumable():
+    """dev/scaling.py --quick: a run per method and budget multiple (the 2x run spends twice the 1x's budget, within a
+    step), one evaluation with the amortisation, the table and figure; called again, it trains and evaluates nothing."""
+    with tempfile.TemporaryDirectory() as d:
+        args = ["dev/scaling.py", "--quick", "--methods=diffusion_nft+grpo", "--multiples=1+2", f"--out={d}"]
+        run(*args)
+        md = open(f"{d}/results.md").read()
+        cells = ([c.strip() for c in line.strip("|").split("|")] for line in md.splitlines())
+        rows = {(c[0], c[1]): c for c in cells if c[1:2] in (["1x"], ["2x"])}
+        assert set(rows) == {(m, k) for m in ("diffusion_nft", "grpo") for k in ("1x", "2x")}, md
+        for m in ("diffusion_nft", "grpo"):
+            one, two = (int(rows[m, k][2]) for k in ("1x", "2x"))
+            assert one <= 200 < two <= 400 and two > one, (m, one, two)
+        assert os.path.getsize(f"{d}/scaling.png") > 0
+        stamp = os.path.getmtime(f"{d}/eval/results.json")
+        _, out = run(*args)
+        assert os.path.getmtime(f"{d}/eval/results.json") == stamp and "train.py" not in out, out[-500:]
 
 
 def test_reproduce_quick_end_to_end_and_resumable():

@@ -1,6 +1,6 @@
 """
 Training: Diffusion-Sharpening (arXiv 2502.12146; Alg. 1 = sharpen_sft, Alg. 2 = sharpen_rlhf), the
-baselines it competes with (sft, diffusion_dpo, ddpo) and the pretraining of the built-in toy model.
+baselines it competes with (sft, raft, diffusion_dpo, ddpo, diffusion_nft) and the pretraining of the toy models.
 The defaults are the variables below; config files and --key=value override them, later ones win.
 
     python train.py                                               # sharpen_rlhf, built-in toy model, CPU
@@ -35,7 +35,7 @@ from reward import make_reward
 
 # -----------------------------------------------------------------------------
 # run
-method = "sharpen_rlhf"  # sharpen_rlhf | sharpen_sft | pretrain | baselines: sft | raft | diffusion_dpo | ddpo | continued
+method = "sharpen_rlhf"  # sharpen_rlhf | sharpen_sft | pretrain | baselines: sft | raft | diffusion_dpo | ddpo | diffusion_nft | continued
 model = M.TOY_MODEL      # the diffusers folder training starts from
 out_dir = ""             # ckpt.pt, log.txt, model/ ("" = out/<method>)
 init_from = "scratch"    # scratch | resume (out_dir/ckpt.pt)
@@ -71,8 +71,13 @@ dpo_pool = 256           # diffusion_dpo: train prompts the base model samples o
 dpo_k = 2                # the best and worst of them make the prompt's preference pair
 ppo_clip = 1e-4          # ddpo: ratio clip range (ddpo-pytorch's default)
 ppo_epochs = 2           # ddpo: optimizer steps per sampled batch (the second sees a ratio != 1)
-ddpo_fraction = 0.0      # ddpo: fraction of the sampler's steps a step trains (ddpo-pytorch's timestep_fraction; 0: m_steps)
-ddpo_eta = 1.0           # ddpo: DDIM eta of its sampler (the policy needs step noise to have a density)
+timestep_fraction = 0.0  # ddpo, diffusion_nft: fraction of the sampler's steps a step trains (per sample; 0: m_steps)
+ddpo_eta = 1.0           # ddpo: DDIM eta of its sampler (a flow model: its SDE's noise level, Flow-GRPO's 0.7)
+ddpo_std = "prompt"      # ddpo: advantages over each prompt's std (ddpo-pytorch) | step (the round's, Flow-GRPO's)
+ddpo_kl = 0.0            # ddpo: weight of each trained step's KL to the base model (Flow-GRPO's beta, 0.04)
+nft_beta = 1.0           # diffusion_nft: implicit policies v+ = (1 - beta) v_old + beta v, v- = (1 + beta) v_old - beta v
+nft_decay = 0.001        # diffusion_nft: old policy <- d old + (1 - d) theta each step, d = min(nft_decay * step, 0.5)
+nft_kl = 1e-4            # diffusion_nft: weight of |v - v_ref|^2 against the base model (0: no reference passes)
 raft_n = 4               # raft: samples per train prompt (the evaluation sampler); the best by the reward is trained on
 raft_epochs = 2          # raft: passes over each sampled round's pool (each step at fresh t and noise)
 raft_pool = 0            # raft: train prompts per round (a multiple of prompts_per_step; 0 = one step's)
@@ -120,7 +125,8 @@ METHODS = {  # name -> (prepare, loss): rollout.py's contract
     "sharpen_sft": (sharpen.prepare_sharpen_sft, sharpen.loss_sharpen_sft),
     "pretrain": (B.prepare_scenes, B.loss_denoising), "continued": (B.prepare_scenes, B.loss_denoising),
     "sft": (B.prepare_scenes, B.loss_denoising), "raft": (B.prepare_raft, B.loss_denoising),
-    "diffusion_dpo": (B.prepare_diffusion_dpo, B.loss_diffusion_dpo), "ddpo": (B.prepare_ddpo, B.loss_ddpo)}
+    "diffusion_dpo": (B.prepare_diffusion_dpo, B.loss_diffusion_dpo), "ddpo": (B.prepare_ddpo, B.loss_ddpo),
+    "diffusion_nft": (B.prepare_diffusion_nft, B.loss_diffusion_nft)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fault injection for the tests, all of it (env TRAIN_<KIND>=a,b,..: a rank dies at "rank:step", the loss of these
 # steps is NaN, the checkpoint write at these steps fails (full disk) or is killed halfway, the run crashes after
@@ -152,7 +158,8 @@ CHECKS = [
         ("init_from", ("scratch", "resume")), ("dtype", tuple(DTYPES)), ("dpo_target", ("start", "outcome")),
         ("sft_target", ("exact", "official", "final")), ("score_steps", ("all", "last")), ("sft_t", ("uniform", "sampler")),
         ("agg", sharpen.AGGREGATES), ("uncond_embed", ("auto", "zeros", "empty")), ("device", ("cpu", "cuda")),
-        ("raft_select", ("best", "first")), ("sft_data", ("render", "alttext")), ("sft_weights", ("prompt", "step")))],
+        ("raft_select", ("best", "first")), ("sft_data", ("render", "alttext")), ("sft_weights", ("prompt", "step")),
+        ("ddpo_std", ("prompt", "step")))],
     (not eval_split or bool(set(eval_split.split(",")) - {"heldout", "train"}),
      f"eval_split must be 'heldout', 'train' or both comma-separated, got {eval_split!r}"),
     *[within(k, 1) for k in ("steps", "prompts_per_step", "batch_size", "grad_accum", "n_traj", "m_steps", "num_steps",
@@ -167,9 +174,9 @@ CHECKS = [
      "not use them"),
     (method not in ("raft", "sharpen_sft") and replay, f"replay is raft's and sharpen_sft's; {method} does not use it"),
     *[within(k, 2) for k in ("dpo_k", "raft_n")],  # a best and a worst, or a choice
-    *[within(k, 0, low_open=True) for k in ("lr", "beta", "grad_clip", "ppo_clip", "ddpo_eta", "ddp_timeout")],
-    within("ema", 0, 1), within("caption_dropout", 0, 1),
-    (not 0 <= ddpo_fraction <= 1, f"ddpo_fraction must be in [0, 1], got {ddpo_fraction}"),
+    *[within(k, 0, low_open=True) for k in ("lr", "beta", "grad_clip", "ppo_clip", "ddpo_eta", "ddp_timeout", "nft_beta")],
+    within("ema", 0, 1), within("caption_dropout", 0, 1), within("nft_decay", 0), within("nft_kl", 0), within("ddpo_kl", 0),
+    (not 0 <= timestep_fraction <= 1, f"timestep_fraction must be in [0, 1], got {timestep_fraction}"),
     (per_step % max(world * grad_accum, 1) != 0, f"{'batch_size' if pretrain else 'prompts_per_step'}={per_step} is not "
                                            f"divisible by {world} ranks x grad_accum {grad_accum}"),
     (not m_steps <= num_steps, f"m_steps={m_steps} must be in 1..num_steps={num_steps}"),
@@ -177,10 +184,8 @@ CHECKS = [
     (R.parse_range(start_range) is None,
      f"start_range={start_range!r}: expected 'a:b' with 0 <= a <= b <= 1 (fractions of the schedule)"),
     (device == "cuda" and not torch.cuda.is_available(), "--device=cuda but no CUDA device is available"),
-    (dtype == "fp16" and device != "cuda", "--dtype=fp16 needs --device=cuda (fp16 autocast + GradScaler); use bf16 "
-                                           "on CPU"),
-    (method == "sharpen_rlhf" and n_traj < 2,
-     f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}"),
+    (dtype == "fp16" and device != "cuda", "--dtype=fp16 needs --device=cuda (fp16 autocast + GradScaler); on CPU: bf16"),
+    (method == "sharpen_rlhf" and n_traj < 2, f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}"),
     (flow and not pretrain, "--flow builds a fresh flow toy model to pretrain (--method=pretrain); to train a flow "
                             "model, pass its folder with --model"),
     (method != "sharpen_sft" and (lam != 0 or normalize or (sft_data, sft_weights) != ("render", "prompt") or
@@ -204,8 +209,7 @@ for bad, msg in CHECKS:
         fail(msg)
 file_prompts = S.read_prompts(prompt_file) if prompt_file else []  # then the files, folders, reward, out_dir it names
 if not pretrain:
-    M.check_model_folder(model, resolution, "--method=ddpo (DDIM's stochastic step; Flow-GRPO's SDE form is not "
-                         "implemented)" if method == "ddpo" else f"--eta={eta}" if eta > 0 else "")
+    M.check_model_folder(model, resolution)
 family = "sd" if pretrain else M.folder_family(model)  # FLUX's guidance costs no second pass
 cfg = SimpleNamespace(**config)
 if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
@@ -263,21 +267,23 @@ pipe.embedded_guidance = guidance  # FLUX-dev: --guidance is its guidance input,
 pipe.unet.to(dev).train()
 params = L.add_lora(pipe.unet, lora_rank, lora_alpha, seed) if lora_rank else \
     list(pipe.unet.float().requires_grad_(True).parameters())
-trained = [pipe.unet]  # the modules whose state the checkpoint holds
+trained = [pipe.unet]  # the trained modules
 if pretrain:
     trained.append(pipe.text_encoder.to(dev).train().requires_grad_(True))
     params += list(pipe.text_encoder.parameters())
 if grad_ckpt:
     pipe.unet.enable_gradient_checkpointing()
-ref_unet = None  # the frozen reference of the DPO losses: the base model (LoRA: adapters off)
-if method in ("sharpen_rlhf", "diffusion_dpo"):
+ref_unet = None  # the frozen reference of the DPO losses and the KL terms: the base model (LoRA: adapters off)
+if method in ("sharpen_rlhf", "diffusion_dpo") or {"diffusion_nft": nft_kl, "ddpo": ddpo_kl}.get(method, 0):
     ref_unet = L.Disabled(pipe.unet) if lora_rank else copy.deepcopy(pipe.unet).to(amp_dtype).eval().requires_grad_(False)
+old_unet = copy.deepcopy(pipe.unet).requires_grad_(False) if method == "diffusion_nft" else None  # its sampler
+held = trained + [old_unet] * (old_unet is not None)  # the modules whose state the checkpoint holds
 opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 ema_params = [p.detach().clone() for p in params] if ema else None
 step, spent, rounds = 0, dict(nfe=0, scored=0), {}  # what the run has spent; ddpo's and raft's sampled rounds
 if init_from == "resume":
     ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-    for m, sd in zip(trained, ck["models"]):
+    for m, sd in zip(held, ck["models"]):
         m.load_state_dict(sd, strict=not lora_rank)  # a LoRA checkpoint holds the adapters only
     opt.load_state_dict(ck["optimizer"])
     ema_params, step, spent = ck["ema"], ck["step"], ck["spent"]
@@ -285,9 +291,9 @@ if init_from == "resume":
     if master:
         print(f"resumed from {ckpt_path} at step {step}")
 run = R.Run(cfg, pipe, ref=ref_unet, reward_fn=reward_fn, rank=rank, world=world, P=P, per_step=per_step,
-            prompts=file_prompts, device=dev, amp_dtype=amp_dtype, master=master, spent=spent, rounds=rounds,
+            prompts=file_prompts, device=dev, amp_dtype=amp_dtype, master=master, spent=spent, rounds=rounds, old=old_unet,
             quiet=not master or not sys.stderr.isatty())  # no progress bar in a redirected log
-run.count_passes(pipe.unet, None if lora_rank else ref_unet)  # LoRA's reference passes run through pipe.unet
+run.count_passes(pipe.unet, None if lora_rank else ref_unet, old_unet)  # LoRA's reference runs through pipe.unet
 syncs = [0]  # TRAIN_COUNT_SYNCS: DDP's gradient all-reduces on this rank
 
 
@@ -355,7 +361,7 @@ def checkpoint(rounds):
     """out_dir/ckpt.pt (rounds: every rank's, in rank order), written beside and renamed: a crash leaves old or new."""
     if not all(p.isfinite().all() for p in params):  # never write a poisoned state
         fail(f"non-finite weights at step {step}; not writing {ckpt_path} (it holds the last good state)")
-    ck = dict(models=[{k: v for k, v in m.state_dict().items() if not lora_rank or ".lora_" in k} for m in trained],
+    ck = dict(models=[{k: v for k, v in m.state_dict().items() if not lora_rank or ".lora_" in k} for m in held],
               optimizer=opt.state_dict(), ema=ema_params, step=step, config=config, spent=run.spent, rounds=rounds)
     try:
         with open(ckpt_path + ".tmp", "wb") as f:
