@@ -1855,7 +1855,8 @@ def test_eval_cli_two_models_and_search():
 
 def test_scaling_quick_end_to_end_and_resumable():
     """dev/scaling.py --quick: a run per method and budget multiple (the 2x run spends twice the 1x's budget, within a
-    step), one evaluation with the amortisation, the table and figure; called again, it trains and evaluates nothing."""
+    step), the hacking run (grpo on toyclip, gold tracked), one evaluation with the amortisation, the table and
+    figure; called again, it trains and evaluates nothing."""
     with tempfile.TemporaryDirectory() as d:
         args = ["dev/scaling.py", "--quick", "--methods=diffusion_nft+grpo", "--multiples=1+2", f"--out={d}"]
         run(*args)
@@ -1866,7 +1867,7 @@ def test_scaling_quick_end_to_end_and_resumable():
         for m in ("diffusion_nft", "grpo"):
             one, two = (int(rows[m, k][2]) for k in ("1x", "2x"))
             assert one <= 200 < two <= 400 and two > one, (m, one, two)
-        assert os.path.getsize(f"{d}/scaling.png") > 0
+        assert os.path.getsize(f"{d}/scaling.png") > 0 and "Reward hacking: grpo trained on toyclip for 2x" in md, md
         stamp = os.path.getmtime(f"{d}/eval/results.json")
         _, out = run(*args)
         assert os.path.getmtime(f"{d}/eval/results.json") == stamp and "train.py" not in out, out[-500:]

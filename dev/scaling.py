@@ -37,6 +37,8 @@ methods = "sharpen_sft+sharpen_rlhf+sft+raft_rounds+diffusion_nft+grpo"
                          # grpo: ddpo with the round's reward std and the KL to the base (on a flow model: Flow-GRPO)
 eval_seeds = 16          # seeds per held-out prompt (41 prompts x 16 = 656 images)
 amortise = 16            # the base's candidates per (prompt, seed) for its best-of-N curve
+hack = "grpo"            # reward hacking: this method on toyclip at the largest multiple, held-out gold tracked ("" = none)
+hack_evals = 6           # held-out evaluations (2 seeds each) during the hacking run
 jobs = 1                 # training runs side by side (each with cores / jobs threads)
 partial = False          # evaluate the runs finished so far instead of waiting for all of them
 # -----------------------------------------------------------------------------
@@ -66,18 +68,21 @@ def main():
                          "sharpen_rlhf, ddpo, diffusion_nft)")
     if not ks or min(ks) <= 0:
         raise SystemExit(f"error: --multiples={multiples!r} must be '+'-separated numbers > 0")
-    size = dict(budget=200, eval_seeds=1, amortise=2) if quick else {}
+    size = dict(budget=200, eval_seeds=1, amortise=2, hack_evals=1) if quick else {}
     # reproduce.py's stages read its globals: where, how many at once, the base
     RP.out, RP.quick, RP.jobs, RP.model, RP.BASE = out, quick, jobs, base if model else "", base
     RP.eval_seeds = size.get("eval_seeds", eval_seeds)
     RP.POOL = RP.ThreadPoolExecutor(jobs) if jobs > 1 else None
     os.makedirs(out, exist_ok=True)
     b = size.get("budget", budget)
+    flags = lambda m: [os.path.join(RP.ROOT, f) for f in FLOW[m]] if flow and m in FLOW else FLAGS.get(m, [])  # noqa: E731
+    hacked = RP.train(f"hack_{hack}", *flags(hack), f"--method={METHOD.get(hack, hack)}", "--reward=toyclip",
+                      f"--nfe_budget={int(max(ks) * b)}", f"--eval_count={size.get('hack_evals', hack_evals)}", "--eval_seeds=2",
+                      "--ckpt_interval=10") if hack else None
     runs = {}
     for k in sorted(ks, reverse=True):  # the longest first: the short ones fill the other job slots beside them
         for m in RP.names(methods):
-            own = [os.path.join(RP.ROOT, f) for f in FLOW[m]] if flow and m in FLOW else FLAGS.get(m, [])
-            runs[m, k] = RP.train(run_name(m, k), *own, f"--method={METHOD.get(m, m)}", f"--nfe_budget={int(k * b)}",
+            runs[m, k] = RP.train(run_name(m, k), *flags(m), f"--method={METHOD.get(m, m)}", f"--nfe_budget={int(k * b)}",
                                   "--eval_seeds=0", "--ckpt_interval=10")
     done = [key for key, d in runs.items() if os.path.exists(os.path.join(d, "done"))]
     if not partial:
@@ -87,7 +92,8 @@ def main():
         return print("nothing has finished yet")
     rows = RP.evaluate("eval", [base] + [os.path.join(runs[key], "model") for key in done],
                        [f"--amortise={size.get('amortise', amortise)}"])
-    write(rows, {key: runs[key] for key in done}, b)
+    hack_done = hacked if hacked and os.path.exists(os.path.join(hacked, "done")) else None
+    write(rows, {key: runs[key] for key in done}, b, hack_done)
 
 
 def hours(d):
@@ -96,8 +102,9 @@ def hours(d):
     return sum(dt.values()) / 3.6e6
 
 
-def write(rows, runs, b):
-    """results.md and scaling.png from eval.py's rows (the base first) and its amortisation.json."""
+def write(rows, runs, b, hacked=None):
+    """results.md and scaling.png from eval.py's rows (the base first) and its amortisation.json; the hacking run's
+    evaluations from its log."""
     amo = json.load(open(os.path.join(out, "eval", "amortisation.json")))
     by, base = {r["name"]: r for r in rows}, rows[0]
     md = [f"## Compute scaling (python dev/scaling.py{' --quick' if quick else ''})\n\n",
@@ -120,6 +127,10 @@ def write(rows, runs, b):
     levels = {f"bon{n}": curve[n - 1] for n in (1, 2, 4, 8, 16, 32) if n <= len(curve)}
     E.line_plot(os.path.join(out, "scaling.png"), series, "training UNet passes (forward passes, grad counted 3x)",
                 "held-out gold reward", xticks=[k * b for k in sorted({k for _, k in runs})], levels=levels)
+    if hacked:
+        md.append(f"\nReward hacking: {hack} trained on toyclip for {max(k for _, k in runs):g}x, held-out (2 seeds):\n\n"
+                  "| step | training UNet passes | toyclip | gold |\n|---|---|---|---|\n")
+        md += [f"| {step} | {nfe} | {kv.get('heldout toyclip', '')} | {g:.4f} |\n" for step, nfe, g, kv in RP.evals(hacked)]
     open(os.path.join(out, "results.md"), "w").write("".join(md))
     print("".join(md) + f"\nwrote {out}/results.md, scaling.png")
 
