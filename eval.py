@@ -5,9 +5,13 @@ Evaluation: models and inference-time search on fixed held-out prompts and seeds
     python eval.py --models=assets/toy-model+out/sharpen_rlhf/model --search=bon4+noise1x3+greedy2
     python eval.py --model=out/pretrain/model --seeds=8 --split=train
     python eval.py --rewards=toyclip+clip@/path/to/clip-vit-large-patch14   # more rewards beside gold
-    python eval.py --device=cuda --models=/path/to/folder
+    python eval.py --device=cuda --dtype=bf16 --models=BASE+SHARPENED --prompt_file=geneval --seeds=4 \
+        --rewards=clip@weights/clip-vit-large-patch14+pickscore@weights/PickScore_v1 --geneval_out=out/geneval
+                                                            # real models: a prompt set, learned metrics, GenEval's layout
 
-Every model and search method sees the same (prompt, seed) pairs, so numbers and grids compare like for like.
+Every model and search method sees the same (prompt, seed) pairs, so numbers and grids compare like for like. On the
+toy world (the default) the gold judge heads the table, with fidelity beside it; with --prompt_file (any prompts,
+benchmarks.py) the first of --rewards does, and every metric is reported overall, per tag and as a paired difference.
 Writes out_dir/results.json, results.md, grid.png (one column per row of the table) and, with search,
 reward_vs_nfe.png. Inference-time search is what Diffusion-Sharpening competes with: more UNet passes (NFE) per
 image, with a reward as verifier, instead of training. Each method returns the NFE it spent per image.
@@ -23,25 +27,32 @@ import math
 import os
 import re
 import sys
-import textwrap
 import time
 
 import torch
 
+import benchmarks as BM
 import fidelity as F
+import figures as FIG
 import models as M
 import sample as S
 import toyworld
-from reward import make_reward
+from reward import load_clip, make_reward, preprocess, clip_features
 
 # -----------------------------------------------------------------------------
 model = M.TOY_MODEL      # a diffusers-style folder (models= compares several)
 models = ""              # '+'-separated folders to compare ("" = model); search runs on the first
 search = ""              # '+'-separated search rows on the first model: bonN, noiseRxK, greedyK
 search_reward = "compositional"  # the verifier search methods use
-amortise = 0             # > 0: the first model's best-of-N curve from this many candidates (gold verifier), and the N
-                         # whose best-of-N each other model matches, with 95 % bootstrap bounds over prompts
+amortise = 0             # > 0: the first model's best-of-N curve from this many candidates (verifier: the headline
+                         # metric), and the N whose best-of-N each other model matches, 95 % bootstrap bounds over prompts
 split = "heldout"        # heldout | train: which prompts (a fixed skill-balanced list, toyworld.eval_prompts)
+prompt_file = ""         # or prompts from a .txt / .jsonl file or a named set (benchmarks.py: geneval); the toy world's
+                         # gold and fidelity then give way to `rewards`, the first of which heads the table
+geneval_out = ""         # a folder: each row's images in GenEval's layout, geneval_out/<row>/<index:05d>/samples/
+geneval_results = ""     # GenEval's results file for those folders: its score (mean over tags) as a metric
+diversity_clip = ""      # a CLIP folder: diversity as the mean pairwise cosine distance of its image embeddings within a
+                         # prompt ("" = RMS pixel distance)
 per_skill = 16           # prompts per skill (fewer where a skill has fewer)
 seeds = 8                # seeds per prompt: images = prompts x seeds
 num_steps = 20           # DDIM steps
@@ -49,11 +60,14 @@ guidance = 1.0           # classifier-free guidance scale (1.0 measured best on 
 uncond_embed = "auto"    # CFG's unconditional input: auto (the folder's pipeline: zeros for SDXL, else "") | zeros | empty
 resolution = 0           # image side in pixels (0: the model's own; FLUX: 1024)
 eta = 0.0
-rewards = "toyclip"      # more rewards to score the same images with, '+'-separated reward specs (reward.py)
+rewards = "toyclip"      # metrics: reward specs (reward.py) to score the same images with, '+'-separated
 out_dir = "out/eval"     # results.json, results.md, grid.png, reward_vs_nfe.png
 device = "cpu"
+dtype = "fp32"           # fp32 | bf16 | fp16: the models' weights (inputs follow them)
+batch_size = 64          # images sampled (and searched) at once
 threads = 0              # torch threads (0 = every core)
 # -----------------------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def prompts_and_seeds(split="heldout", per_skill=16, seeds=8):
@@ -70,11 +84,39 @@ def gold(images, prompts):
     return dict(overall=r.mean().item(), per_skill=per, n=len(prompts), rewards=r)
 
 
-def diversity(images, seeds):
-    """Mean pairwise RMS pixel distance between the images of one prompt (consecutive groups of `seeds`)."""
-    x = images.float().flatten(1).view(-1, seeds, images[0].numel())
-    d = torch.cdist(x, x) / math.sqrt(x.shape[-1])  # (prompts, seeds, seeds)
-    return (d.sum((1, 2)) / (seeds * (seeds - 1))).mean().item() if seeds > 1 else 0.0
+def diversity(images, seeds, clip=None):
+    """Mean pairwise distance between the images of one prompt (consecutive groups of `seeds`): RMS pixel distance, or
+    with clip (model, processor) 1 - cosine similarity of its image embeddings."""
+    if seeds < 2:
+        return 0.0
+    if clip is None:
+        x = images.float().flatten(1).view(-1, seeds, images[0].numel())
+        d = torch.cdist(x, x) / math.sqrt(x.shape[-1])  # (prompts, seeds, seeds)
+    else:
+        with torch.no_grad():
+            e = torch.cat([clip_features(clip[0].get_image_features(pixel_values=preprocess(x, clip[1]).to(
+                clip[0].device))).float() for x in images.split(64)])
+        e = torch.nn.functional.normalize(e, dim=-1).view(-1, seeds, e.shape[-1])
+        d = 1 - e @ e.transpose(1, 2)
+    return (d.sum((1, 2)) / (seeds * (seeds - 1))).mean().item()
+
+
+def paired(a, b):
+    """Mean and standard error of a - b over the pairs where both are finite (NaN: a failed score): (nan, nan) if none."""
+    d = (a - b)[(a - b).isfinite()]
+    return (d.mean().item(), (d.std() / math.sqrt(len(d))).item() if len(d) > 1 else float("nan")) if len(d) else \
+        (float("nan"), float("nan"))
+
+
+def by_tag(values, tags):
+    """Mean of the finite values per tag, tags in first-seen order ("" tags, or tags None: none)."""
+    return {t: values[[x == t for x in tags]].nanmean().item() for t in dict.fromkeys(tags or []) if t}
+
+
+def geneval_score(correct, tags):
+    """GenEval's overall score: the mean over its tags of the fraction of correct images (summary_scores.py)."""
+    per = by_tag(correct, tags)
+    return sum(per.values()) / len(per) if per else correct.nanmean().item()
 
 
 def gold_eval(pipe, split="heldout", per_skill=16, seeds=8, num_steps=20, guidance=1.0, eta=0.0):
@@ -226,7 +268,12 @@ def parse_search(name):
 
 
 def run_search(pipe, name, prompts, seed_list, verifier):
-    """A row by name: None (plain sampling) | bonN | noiseRxK | greedyK -> (images, NFE per image)."""
+    """A row by name: None (plain sampling) | bonN | noiseRxK | greedyK -> (images, NFE per image), batch_size
+    (prompt, seed) pairs at a time (each pair's result depends on it alone)."""
+    if len(prompts) > batch_size:
+        parts = [run_search(pipe, name, prompts[i:i + batch_size], seed_list[i:i + batch_size], verifier)
+                 for i in range(0, len(prompts), batch_size)]
+        return torch.cat([p[0] for p in parts]), parts[0][1]
     if not name:
         return S.sample(pipe, prompts, seed_list, num_steps, guidance, eta), num_steps * S.passes_per_call(guidance, pipe.family)
     how, n = parse_search(name)  # main() checked every name
@@ -235,111 +282,6 @@ def run_search(pipe, name, prompts, seed_list, verifier):
     if how == "noise":
         return noise_search(pipe, prompts, seed_list, verifier, *n, num_steps=num_steps, guidance=guidance)[:2]
     return greedy_search(pipe, prompts, seed_list, verifier, n[0], num_steps, guidance)[:2]
-
-
-# -----------------------------------------------------------------------------
-# figures (matplotlib): one colour per method in every figure
-
-COLOURS = {  # method -> colour; a name is coloured by the longest method it contains
-    "toy-model": "#7f7f7f", "pretrain": "#bcbd22", "sharpen_rlhf": "#1f77b4", "sharpen_sft": "#d62728",
-    "sft": "#2ca02c", "diffusion_dpo": "#ff7f0e", "ddpo": "#9467bd", "bon": "#17becf", "noise": "#8c564b",
-    "greedy": "#e377c2", "continued": "#aec7e8", "raft": "#8c6d31", "sft_steps": "#98df8a"}
-NAMES = {"bon": "best-of-N", "noise": "noise search", "greedy": "greedy search"}
-
-
-def colour(name):
-    """The fixed colour of the method in `name` (e.g. hack_ddpo -> ddpo's); black if none."""
-    keys = [k for k in COLOURS if k in name]
-    return COLOURS[max(keys, key=len)] if keys else "black"
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def line_plot(path, series, xlabel, ylabel, xticks=None, levels=None, top_axis=None):
-    """series {name: [(x, y), ...]} as lines with markers (one point: a marker) on a log2 x axis with ticks
-    at xticks (or a linear axis if xticks is None); levels {name: y} as horizontal dashed lines; top_axis
-    (label, scale, ticks): a second x axis on top reading x / scale. The legend sits right of the axes."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, pts in series.items():
-        xs, ys = zip(*sorted(pts))
-        ax.plot(xs, ys, "o-", color=colour(name), label=NAMES.get(name, name), markersize=5)
-    for name, y in (levels or {}).items():
-        ax.axhline(y, color=colour(name), linestyle="--", linewidth=1.2, label=NAMES.get(name, name))
-    if xticks:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xticks, [f"{v:g}" for v in xticks])
-        ax.minorticks_off()
-        xs = [x for pts in series.values() for x, _ in pts] + list(xticks)
-        ax.set_xlim(min(xs) / 1.15, max(xs) * 1.15)
-    if top_axis:
-        label, scale, ticks = top_axis
-        top = ax.secondary_xaxis("top", functions=(lambda x: x / scale, lambda n: n * scale))
-        top.set_xticks(ticks, [f"{v:g}" for v in ticks])
-        top.minorticks_off()
-        top.set_xlabel(label)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def nfe_ticks(nfes):
-    """Ticks for an NFE axis: the smallest NFE times powers of two, up to the largest (20, 40, 80, 160)."""
-    lo, hi = min(nfes), max(nfes)
-    return [lo * 2 ** k for k in range(int(math.log2(hi / lo) + 1e-9) + 1)] or [lo]
-
-
-def wrap(text, width):
-    """Each line of text wrapped at width (words kept whole), joined by newlines."""
-    return "\n".join(w for line in text.split("\n") for w in textwrap.wrap(line, width, break_long_words=False))
-
-
-def comparison_grid(path, columns, names, prompts, tile=1.0):
-    """columns: one (k,3,H,W) image tensor in [0,1] per method, row i the same prompt in each; names: the
-    column headers (method and NFE); prompts: the k row labels. Tiles of `tile` inches at 96 dpi."""
-    plt = pyplot()
-    k, (_, H, W), gap = len(prompts), columns[0].shape[1:], 2
-    canvas = torch.ones(3, k * (H + gap) - gap, len(columns) * (W + gap) - gap)  # white between the tiles
-    for j, col in enumerate(columns):
-        for i in range(k):
-            canvas[:, i * (H + gap):i * (H + gap) + H, j * (W + gap):j * (W + gap) + W] = col[i].float().clamp(0, 1)
-    fig, ax = plt.subplots(figsize=(len(columns) * tile + 2.6, k * tile + 0.9))
-    ax.imshow(canvas.permute(1, 2, 0).cpu().numpy(), interpolation="nearest" if W <= 96 * tile else "antialiased")
-    ax.xaxis.tick_top()
-    ax.set_xticks([j * (W + gap) + W / 2 for j in range(len(columns))], [wrap(n, 13) for n in names], fontsize=8)
-    ax.set_yticks([i * (H + gap) + H / 2 for i in range(k)], [wrap(p, 30) for p in prompts], fontsize=8)
-    ax.tick_params(length=0)
-    ax.spines[:].set_visible(False)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=96, bbox_inches="tight")
-    plt.close(fig)
-
-
-def reward_vs_nfe_figure(path, rows):
-    """Held-out gold against NFE per image: search rows as one curve per method, models as points."""
-    series = {}
-    for r in rows:
-        name = r["search"].rstrip("0123456789x") if r["search"] else r["name"]
-        series.setdefault(name, []).append((r["nfe_per_image"], r["overall"]))
-    line_plot(path, series, "NFE per image (UNet passes, log scale)", "held-out gold reward",
-              xticks=nfe_ticks([r["nfe_per_image"] for r in rows]))
-
-
-def amortisation_figure(path, curve, levels, nfe1, ylabel="held-out gold reward"):
-    """The base model's best-of-N curve (curve[N-1], gold verifier) against NFE per image, each trained model
-    as a level line (levels {name: gold}); where a line crosses the curve is the N that model amortises."""
-    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(curve)]
-    line_plot(path, {"bon": [(n * nfe1, curve[n - 1]) for n in range(1, len(curve) + 1)]},
-              "NFE per image (UNet passes, log scale)", ylabel, xticks=[n * nfe1 for n in ns],
-              levels=levels, top_axis=("N (best-of-N of the base model, gold verifier)", nfe1, ns))
 
 
 # -----------------------------------------------------------------------------
@@ -361,6 +303,7 @@ def label(folder):
 def main():
     config = S.configure(globals(), sys.argv[1:])
     folders, searches = [m for m in str(models or model).split("+") if m], [s for s in str(search).split("+") if s]
+    specs, toy = [spec for spec in str(rewards).split("+") if spec], not prompt_file
     bad = next((s for s in searches if parse_search(s) is None), None)
     for ok, message in [  # every setting with a range, checked before any model loads: one error line
             (folders, f"--models={models!r} --model={model!r} name no model folder"),
@@ -375,89 +318,151 @@ def main():
             (0 <= eta < math.inf, f"--eta must be a finite DDIM eta >= 0 (0: deterministic), got {eta}"),
             (resolution >= 0, f"--resolution must be 0 (the model's) or a positive side in pixels, got {resolution}"),
             (threads >= 0, f"--threads must be >= 0 (0: every core), got {threads}"),
+            (batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}"),
+            (dtype in DTYPES, f"--dtype must be fp32, bf16 or fp16, got {dtype!r}"),
             (uncond_embed in ("auto", "zeros", "empty"), f"--uncond_embed must be auto, zeros or empty, got {uncond_embed!r}"),
+            (toy or specs or geneval_results, "--prompt_file: name a metric (--rewards=clip@<folder>, ...) or "
+                                              "--geneval_results; the toy world's gold judge reads toy captions only"),
+            (toy or not amortise or specs, "--amortise with --prompt_file: its verifier is the first of --rewards; name one"),
+            (toy or not search or search_reward != "compositional", "--search with --prompt_file needs a --search_reward "
+                                                                   "that reads any prompt (e.g. clip@<folder>)"),
+            (not geneval_results or geneval_out, "--geneval_results reads the folders --geneval_out names: give both"),
             (not device.startswith("cuda") or torch.cuda.is_available(), "--device=cuda but no CUDA device is available")]:
         if not ok:
             raise SystemExit(f"error: {message}")
-    for f in folders:  # what each folder's configs allow, still before any model loads
+    try:  # the prompts, then what each folder's configs allow, still before any model loads
+        items = BM.read_prompt_set(prompt_file) if prompt_file else None
+    except BM.PromptSetError as e:
+        raise SystemExit(f"error: --prompt_file: {e}")
+    for f in folders:
         M.check_model_folder(f, resolution)
+    if diversity_clip and not os.path.isdir(diversity_clip):
+        raise SystemExit(f"error: --diversity_clip: no CLIPModel folder at {diversity_clip!r}")
     torch.set_num_threads(threads or os.cpu_count())
     try:  # every reward loads before any sampling
-        extra = {spec: make_reward(spec, device) for spec in str(rewards).split("+") if spec}
+        extra = {spec: make_reward(spec, device) for spec in specs}
     except ValueError as e:
         raise SystemExit(f"error: --rewards: {e}")
     try:
         verifier = make_reward(search_reward, device) if search else None
     except ValueError as e:
         raise SystemExit(f"error: --search_reward: {e}")
-    prompts, seed_list = prompts_and_seeds(split, per_skill, seeds)
+    clip = load_clip(diversity_clip, device)[::2] if diversity_clip else None  # (model, image processor)
+    if toy:
+        prompts, seed_list = prompts_and_seeds(split, per_skill, seeds)
+        items, tags = [dict(prompt=p, metadata=dict(prompt=p)) for p in prompts[::seeds]], None
+    else:
+        prompts = [it["prompt"] for it in items for _ in range(seeds)]
+        seed_list, tags = [i % seeds for i in range(len(prompts))], [it["tag"] for it in items for _ in range(seeds)]
+    row_names = [label(f) for f in folders] + [f"{label(folders[0])} {s}" for s in searches]
+    row_names = [n if row_names[:i].count(n) == 0 else f"{n} #{row_names[:i].count(n) + 1}" for i, n in enumerate(row_names)]
+    dirs = [os.path.join(geneval_out, re.sub(r"\W+", "_", n)) for n in row_names] if geneval_out else []
+    try:
+        graded = BM.read_geneval(geneval_results, dirs) if geneval_results else None
+    except BM.PromptSetError as e:
+        raise SystemExit(f"error: --geneval_results: {e}")
     rows, grids, judge = [], [], None  # judge: the first model, whose denoising loss on each row's images is `denoise`
-    for folder, how in [(f, None) for f in folders] + [(folders[0], s) for s in searches]:
-        pipe = M.load_model(folder, device, uncond=uncond_embed, resolution=resolution)
-        if judge is None:
+    for i, (folder, how) in enumerate([(f, None) for f in folders] + [(folders[0], s) for s in searches]):
+        pipe = M.load_model(folder, device, DTYPES[dtype], uncond=uncond_embed, resolution=resolution)
+        if judge is None and toy:
             judge, reference = pipe, F.denoise_loss(pipe, F.renders(prompts, seed_list), prompts)
         t0 = time.time()
         images, nfe = run_search(pipe, how, prompts, seed_list, verifier)
         dt = time.time() - t0
-        g = gold(images, prompts)
-        scores = {spec: fn(images, prompts)[0].nanmean().item() for spec, fn in extra.items()}  # NaN: failed
-        fid = F.fidelity(images, prompts, seed_list, judge, reference)
-        d = g["rewards"] - rows[0]["gold_per_image"] if rows else None  # paired: same (prompt, seed) pairs
+        scores = {spec: fn(images, prompts)[0].float().cpu() for spec, fn in extra.items()}  # NaN: failed
+        if graded is not None:  # GenEval's verdict per image (NaN: not in its results)
+            got = graded[dirs[i]]
+            scores["geneval"] = torch.tensor([float(got.get((j // seeds, j % seeds), math.nan)) for j in range(len(prompts))])
+        if toy:
+            g = gold(images, prompts)
+            head, per_image, per_tag, fid = "gold", g["rewards"], g["per_skill"], F.fidelity(images, prompts, seed_list, judge, reference)
+        else:
+            head = next(iter(scores))
+            per_image, per_tag, fid = scores.pop(head), None, {}
+            per_tag = by_tag(per_image, tags)
+        first = rows[0] if rows else None
+        d, se = paired(per_image, first["per_image"]) if first else (None, None)  # the same (prompt, seed) pairs
         rows.append(r := dict(
-            name=f"{label(folder)} {how}" if how else label(folder), search=how, overall=g["overall"],
-            gold_per_image=g["rewards"], delta=None if d is None else d.mean().item(),
-            delta_se=None if d is None else (d.std() / math.sqrt(len(d))).item(), per_skill=g["per_skill"],
-            rewards=scores, diversity=diversity(images, seeds), **fid, nfe_per_image=nfe,
-            ms_per_image=dt / len(prompts) * 1000, n=len(prompts), train_nfe=None if how else train_nfe(folder)))
+            name=row_names[i], search=how, metric=head, overall=geneval_score(per_image, tags) if head == "geneval" else
+            per_image.nanmean().item(), per_image=per_image, delta=d, delta_se=se, per_skill=per_tag,
+            rewards={k: geneval_score(v, tags) if k == "geneval" else v.nanmean().item() for k, v in scores.items()},
+            rewards_delta={k: paired(v, first["scores"][k]) for k, v in scores.items()} if first else {}, scores=scores,
+            tag_means={k: by_tag(v, tags) for k, v in scores.items()} if tags else {},
+            diversity=diversity(images, seeds, clip), **fid, nfe_per_image=nfe, ms_per_image=dt / len(prompts) * 1000,
+            n=len(prompts), train_nfe=None if how else train_nfe(folder)))
+        if toy:
+            r["gold_per_image"] = per_image
+        if geneval_out:
+            BM.write_geneval(dirs[i], items, seeds, images)
         grids.append(images[::seeds][:16])  # the first seed of up to 16 prompts
-        print(f"{r['name']}: gold {r['overall']:.3f} | NFE/image {nfe} | {r['ms_per_image']:.0f} ms/image", flush=True)
-    skills = list(rows[0]["per_skill"])
-    head = ["model", "gold", "Δ vs first ± SE"] + skills + list(extra) + ["diversity", "background", "palette", "denoise ×",
-                                                                          "NFE/image", "ms/image", "training UNet passes"]
-    table = "| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|\n"
-    for r in rows:
-        vals = [r["overall"]] + [r["per_skill"][k] for k in skills] + list(r["rewards"].values()) + \
-            [r[k] for k in ("diversity", "background", "palette", "denoise")]
-        delta = "—" if r["delta"] is None else f"{r['delta']:+.3f} ± {r['delta_se']:.3f}"
-        table += f"| {r['name']} | {vals[0]:.3f} | {delta} | " + " | ".join(f"{v:.3f}" for v in vals[1:]) + \
-            f" | {r['nfe_per_image']} | {r['ms_per_image']:.0f} | {r['train_nfe'] or '—'} |\n"
-    table += f"\n{len(prompts)} images per row ({split} prompts x {seeds} seeds), {num_steps} steps (DDIM; Euler for a " \
-             f"flow model), guidance {guidance}; search verifier: {search_reward}; on {device}. Δ: mean paired difference in " \
-             f"gold from the first row over the same (prompt, seed) pairs, ± its standard error. Fidelity (fidelity.py; 0, 0 " \
-             f"and 1 for renders): background, mean |1 − value| of background pixels; palette, mean distance of a pixel to " \
-             f"its nearest palette colour; denoise, the first model's denoising loss on the images over its loss on renders " \
-             f"of the same prompts (t = {', '.join(map(str, F.DENOISE_T))}, mean of the ratios)."
+        print(f"{r['name']}: {head} {r['overall']:.3f} | NFE/image {nfe} | {r['ms_per_image']:.0f} ms/image", flush=True)
+    table = results_table(rows, prompts, toy)
     print(table)
     os.makedirs(out_dir, exist_ok=True)
+    plain = lambda r: {k: v.tolist() if torch.is_tensor(v) else {s: x.tolist() for s, x in v.items()} if k == "scores" else v
+                       for k, v in r.items()}  # noqa: E731
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(dict(config=config, rows=[dict(r, gold_per_image=r["gold_per_image"].tolist()) for r in rows]),
-                  f, indent=1)
+        json.dump(dict(config=config, rows=[plain(r) for r in rows]), f, indent=1)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     k = min(len(g) for g in grids)  # one column per row of the table, the same prompts down each column
-    comparison_grid(os.path.join(out_dir, "grid.png"), [g[:k] for g in grids],
-                    [f"{r['name']}\nNFE {r['nfe_per_image']}" for r in rows], prompts[::seeds][:k])
+    FIG.comparison_grid(os.path.join(out_dir, "grid.png"), [g[:k] for g in grids],
+                        [f"{r['name']}\nNFE {r['nfe_per_image']}" for r in rows], prompts[::seeds][:k])
     if search:
-        reward_vs_nfe_figure(os.path.join(out_dir, "reward_vs_nfe.png"), rows)
+        FIG.reward_vs_nfe_figure(os.path.join(out_dir, "reward_vs_nfe.png"), rows)
     if amortise:
         amortisation_report(rows, prompts, seed_list)
     print(f"wrote {out_dir}/results.json, results.md, grid.png" + (", reward_vs_nfe.png" if search else "") +
-          (", amortisation.md, amortisation.png" if amortise else ""))
+          (", amortisation.md, amortisation.png" if amortise else "") + (f"; GenEval's layout in {geneval_out}/" if geneval_out else ""))
+
+
+def results_table(rows, prompts, toy):
+    """The markdown table: the headline metric and its paired Δ, per skill or tag, the other metrics (their paired Δ
+    beside), diversity, fidelity (toy world), cost."""
+    tags, others = list(rows[0]["per_skill"]), list(rows[0]["rewards"])
+    fid = ["background", "palette", "denoise"] if toy else []
+    head = ["model", rows[0]["metric"], "Δ vs first ± SE"] + tags + others + ["diversity"] + \
+        ["denoise ×" if k == "denoise" else k for k in fid] + ["NFE/image", "ms/image", "training UNet passes"]
+    table = "| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|\n"
+    for r in rows:
+        delta = "—" if r["delta"] is None else f"{r['delta']:+.3f} ± {r['delta_se']:.3f}"
+        cells = [f"{r['per_skill'].get(t, math.nan):.3f}" for t in tags]
+        cells += [f"{r['rewards'][k]:.3f}" + (" ({:+.3f} ± {:.3f})".format(*r["rewards_delta"][k]) if r["rewards_delta"] else "")
+                  for k in others]
+        cells += [f"{r[k]:.3f}" for k in ["diversity"] + fid]
+        table += f"| {r['name']} | {r['overall']:.3f} | {delta} | " + " | ".join(cells) + \
+            f" | {r['nfe_per_image']} | {r['ms_per_image']:.0f} | {r['train_nfe'] or '—'} |\n"
+    where = f"{split} prompts" if toy else f"{prompt_file}'s {len(prompts) // seeds} prompts"
+    table += f"\n{len(prompts)} images per row ({where} x {seeds} seeds), {num_steps} steps (DDIM; Euler for a flow " \
+             f"model), guidance {guidance}; search verifier: {search_reward}; on {device}, {dtype}. Δ: mean paired " \
+             f"difference from the first row over the same (prompt, seed) pairs, ± its standard error (in brackets for " \
+             f"the other metrics; a failed score leaves its pair out)." + (" geneval: GenEval's score, the mean over its " \
+             "tags of the fraction of correct images; its Δ per image." if geneval_results else "")
+    if toy:
+        table += f" Fidelity (fidelity.py; 0, 0 and 1 for renders): background, mean |1 − value| of background pixels; " \
+                 f"palette, mean distance of a pixel to its nearest palette colour; denoise, the first model's denoising " \
+                 f"loss on the images over its loss on renders of the same prompts (t = {', '.join(map(str, F.DENOISE_T))}, " \
+                 f"mean of the ratios)."
+    return table
 
 
 def amortisation_report(rows, prompts, seed_list):
-    """Best-of-N of the first model with the gold verifier (N = 1..amortise, candidate 0 its plain sample), and
-    for every other model (not search rows) the N it matches: amortisation.md/.json and amortisation.png."""
-    pipe = M.load_model(str(models or model).split("+")[0], device, uncond=uncond_embed, resolution=resolution)
-    base = best_of_n(pipe, prompts, seed_list, make_reward("compositional"), amortise, num_steps, guidance, eta)[2]
-    out = {r["name"]: amortisation(base["rewards"], r["gold_per_image"], prompts, base_gold=rows[0]["gold_per_image"])
+    """Best-of-N of the first model with the headline metric as verifier (gold; with --prompt_file the first of
+    --rewards), N = 1..amortise, candidate 0 its plain sample, and for every other model (not search rows) the N it
+    matches: amortisation.md/.json and amortisation.png."""
+    head = rows[0]["metric"]
+    pipe = M.load_model(str(models or model).split("+")[0], device, DTYPES[dtype], uncond=uncond_embed, resolution=resolution)
+    judge = make_reward("compositional" if head == "gold" else head, device)
+    base = dict(rewards=torch.cat([best_of_n(pipe, prompts[i:i + batch_size], seed_list[i:i + batch_size], judge, amortise,
+                                             num_steps, guidance, eta)[2]["rewards"] for i in range(0, len(prompts), batch_size)]))
+    out = {r["name"]: amortisation(base["rewards"], r["per_image"], prompts, base_gold=rows[0]["per_image"])
            for r in rows[1:] if not r["search"]}
     curve = expected_best(base["rewards"]).mean(0).tolist()
-    md = ("| model | gold | matches the base's best-of-N | 95 % bounds | paired: best-of-1 + Δ | 95 % bounds |\n"
+    md = (f"| model | {head} | matches the base's best-of-N | 95 % bounds | paired: best-of-1 + Δ | 95 % bounds |\n"
           "|---|---|---|---|---|---|\n")
     md += "".join(f"| {name} | {r['overall']:.3f} | {a['n']:.2f} | {a['lo']:.2f} – {a['hi']:.2f} | {a['n_paired']:.2f} | "
                   f"{a['lo_paired']:.2f} – {a['hi_paired']:.2f} |\n" for r in rows[1:] if (name := r["name"]) in out for a in [out[name]])
-    md += f"\nBase ({rows[0]['name']}) best-of-N, N = 1..{amortise} (gold verifier, expected max of N of {amortise} " \
+    md += f"\nBase ({rows[0]['name']}) best-of-N, N = 1..{amortise} ({head} verifier, expected max of N of {amortise} " \
           "candidates per pair): " + ", ".join(f"{v:.3f}" for v in curve) + \
           ". Bounds: 1,000 resamples of the prompts, each with its seeds, the same for base and model. Paired: the N whose " \
           "best-of-N reaches best-of-1 + the model's paired difference from the base's own samples (the seeds' luck left out)."
@@ -467,9 +472,9 @@ def amortisation_report(rows, prompts, seed_list):
     with open(os.path.join(out_dir, "amortisation.json"), "w") as f:
         json.dump(dict(curve=curve, models={k: {kk: v for kk, v in a.items() if kk != "curve"} for k, a in out.items()}),
                   f, indent=1)
-    amortisation_figure(os.path.join(out_dir, "amortisation.png"), curve,
-                        {r["name"]: r["overall"] for r in rows[1:] if r["name"] in out}, rows[0]["nfe_per_image"],
-                        f"{split} gold reward")
+    FIG.amortisation_figure(os.path.join(out_dir, "amortisation.png"), curve,
+                            {r["name"]: r["overall"] for r in rows[1:] if r["name"] in out}, rows[0]["nfe_per_image"],
+                            f"{split} gold reward" if head == "gold" else head)
 
 
 if __name__ == "__main__":

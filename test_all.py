@@ -36,6 +36,7 @@ from PIL import Image
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter; set before import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import baselines  # noqa: E402
+import benchmarks as BM  # noqa: E402
 import eval as E  # noqa: E402
 import fidelity  # noqa: E402
 import kernels  # noqa: E402
@@ -1278,7 +1279,8 @@ def test_script_errors_are_one_line():
 def test_eval_and_sample_bad_input_one_line():
     """Every eval.py and sample.py setting with a range, out of it, is one `error:` line naming the key (a search
     spec: and the valid forms) before any model loads; so is what a folder's configs rule out (a resolution off its
-    size step). The cases run two at a time (one process each)."""
+    size step), and a prompt file that cannot be read or has a malformed line, a metric with no weights. The cases
+    run two at a time (one process each)."""
     search = "is not a search (bonN with N >= 1, noiseRxK with R, K >= 1, greedyK with K >= 1"
     cases = [("eval.py", [f"--search={s}"], f"--search: {s!r} {search}") for s in ("bon0", "noise0x3", "noise2x0",
                                                                                    "greedy0", "beam4", "bon")]
@@ -1296,7 +1298,22 @@ def test_eval_and_sample_bad_input_one_line():
               ("sample.py", ["--uncond_embed=none"], "--uncond_embed"), ("sample.py", ["--out=grid.gif"], "--out")]
     if not torch.cuda.is_available():
         cases += [(script, ["--device=cuda"], "--device=cuda") for script in ("eval.py", "sample.py")]
-    two_at_a_time([(assert_one_line_error, needle, script, *args) for script, args, needle in cases])
+    with tempfile.TemporaryDirectory() as d:  # prompt sets and metrics (benchmarks.py)
+        with open(f"{d}/bad.jsonl", "w") as f:
+            f.write('{"prompt": "a red circle"}\n{"tag": "colors"}\n')
+        with open(f"{d}/bad.txt", "wb") as f:
+            f.write(b"\xff\xfe a red circle\n")
+        cases += [("eval.py", [f"--prompt_file={d}/none.jsonl"], "--prompt_file: cannot read"),
+                  ("eval.py", [f"--prompt_file={d}/bad.jsonl"], "bad.jsonl:2: expected an object with a non-empty"),
+                  ("eval.py", [f"--prompt_file={d}/bad.txt"], "--prompt_file: cannot read"),
+                  ("eval.py", ["--prompt_file=geneval", f"--rewards=clip@{d}/none"], "--rewards: reward clip: nothing at"),
+                  ("eval.py", ["--prompt_file=geneval", "--rewards="], "name a metric"),
+                  ("eval.py", ["--prompt_file=geneval", "--rewards=", f"--geneval_out={d}", f"--geneval_results={d}/r.jsonl",
+                               "--amortise=4"], "--amortise"),
+                  ("eval.py", ["--prompt_file=geneval", "--search=bon2"], "--search_reward"),
+                  ("eval.py", [f"--geneval_results={d}/r.jsonl"], "give both"), ("eval.py", ["--dtype=fp8"], "--dtype"),
+                  ("eval.py", ["--batch_size=0"], "--batch_size"), ("eval.py", [f"--diversity_clip={d}/none"], "--diversity_clip")]
+        two_at_a_time([(assert_one_line_error, needle, script, *args) for script, args, needle in cases])
 
 
 def test_train_bad_input_one_line():
@@ -1871,6 +1888,74 @@ def test_scaling_quick_end_to_end_and_resumable():
         stamp = os.path.getmtime(f"{d}/eval/results.json")
         _, out = run(*args)
         assert os.path.getmtime(f"{d}/eval/results.json") == stamp and "train.py" not in out, out[-500:]
+
+
+def test_eval_prompt_files_learned_metrics_and_geneval_layout():
+    """eval.py on any prompts: a .jsonl file (unicode, a blank line, a prompt without a tag) on tiny SD1.5, SDXL, SD3 and
+    FLUX folders (base vs a second random init), scored by CLIPScore and PickScore from a tiny CLIP folder, diversity by
+    its image embeddings: the table's headline and paired Δ ± SE equal a hand computation from the per-image scores;
+    GenEval's reading loop (evaluate_images.py's) finds every image with its metadata; a results file in its format
+    folds back as its score (the mean over tags) with Δ per image. On SDXL also best-of-2 and greedy search with the
+    CLIPScore verifier, and the N of its best-of-N the second model matches, in batches of 4 pairs. A .txt file
+    reads one prompt per line."""
+    with tempfile.TemporaryDirectory() as d:
+        clip = tiny_clip_folder(f"{d}/clip")
+        with open(f"{d}/p.jsonl", "w", encoding="utf-8") as f:
+            f.write('{"prompt": "a red circle", "tag": "colors"}\n\n{"prompt": "deux carr\u00e9s bleus", "tag": "counting"}\n'
+                    '{"prompt": "a blue square left of a circle"}\n')
+        with open(f"{d}/p.txt", "w", encoding="utf-8") as f:
+            f.write("a red circle\n\n  two green squares \n")
+        assert [p["prompt"] for p in BM.read_prompt_set(f"{d}/p.txt")] == ["a red circle", "two green squares"]
+        assert [p["tag"] for p in BM.read_prompt_set(f"{d}/p.jsonl")] == ["colors", "counting", ""]
+        assert len(BM.read_prompt_set("geneval")) == 553
+        kinds = ("sd15", "sdxl", "sd3", "flux")
+        for kind in kinds:
+            for seed in (0, 1):
+                sdconfigs.make(f"{d}/{kind}{seed}", kind, tiny=True, seed=seed)
+        metrics = f"--rewards=clip@{clip}+pickscore@{clip}"
+        common = ["eval.py", f"--prompt_file={d}/p.jsonl", metrics, "--seeds=2", "--num_steps=2", "--resolution=32",
+                  f"--diversity_clip={clip}", "--threads=1"]
+        two_at_a_time([(run, *common, f"--models={d}/{k}0+{d}/{k}1", f"--out_dir={d}/ev_{k}", f"--geneval_out={d}/gv_{k}",
+                        *["--guidance=3.5"] * (k == "flux"), *["--search=bon2+greedy2", f"--search_reward=clip@{clip}",
+                                                               "--amortise=2", "--batch_size=4"] * (k == "sdxl"))
+                       for k in kinds])
+        for kind in kinds:
+            res = json.load(open(f"{d}/ev_{kind}/results.json"))["rows"]
+            if kind == "sdxl":  # search with the learned verifier, and the N of its best-of-N the second model matches
+                assert [r["nfe_per_image"] for r in res[2:]] == [2 * 2, 1 + 1 * 2] and res[2]["overall"] >= res[0]["overall"]
+                amo = json.load(open(f"{d}/ev_{kind}/amortisation.json"))
+                assert len(amo["curve"]) == 2 and set(amo["models"]) == {"sdxl1"}, amo
+                res = res[:2]
+            a, b = (torch.tensor(r["per_image"]) for r in res)
+            diff = b - a
+            assert res[0]["metric"] == f"clip@{clip}" and len(a) == 6, res[0]["metric"]
+            assert abs(res[1]["delta"] - diff.mean().item()) < 1e-6 and \
+                abs(res[1]["delta_se"] - (diff.std() / math.sqrt(6)).item()) < 1e-6, (kind, res[1]["delta"])
+            assert set(res[0]["per_skill"]) == {"colors", "counting"} and 0 <= res[0]["diversity"] <= 2, res[0]
+            pick = torch.tensor(res[0]["scores"][f"pickscore@{clip}"])  # every metric per tag: prompts 0 and 1, 2 seeds
+            assert abs(res[0]["tag_means"][f"pickscore@{clip}"]["counting"] - pick[2:4].mean().item()) < 1e-6
+            md = open(f"{d}/ev_{kind}/results.md").read()
+            assert f"| {kind}1 | {res[1]['overall']:.3f} | {res[1]['delta']:+.3f} ± {res[1]['delta_se']:.3f} |" in md, md
+            for name in (f"{kind}0", f"{kind}1"):  # GenEval's own reading loop over the folder
+                seen = []
+                for sub in sorted(os.listdir(f"{d}/gv_{kind}/{name}")):
+                    meta = json.load(open(f"{d}/gv_{kind}/{name}/{sub}/metadata.jsonl"))
+                    seen += [(meta["prompt"], Image.open(f"{d}/gv_{kind}/{name}/{sub}/samples/{x}").size)
+                             for x in sorted(os.listdir(f"{d}/gv_{kind}/{name}/{sub}/samples"))]
+                assert seen == [(p, (32, 32)) for p in ("a red circle", "deux carrés bleus", "a blue square left of a "
+                                                        "circle") for _ in range(2)], seen
+        # GenEval's results for the SD1.5 folders: model 0 right on every even image, model 1 on every image
+        with open(f"{d}/results.jsonl", "w") as f:
+            for m, name in enumerate(("sd150", "sd151")):
+                for i, tag in enumerate(("colors", "counting", "position")):
+                    for k in range(2):
+                        f.write(json.dumps(dict(filename=f"{d}/gv_sd15/{name}/{i:05d}/samples/{k:05d}.png", tag=tag,
+                                                correct=bool(m or (2 * i + k) % 2 == 0))) + "\n")
+        run(*common, f"--models={d}/sd150+{d}/sd151", f"--out_dir={d}/ev_g", f"--geneval_out={d}/gv_sd15",
+            f"--geneval_results={d}/results.jsonl")
+        res = json.load(open(f"{d}/ev_g/results.json"))["rows"]
+        assert res[0]["rewards"]["geneval"] == 0.5 and res[1]["rewards"]["geneval"] == 1.0, res[0]["rewards"]
+        assert res[1]["rewards_delta"]["geneval"][0] == 0.5, res[1]["rewards_delta"]
 
 
 def test_reproduce_quick_end_to_end_and_resumable():

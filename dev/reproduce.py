@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # python dev/reproduce.py from anywhere
 
-import eval as E  # noqa: E402
+import figures as FIG  # noqa: E402
 import models as M  # noqa: E402
 import sample as S  # noqa: E402
 
@@ -232,7 +232,7 @@ def main():
 
 def convergence_figure(path, curves):
     """curves {method: [(training UNet passes, held-out gold), ...]}."""
-    E.line_plot(path, curves, "training UNet passes (forward passes, grad counted 3x)", "held-out gold reward (2 seeds)")
+    FIG.line_plot(path, curves, "training UNet passes (forward passes, grad counted 3x)", "held-out gold reward (2 seeds)")
 
 
 def names(plus):
@@ -380,9 +380,9 @@ def redraw_figures(results, figs):
     os.makedirs(figs, exist_ok=True)
     bon = [dict(name=f"bon{n}", search=f"bon{n}", overall=v, nfe_per_image=n * nfe1)
            for n, v in enumerate(curve, 1) if n & (n - 1) == 0]
-    E.reward_vs_nfe_figure(os.path.join(figs, "reward_vs_nfe.png"),
+    FIG.reward_vs_nfe_figure(os.path.join(figs, "reward_vs_nfe.png"),
                            [r for r in rows if r["search"] or r["name"] in curves or r is rows[0]] + bon)
-    E.amortisation_figure(os.path.join(figs, "amortisation.png"), curve, {k: v for k, v in levels.items() if k in curves}, nfe1)
+    FIG.amortisation_figure(os.path.join(figs, "amortisation.png"), curve, {k: v for k, v in levels.items() if k in curves}, nfe1)
     convergence_figure(os.path.join(figs, "convergence.png"), curves)
     print(f"wrote {figs}/reward_vs_nfe.png, amortisation.png, convergence.png from {results}")
 

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 import eval as E  # noqa: E402
+import figures as FIG  # noqa: E402
 import fidelity as F  # noqa: E402
 import models as M  # noqa: E402
 import sample as S  # noqa: E402
@@ -78,7 +79,7 @@ def main():
           f"\n\n{len(prompts)} images (train prompts x {seeds} seeds), {num_steps} DDIM steps; renders: background 0, "
           f"palette 0, denoise loss {' / '.join(f'{v:.4f}' for v in reference.values())}.")
     if grid:
-        E.comparison_grid(grid, columns, ["clip", "clip_eps", "noclip"], prompts[::seeds][:16], tile=2.0)
+        FIG.comparison_grid(grid, columns, ["clip", "clip_eps", "noclip"], prompts[::seeds][:16], tile=2.0)
         print(f"wrote {grid}")
 
 

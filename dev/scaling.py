@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reproduce as RP  # noqa: E402  (its train / evaluate / finished stages; it puts the repo root on sys.path)
 
-import eval as E  # noqa: E402
+import figures as FIG  # noqa: E402
 import models as M  # noqa: E402
 import sample as S  # noqa: E402
 
@@ -125,7 +125,7 @@ def write(rows, runs, b, hacked=None):
     curve = amo["curve"]
     md.append(f"\nBase best-of-N, N = 1..{len(curve)}: " + ", ".join(f"{v:.3f}" for v in curve) + "\n")
     levels = {f"bon{n}": curve[n - 1] for n in (1, 2, 4, 8, 16, 32) if n <= len(curve)}
-    E.line_plot(os.path.join(out, "scaling.png"), series, "training UNet passes (forward passes, grad counted 3x)",
+    FIG.line_plot(os.path.join(out, "scaling.png"), series, "training UNet passes (forward passes, grad counted 3x)",
                 "held-out gold reward", xticks=[k * b for k in sorted({k for _, k in runs})], levels=levels)
     if hacked:
         md.append(f"\nReward hacking: {hack} trained on toyclip for {max(k for _, k in runs):g}x, held-out (2 seeds):\n\n"
