@@ -310,9 +310,8 @@ def prepare_diffusion_nft(run, it, micro):
     timestep_fraction of the schedule's timesteps of each sample, each at fresh noise. A failed score drops its
     sample. One optimizer step per round, as the official 1 gradient step per epoch."""
     c, n = run.cfg, run.cfg.n_traj
-    if micro == 0:
+    if micro == 0:  # (train.py has moved the old policy by nft_follow before the step)
         new_round(run, (it, 0))
-        nft_follow(run, it)
     gidx = list(run.prompt_range(it, micro))
     prompts = [run.train_prompt(g) for g in gidx for _ in range(n)]
     traj, r = R.scored_samples(run, prompts, [run.seed_for("noise", g, j) for g in gidx for j in range(n)], net=run.old)

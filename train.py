@@ -7,6 +7,7 @@ The defaults are the variables below; config files and --key=value override them
     python train.py config/sharpen_sft.py --lam=0.1                # the SFT variant
     python train.py --device=cuda --model=/path/to/diffusers/folder --lora_rank=16 --dtype=bf16   # README, real models
     torchrun --standalone --nproc_per_node=8 train.py --device=cuda   # 8 GPUs (on CPU: 2 processes, gloo)
+    torchrun --standalone --nproc_per_node=8 train.py --device=cuda --parallel=fsdp --dtype=bf16   # sharded (fsdp.py)
     torchrun --standalone --nproc_per_node=2 train.py config/pretrain_alttext.py   # the built-in model
 """
 import contextlib
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 import baselines as B
 import eval as E
+import fsdp as F
 import lora as L
 import rollout as R
 import models as M
@@ -115,6 +117,8 @@ compile = False          # torch.compile the trained UNet
 # system
 device = "cpu"           # cpu | cuda
 threads = 0              # torch threads per process (0 = cores / processes)
+parallel = "ddp"         # ddp (each rank holds the model and its AdamW state) | fsdp (sharded over the ranks, fsdp.py)
+cpu_offload = False      # fsdp: the sharded weights, gradients and AdamW state in CPU memory
 ddp_timeout = 300        # seconds a rank waits for the others in a collective before it fails (a dead rank)
 dry_run = False          # resolve the config, run every check, print the config line and stop (no model loads)
 # -----------------------------------------------------------------------------
@@ -147,8 +151,10 @@ def within(key, low, high=None, low_open=False):  # [low, high), (low, ...) if l
 
 
 pretrain = method == "pretrain"
-ddp = int(os.environ.get("RANK", -1)) != -1  # DDP, nanoGPT-style: torchrun sets RANK
-rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+torchrun = int(os.environ.get("RANK", -1)) != -1  # nanoGPT-style: torchrun sets RANK
+rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
+fsdp = parallel == "fsdp"
+ddp = torchrun or fsdp  # a process group (fsdp on one process: a group of one)
 master = rank == 0
 per_step = batch_size if pretrain else prompts_per_step  # a prompt's n trajectories stay on one rank
 # every check of the config, (bad, one-line message), in order, before any work: the first that holds stops the run
@@ -159,7 +165,7 @@ CHECKS = [
         ("sft_target", ("exact", "official", "final")), ("score_steps", ("all", "last")), ("sft_t", ("uniform", "sampler")),
         ("agg", sharpen.AGGREGATES), ("uncond_embed", ("auto", "zeros", "empty")), ("device", ("cpu", "cuda")),
         ("raft_select", ("best", "first")), ("sft_data", ("render", "alttext")), ("sft_weights", ("prompt", "step")),
-        ("ddpo_std", ("prompt", "step")))],
+        ("ddpo_std", ("prompt", "step")), ("parallel", ("ddp", "fsdp")))],
     (not eval_split or bool(set(eval_split.split(",")) - {"heldout", "train"}),
      f"eval_split must be 'heldout', 'train' or both comma-separated, got {eval_split!r}"),
     *[within(k, 1) for k in ("steps", "prompts_per_step", "batch_size", "grad_accum", "n_traj", "m_steps", "num_steps",
@@ -183,6 +189,9 @@ CHECKS = [
     (method == "ddpo" and num_steps < 2, f"ddpo needs num_steps >= 2 (stochastic steps to train), got {num_steps}"),
     (R.parse_range(start_range) is None,
      f"start_range={start_range!r}: expected 'a:b' with 0 <= a <= b <= 1 (fractions of the schedule)"),
+    (fsdp and (dtype == "fp16" or compile), f"--parallel=fsdp runs in fp32 or bf16 and without compile here, got "
+     f"dtype={dtype!r} compile={compile}"),
+    (cpu_offload and not fsdp, "--cpu_offload offloads the sharded state: it needs --parallel=fsdp"),
     (device == "cuda" and not torch.cuda.is_available(), "--device=cuda but no CUDA device is available"),
     (dtype == "fp16" and device != "cuda", "--dtype=fp16 needs --device=cuda (fp16 autocast + GradScaler); on CPU: bf16"),
     (method == "sharpen_rlhf" and n_traj < 2, f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}"),
@@ -226,12 +235,15 @@ if master:
         fail(f"cannot create out_dir {out_dir!r}: {e.strerror}")
     if not os.access(out_dir, os.W_OK):
         fail(f"out_dir {out_dir!r} is not writable")
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt_path = os.path.join(out_dir, "ckpt" if fsdp else "ckpt.pt")  # fsdp: a folder of sharded checkpoints (fsdp.py)
 if init_from == "resume":  # the checkpoint's config, memory-mapped (cheap): a mismatch fails here
-    if not os.path.exists(ckpt_path):
-        fail(f"--init_from=resume but {ckpt_path} does not exist")
+    other = os.path.join(out_dir, "ckpt.pt" if fsdp else "ckpt")
+    if not (F.latest(ckpt_path) if fsdp else os.path.exists(ckpt_path)):
+        fail(f"--init_from=resume but {ckpt_path} does not exist" + (
+            f" ({other} does: resume it with --parallel={'ddp' if fsdp else 'fsdp'})" if os.path.exists(other) else ""))
     try:
-        saved_config = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["config"]
+        saved_config = F.read_meta(ckpt_path)["config"] if fsdp else \
+            torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["config"]
     except Exception as e:
         fail(f"cannot read {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})")
     changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size", "lora_rank", "sft_data",
@@ -248,7 +260,8 @@ if dry_run:
 dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device == "cuda" else "cpu"
 if ddp:
     torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo",
-                                         timeout=datetime.timedelta(seconds=ddp_timeout))
+                                         timeout=datetime.timedelta(seconds=ddp_timeout),
+                                         **({} if torchrun else dict(store=torch.distributed.HashStore(), rank=0, world_size=1)))
     if device == "cuda":
         torch.cuda.set_device(dev)
 torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
@@ -278,15 +291,27 @@ if method in ("sharpen_rlhf", "diffusion_dpo") or {"diffusion_nft": nft_kl, "ddp
     ref_unet = L.Disabled(pipe.unet) if lora_rank else copy.deepcopy(pipe.unet).to(amp_dtype).eval().requires_grad_(False)
 old_unet = copy.deepcopy(pipe.unet).requires_grad_(False) if method == "diffusion_nft" else None  # its sampler
 held = trained + [old_unet] * (old_unet is not None)  # the modules whose state the checkpoint holds
+templates, sharded = [None] * len(trained), []  # fsdp: rank 0's meta copies that export fills; the sharded modules
+if fsdp:  # the trained modules, the reference (LoRA's is the trained one, adapters off), the old policy
+    templates = [F.meta_copy(m) if master else None for m in trained]
+    sharded = [m for m in (*trained, None if lora_rank else ref_unet, old_unet) if m is not None]
+    for m in sharded:
+        F.shard(m, amp_dtype, cpu_offload)
+    params = L.lora_parameters(pipe.unet) if lora_rank else [p for m in trained for p in m.parameters()]  # DTensors
 opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 ema_params = [p.detach().clone() for p in params] if ema else None
 step, spent, rounds = 0, dict(nfe=0, scored=0), {}  # what the run has spent; ddpo's and raft's sampled rounds
+keep = (lambda k: ".lora_" in k) if lora_rank else (lambda k: True)  # a LoRA checkpoint holds the adapters only
 if init_from == "resume":
-    ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-    for m, sd in zip(held, ck["models"]):
-        m.load_state_dict(sd, strict=not lora_rank)  # a LoRA checkpoint holds the adapters only
-    opt.load_state_dict(ck["optimizer"])
-    ema_params, step, spent = ck["ema"], ck["step"], ck["spent"]
+    if fsdp:  # DCP reshards what any number of ranks wrote to this run's ranks
+        ck = F.load(ckpt_path, held, opt, ema_params, keep)
+    else:
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        for m, sd in zip(held, ck["models"]):
+            m.load_state_dict(sd, strict=not lora_rank)
+        opt.load_state_dict(ck["optimizer"])
+        ema_params = ck["ema"]
+    step, spent = ck["step"], ck["spent"] if master or not fsdp else dict(nfe=0, scored=0)  # fsdp: all ranks' on 0
     rounds = ck["rounds"][rank] if len(ck["rounds"]) == world else {}  # other ranks: a round is sampled again
     if master:
         print(f"resumed from {ckpt_path} at step {step}")
@@ -303,8 +328,8 @@ def counting_allreduce(state, bucket):  # DDP's default all-reduce, counted in `
     return allreduce_hook(None, bucket)
 
 
-nets = trained  # what the passes with grad go through: DDP wrappers of the trained modules
-if ddp:
+nets = trained  # what the passes with grad go through: DDP wrappers of the trained modules (fsdp: themselves)
+if ddp and not fsdp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     nets = [DDP(m) for m in trained]
     if "1" in FAULTS["COUNT_SYNCS"]:
@@ -325,13 +350,21 @@ def lr_at(it):  # linear warmup, then cosine decay to lr/10
 
 
 def export(folder):
-    """The trained (or EMA) weights as a diffusers folder (save_model writes it atomically)."""
-    out = copy.deepcopy(pipe, {id(run): run})  # (the counting hooks are bound to run: not copied, then dropped)
+    """The trained (or EMA) weights as a diffusers folder (save_model writes it atomically). fsdp: every rank calls
+    it (the full weights are gathered into rank 0's templates); None on the other ranks."""
+    memo, ema_full = {id(run): run}, ema_params  # (the counting hooks are bound to run: not copied, then dropped)
+    if fsdp:
+        gathered = [F.gather(m, t) for m, t in zip(trained, templates)]
+        ema_full = None if ema_params is None else [F.full(e) for e in ema_params]
+        if not master:
+            return None
+        memo.update({id(m): g.to(dev) for m, g in zip(trained, gathered)})
+    out = copy.deepcopy(pipe, memo)
     out.unet._forward_pre_hooks.clear(), out.unet._forward_hooks.clear()  # its passes are not training compute
-    if ema_params is not None:  # the copy's parameters in the order of `params`
+    if ema_full is not None:  # the copy's parameters in the order of `params`
         copies = L.lora_parameters(out.unet) if lora_rank else \
             [p for m in (out.unet, out.text_encoder)[:len(trained)] for p in m.parameters()]
-        for p, e in zip(copies, ema_params):
+        for p, e in zip(copies, ema_full):
             p.data.copy_(e)
     adapters = L.diffusers_state_dict(out.unet, pipe.denoiser) if lora_rank else None  # a file for load_lora_weights
     if lora_rank:  # a plain diffusers UNet with the adapters folded in
@@ -343,6 +376,8 @@ def export(folder):
 
 def evaluate(tag):
     exported = export(os.path.join(out_dir, "model"))
+    if exported is None:  # fsdp: a rank other than 0, which gathered
+        return
     for split in eval_split.split(","):
         res = E.gold_eval(exported, split=split, seeds=eval_seeds, num_steps=num_steps, guidance=guidance)
         proxy = "" if reward == "compositional" or reward_fn is None else \
@@ -358,9 +393,30 @@ def log(line):
 
 
 def checkpoint(rounds):
-    """out_dir/ckpt.pt (rounds: every rank's, in rank order), written beside and renamed: a crash leaves old or new."""
-    if not all(p.isfinite().all() for p in params):  # never write a poisoned state
+    """out_dir/ckpt.pt (rounds: every rank's, in rank order), written beside and renamed: a crash leaves old or new.
+    fsdp: every rank writes its shard into out_dir/ckpt/step_<N>/, committed in one rename (fsdp.save)."""
+    finite = torch.tensor(float(all(F.local(p).isfinite().all() for p in params)))
+    if fsdp:  # each rank sees its shard
+        torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)
+    if not finite.item():  # never write a poisoned state
         fail(f"non-finite weights at step {step}; not writing {ckpt_path} (it holds the last good state)")
+    if fsdp:
+        def fault(stage):  # the tests' faults, on rank 0 between the shards and the commit
+            if str(step) in FAULTS["FAIL_CKPT_AT_STEP"]:
+                raise OSError(28, "No space left on device")
+            if str(step) in FAULTS["KILL_IN_CKPT_AT_STEP"]:
+                os._exit(9)
+        total = torch.tensor([run.spent["nfe"], run.spent["scored"]], dtype=torch.float64)
+        torch.distributed.all_reduce(total)  # what every rank spent: rank 0 resumes with it, any number of ranks
+        try:
+            F.save(ckpt_path, step, held, opt, ema_params, dict(step=step, config=config, rounds=rounds,
+                   spent=dict(nfe=int(total[0]), scored=int(total[1]))), master, keep, fault)
+        except OSError as e:
+            fail(f"writing {ckpt_path} at step {step} failed ({e.strerror or e}); " + (f"the previous checkpoint (step "
+                 f"{saved}) is intact" if F.latest(ckpt_path) else "there is no earlier checkpoint"))
+        if master and str(step) in FAULTS["CRASH_AFTER_STEP"]:
+            os._exit(3)
+        return step
     ck = dict(models=[{k: v for k, v in m.state_dict().items() if not lora_rank or ".lora_" in k} for m in held],
               optimizer=opt.state_dict(), ema=ema_params, step=step, config=config, spent=run.spent, rounds=rounds)
     try:
@@ -390,15 +446,18 @@ if master:  # a fresh run starts the log; a resumed one keeps its lines up to th
     logged = [re.search(r"\bstep (\d+)", line) for line in lines]  # None: a line of no step (config, probe)
     open(path, "w").writelines(line for line, m in zip(lines, logged) if m is None or int(m[1]) <= step)
     log("config " + " ".join(f"{k}={v!r}" for k, v in config.items()))  # this run's part of the log starts here
-probe = sharpen.probe_pairs(run, probe_pairs) if method == "sharpen_rlhf" and master else None  # is it learned?
+with F.full_weights(*sharded):  # (fsdp: rank 0's passes need every rank's shards, gathered)
+    probe = sharpen.probe_pairs(run, probe_pairs) if method == "sharpen_rlhf" and master else None  # is it learned?
 
 # -----------------------------------------------------------------------------
 # the loop
-if master and eval_seeds and step == 0 and not pretrain:
+if (master or fsdp) and eval_seeds and step == 0 and not pretrain:
     evaluate("start")
-if master and probe is not None and step == 0:
-    log(f"probe {probe['count']} pairs of {probe_pairs} prompts (never trained on), base model"
-        f"{sharpen.probe_line(run, probe)}")
+if method == "sharpen_rlhf" and probe_pairs and step == 0:
+    with F.full_weights(*sharded):
+        if master and probe is not None:
+            log(f"probe {probe['count']} pairs of {probe_pairs} prompts (never trained on), base model"
+                f"{sharpen.probe_line(run, probe)}")
 bar = tqdm(total=steps, initial=step, disable=run.quiet, desc=method, mininterval=5)
 eval_every = eval_interval or (max(1, steps // (eval_count + 1)) if eval_count else 0)
 bad_in_row = skipped = 0
@@ -411,32 +470,35 @@ try:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
-        # every micro-step's sampling, scoring, selection (no graph), then the count over ranks and micro-steps: one mean
-        with run.amp():
-            batches = [prepare(run, step, micro) for micro in range(grad_accum)]
-        units = torch.tensor([sum(b["count"] for b in batches), sum(b["count"] == 0 for b in batches)], dtype=torch.float64)
-        if ddp:  # [pairs, items or (sft_weights=step) weights; rank-micro-steps with none], every rank, every step
-            torch.distributed.all_reduce(units)
-        kept, idle_micro = units[0].item(), int(units[1].item())
-        infos, step_loss = [], 0.0
-        for micro, b in enumerate(batches):
-            with contextlib.ExitStack() as no_sync:  # DDP all-reduces only on the last micro-step
-                for net in nets if ddp and micro < grad_accum - 1 else []:
-                    no_sync.enter_context(net.no_sync())
-                with run.amp():
-                    loss, info = loss_of(run, b) if b["count"] else (run.idle_loss(), b["info"])
-                if str(step + 1) in FAULTS["NAN_STEPS"]:
-                    loss = loss * float("nan")
-                # DDP averages over ranks: the sum over ranks and micro-steps is then sum loss_pair / (step's pairs)
-                scale = b["count"] * world / (kept or 1)
-                with run.timed("unet bwd"):
-                    scaler.scale(loss.float() * scale).backward()
-            step_loss += loss.item() * scale
-            infos.append(info)
-        del batches
+        if method == "diffusion_nft":  # its sampling policy follows the trained one (on the sharded weights)
+            B.nft_follow(run, step)
+        with F.full_weights(*sharded):  # fsdp: every block gathered for the step's passes, any number (fsdp.py)
+            # every micro-step's sampling, scoring, selection (no graph), then the count over ranks and micro-steps: one mean
+            with run.amp():
+                batches = [prepare(run, step, micro) for micro in range(grad_accum)]
+            units = torch.tensor([sum(b["count"] for b in batches), sum(b["count"] == 0 for b in batches)], dtype=torch.float64)
+            if ddp:  # [pairs, items or (sft_weights=step) weights; rank-micro-steps with none], every rank, every step
+                torch.distributed.all_reduce(units)
+            kept, idle_micro = units[0].item(), int(units[1].item())
+            infos, step_loss = [], 0.0
+            for micro, b in enumerate(batches):
+                with contextlib.ExitStack() as no_sync:  # DDP all-reduces only on the last micro-step
+                    for net in nets if ddp and micro < grad_accum - 1 else []:
+                        no_sync.enter_context(F.no_sync(net) if fsdp else net.no_sync())
+                    with run.amp():
+                        loss, info = loss_of(run, b) if b["count"] else (run.idle_loss(), b["info"])
+                    if str(step + 1) in FAULTS["NAN_STEPS"]:
+                        loss = loss * float("nan")
+                    # DDP averages over ranks: the sum over ranks and micro-steps is then sum loss_pair / (step's pairs)
+                    scale = b["count"] * world / (kept or 1)
+                    with run.timed("unet bwd"):
+                        scaler.scale(loss.float() * scale).backward()
+                step_loss += loss.item() * scale
+                infos.append(info)
+            del batches
         with run.timed("optim"):
             scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            gnorm = F.full(torch.nn.utils.clip_grad_norm_(params, grad_clip))  # (fsdp: a DTensor)
             # a non-finite loss or gradient (on any rank: grads are all-reduced, the flag is too) skips the
             # update; fp16's inf gradients are the GradScaler's business (it skips and lowers the scale)
             bad = torch.tensor(float(not math.isfinite(step_loss) or (dtype != "fp16" and not gnorm.isfinite())))
@@ -474,29 +536,32 @@ try:
                     ranks_stats = [torch.zeros_like(stats) for _ in range(world)]
                     torch.distributed.all_gather(ranks_stats, stats)
                     stats = torch.stack(ranks_stats).nanmean(0)
+            probe_cols = ""
+            if method == "sharpen_rlhf" and probe_pairs and (step % probe_interval == 0 or step == steps):
+                with F.full_weights(*sharded):
+                    probe_cols = sharpen.probe_line(run, probe) if master else ""
             if master:
                 cols = "".join(f" | {k} {v:.4f}" for k, v in zip(sorted(infos[0]), stats.tolist()))
-                cols += f" | kept {kept:g} | idle {idle_micro}" + \
-                    (sharpen.probe_line(run, probe) if step % probe_interval == 0 or step == steps else "")
+                cols += f" | kept {kept:g} | idle {idle_micro}" + probe_cols
                 log(f"step {step} | loss {sums[0].float():.6f}{cols} | gnorm {gnorm.item():.3f} | nfe {int(sums[1])} | "
                     f"scored {int(sums[2])} | lr {lr_at(step - 1):.2e} | dt {(time.time() - t0) * 1000:.0f}ms" +
                     (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device == "cuda" else ""))
         if step % ckpt_interval == 0 or step == steps:
             rounds = run.all_rounds()  # every rank's: ddpo's and raft's sampled rounds are each rank's own
-            saved = checkpoint(rounds) if master else saved
+            saved = checkpoint(rounds) if master or fsdp else saved
         if master and profile:  # where this step's time went
             log(run.profile_line(step, time.time() - t0))
         run.timing.clear()
-        if master and eval_seeds and ((eval_every and step % eval_every == 0) or step == steps):
+        if (master or fsdp) and eval_seeds and ((eval_every and step % eval_every == 0) or step == steps):
             evaluate("end" if step == steps else "mid")
 finally:
     bar.close()  # before an error's line, so that it gets a line of its own
 
 # -----------------------------------------------------------------------------
 # teardown
-if master:
-    export(os.path.join(out_dir, "model"))
-    print(f"saved model to {os.path.join(out_dir, 'model')}")
+if master or fsdp:
+    if export(os.path.join(out_dir, "model")) is not None:
+        print(f"saved model to {os.path.join(out_dir, 'model')}")
 if ddp:
     if "1" in FAULTS["COUNT_SYNCS"]:
         print(f"rank {rank}: {syncs[0]} gradient all-reduces")
