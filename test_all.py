@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ import baselines  # noqa: E402
 import benchmarks as BM  # noqa: E402
 import eval as E  # noqa: E402
 import fidelity  # noqa: E402
+import fsdp as F  # noqa: E402
 import kernels  # noqa: E402
 import lora as L  # noqa: E402
 import models as M  # noqa: E402
@@ -1685,6 +1687,95 @@ def test_ddp_dead_rank_stops_the_run():
         code, out = run(*TORCHRUN, "train.py", "--method=sharpen_sft", "--steps=3", "--ddp_timeout=60", *SHARPEN_TINY,
                         f"--out_dir={d}", ok=False, env={"TRAIN_KILL_RANK": "1:1"})
         assert code != 0 and time.time() - t0 < 120 and not os.path.exists(f"{d}/model"), out[-1500:]
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 (--parallel=fsdp): 2 CPU ranks (gloo)
+
+FSDP = ["--parallel=fsdp"]
+
+
+def assert_runs_match(one, two, name, tol=1e-4):
+    """Two runs' step lines (kept, loss, gradient norm) and exported weights agree: an idle rank that halved the mean,
+    a gradient not reduced, or a shard that missed an update shows in the loss or gradient norm of the next step."""
+    a, b = step_lines(one), step_lines(two)
+    assert len(a) == len(b) > 0, (name, a, b)
+    for x, y in zip(a, b):
+        assert x["kept"] == y["kept"], (name, a, b)
+        assert all(abs(x[k] - y[k]) <= tol * max(1.0, abs(x[k])) for k in ("loss", "gnorm")), (name, a, b)
+    sa, sb = (M.load_model(f"{d}/model").unet.state_dict() for d in (one, two))
+    off = torch.cat([(sa[k] - sb[k]).abs().flatten() for k in sa]) > 1e-5  # Adam moves a few by float noise
+    assert off.float().mean() < 0.02, (name, off.float().mean())
+
+
+def test_fsdp_equals_ddp_and_one_rank_ties_lora_every_method():
+    """--parallel=fsdp on 2 ranks trains what 1 rank and DDP on 2 ranks train (logged losses, gradient norms, kept
+    counts, weights), whatever the data on each rank: sharpen_rlhf with every prompt of one rank tied (its idle
+    rank), full and LoRA (the reference is the sharded UNet with its adapters off), with grad_accum = 2 (no_sync on
+    the first micro-step) and an EMA; sharpen_sft with the anchor's scenes; raft when every score of a rank fails;
+    ddpo with a KL to a sharded reference; diffusion_nft (its old policy follows the sharded weights)."""
+    with stub_grader() as stub, tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/prompts.txt", "w") as f:
+            f.write("tie a red circle\nvary a red circle\ngarbage a red circle\nvary two blue squares\n")
+        grader = [f"--prompt_file={d}/prompts.txt", f"--reward=mllm@{stub.url}"]
+        half = f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"
+        cases = {"rlhf": ["--method=sharpen_rlhf", "--prompts_per_step=4", "--grad_accum=2", "--ema=0.9", *grader],
+                 "lora": ["--method=sharpen_rlhf", "--prompts_per_step=2", "--lora_rank=4", *grader],
+                 "sft": ["--method=sharpen_sft", "--prompts_per_step=2", "--replay=2", half],
+                 "raft": ["--method=raft", "--prompts_per_step=2", "--raft_n=2", "--raft_epochs=1", half],
+                 "grpo": ["--method=ddpo", "--prompts_per_step=4", "--ddpo_std=step", "--ddpo_kl=0.04", *grader],
+                 "nft": ["--method=diffusion_nft", "--prompts_per_step=4", "--nft_decay=0.2", *grader]}
+        args = {name: ["train.py", "--steps=3", *SHARPEN_TINY, "--lr=1e-4", "--grad_clip=1e6", *extra]
+                for name, extra in cases.items()}
+        two_at_a_time([(run, *a, f"--out_dir={d}/{name}1") for name, a in args.items()])  # the 1-rank runs
+        run(*TORCHRUN, *args["rlhf"], f"--out_dir={d}/rlhf_ddp")
+        for name in cases:
+            run(*TORCHRUN, *args[name], *FSDP, f"--out_dir={d}/{name}2")
+            if name in ("rlhf", "lora"):
+                assert any(s["idle"] >= 1 and s["kept"] >= 1 for s in step_lines(f"{d}/{name}2")), name  # a tied rank
+            assert_runs_match(f"{d}/{name}1", f"{d}/{name}2", name)
+        assert_runs_match(f"{d}/rlhf_ddp", f"{d}/rlhf2", "fsdp vs ddp")
+        assert os.path.exists(f"{d}/lora2/model/pytorch_lora_weights.safetensors")
+
+
+def test_fsdp_kill_in_checkpoint_resume_on_other_world_sizes_and_two_nodes():
+    """Sharded checkpoints: rank 0 killed after every rank wrote its shard of step 2 but before the commit leaves
+    step 1 committed; the run resumes from it on 1 rank (--parallel=fsdp on one process), crashes after step 3 and
+    resumes on 2 ranks: it ends where the uninterrupted 2-rank run ends (sharpen_sft with an EMA: its draws follow
+    global prompt indices, not ranks). Two node launches of 1 rank each (torchrun's c10d rendezvous on loopback) train
+    what one node of 2 does. Pretraining (the text encoder sharded too; its draws are per rank) trains what DDP does.
+    A DDP checkpoint is not resumed as an FSDP one: one error line that says which flag."""
+    with tempfile.TemporaryDirectory() as d:
+        args = ["train.py", "--method=sharpen_sft", "--steps=4", "--ckpt_interval=1", "--ema=0.9", *SHARPEN_TINY, *FSDP]
+        pretrain = ["train.py", "--method=pretrain", "--batch_size=4", "--steps=2", "--eval_seeds=0", "--threads=1"]
+        run(*TORCHRUN, *pretrain, f"--out_dir={d}/pretrain_ddp")
+        run(*TORCHRUN, *pretrain, *FSDP, f"--out_dir={d}/pretrain_fsdp")
+        assert_runs_match(f"{d}/pretrain_ddp", f"{d}/pretrain_fsdp", "pretrain")
+        run(*TORCHRUN, *args, f"--out_dir={d}/full")
+        code, out = run(*TORCHRUN, *args, f"--out_dir={d}/part", ok=False, env={"TRAIN_KILL_IN_CKPT_AT_STEP": "2"})
+        assert code != 0 and F.latest(f"{d}/part/ckpt").endswith("step_1"), out[-1500:]
+        assert os.path.exists(f"{d}/part/ckpt/step_2/meta.pt")  # written, never committed
+        code, out = run(*args, f"--out_dir={d}/part", "--init_from=resume", ok=False, env={"TRAIN_CRASH_AFTER_STEP": "3"})
+        assert code == 3 and "resumed from" in out and "at step 1" in out, out[-1500:]
+        assert sorted(os.listdir(f"{d}/part/ckpt")) == ["latest", "step_3"]  # older folders deleted after the commit
+        _, out = run(*TORCHRUN, *args, f"--out_dir={d}/part", "--init_from=resume")
+        assert "at step 3" in out, out[-1500:]
+        assert [s["step"] for s in step_lines(f"{d}/part")] == [1, 2, 3, 4]
+        assert_runs_match(f"{d}/full", f"{d}/part", "resumed 2 -> 1 -> 2 ranks")
+        weights_equal(f"{d}/full/model", f"{d}/part/model", exact=False, atol=1e-4, why="resumed")
+        port = socket.socket()
+        port.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{port.getsockname()[1]}"
+        port.close()
+        nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
+                                   "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+                                   "--rdzv_id=test", *args, f"--out_dir={d}/nodes"], cwd=HERE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        outs = [p.communicate(timeout=600)[0] for p in nodes]
+        assert all(p.returncode == 0 for p in nodes), outs[0][-1500:] + outs[1][-1500:]
+        assert_runs_match(f"{d}/full", f"{d}/nodes", "2 nodes x 1 rank")
+        code, out = run("train.py", *args[1:-1], f"--out_dir={d}/full", "--init_from=resume", ok=False)
+        assert code != 0 and "--parallel=fsdp" in error_lines(out)[0], out[-1500:]
 
 
 # -----------------------------------------------------------------------------
