@@ -33,18 +33,23 @@ class Pipe:
     tokenizer_3: object = None     # (FLUX: text_encoder is CLIP for the pooled vector, text_encoder_2 is T5)
     resolution: int = 0            # image side in pixels; 0: the model's own (its sample_size; FLUX: 1024)
     embedded_guidance: float = 3.5  # FLUX-dev's guidance input where a call is not given one (its pipeline's default)
+    compute_device: object = None   # set where the unet's weights are not where its passes run (fsdp's CPU offload)
 
     @property
-    def device(self):
-        return next(self.unet.parameters()).device
+    def device(self):  # where the passes run (--cpu_offload keeps the sharded weights in CPU memory)
+        return self.compute_device or next(self.unet.parameters()).device
 
     @property
     def family(self):  # sd | sdxl | sd3 | flux: how prompts are encoded and the denoiser is called
-        return family_of(type(self.unet).__name__, self.text_encoder_2 is not None)
+        return family_of(self.unet_class, self.text_encoder_2 is not None)
 
     @property
     def denoiser(self):  # the folder (and model_index) name of what `unet` holds
-        return "unet" if type(self.unet).__name__ == "UNet2DConditionModel" else "transformer"
+        return "unet" if self.unet_class == "UNet2DConditionModel" else "transformer"
+
+    @property
+    def unet_class(self):  # (fully_shard renames the class FSDP<name>)
+        return type(self.unet).__name__.removeprefix("FSDP")
 
     @property
     def vae_factor(self):

@@ -1786,7 +1786,8 @@ def test_real_folders_sharpen_full_and_lora_export_reload():
     other two combinations on one UNet each (rlhf full: SD1.5, sft LoRA: SDXL), of diffusion_nft and Flow-GRPO (ddpo
     on the flow SDE, KL to the base) on SD3 and FLUX, full and LoRA: the exported folder is a plain diffusers folder
     that reloads and samples, two Adam steps from the base; LoRA runs also write the adapters' file; the SDXL, SD3
-    and FLUX exports load as their diffusers pipelines and sample as we do."""
+    and FLUX exports load as their diffusers pipelines and sample as we do. --parallel=fsdp on 2 ranks (SDXL's UNet
+    blocks, FLUX's transformer blocks sharded) exports what the 1-rank run exports, and it samples the same image."""
     with tempfile.TemporaryDirectory() as d:
         bases = {kind: sdconfigs.make(f"{d}/{kind}", kind, tiny=True, prediction="v_prediction" if kind == "sdxl" else "")
                  for kind in ("sd15", "sdxl", "sd3", "flux")}
@@ -1832,6 +1833,13 @@ def test_real_folders_sharpen_full_and_lora_export_reload():
                 assert_samples_as_diffusers(f"{out}/model", pipe, ["a red circle"], x, 2, 5.0)
             if kind == "sd15" and method == "sharpen_sft" and not lora:  # checkpointing changes no result
                 weights_equal(f"{out}/model", f"{out}-ckpt/model", exact=False)
+        for (kind, method, lora, base, out), args in runs.items():
+            if (kind, method, lora) in (("sdxl", "sharpen_sft", 0), ("flux", "sharpen_rlhf", 4)):
+                run(*TORCHRUN, *args[1:], *FSDP, f"--out_dir={out}-fsdp")
+                assert_runs_match(out, f"{out}-fsdp", kind)
+                one, two = (S.sample(M.load_model(f"{o}/model", resolution=32), ["a red circle"], [0], num_steps=2)
+                            for o in (out, f"{out}-fsdp"))
+                torch.testing.assert_close(one, two, atol=1e-3, rtol=0)
 
 
 def test_lora_bf16_resume_exact_and_prompt_file():

@@ -277,6 +277,7 @@ if master:
 amp_dtype = DTYPES[dtype]
 pipe = toyworld.new_toy_model(seed, flow) if pretrain else M.load_model(model, dev, amp_dtype, uncond_embed, resolution)
 pipe.embedded_guidance = guidance  # FLUX-dev: --guidance is its guidance input, in rollouts and training passes
+pipe.compute_device = torch.device(dev) if cpu_offload else None  # (the offloaded shards live in CPU memory)
 pipe.unet.to(dev).train()
 params = L.add_lora(pipe.unet, lora_rank, lora_alpha, seed) if lora_rank else \
     list(pipe.unet.float().requires_grad_(True).parameters())
