@@ -95,6 +95,18 @@ def no_sync(model, on=True):
             m.set_requires_gradient_sync(True, recurse=False)
 
 
+def count_reductions(counter):
+    """The tests' no_sync check: counter[0] += 1 for every gradient reduce-scatter of this rank (one per FSDP block
+    per synced backward)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as C
+    call = C.DefaultReduceScatter.__call__
+
+    def counted(self, *args, **kw):
+        counter[0] += 1
+        return call(self, *args, **kw)
+    C.DefaultReduceScatter.__call__ = counted
+
+
 def local(t):
     """A DTensor's local shard (a plain tensor: itself)."""
     return t.to_local() if hasattr(t, "to_local") else t

@@ -1346,6 +1346,10 @@ def test_train_bad_input_one_line():
                              (["--sft_target=official"], "needs --dpo_target=start"),
                              (["--sft_target=approx"], "sft_target must be"),
                              (["--dtype=fp8"], "dtype must be"), (["--dtype=fp16"], "needs --device=cuda"),
+                             (["--parallel=zero3"], "parallel must be"), (["--cpu_offload"], "needs --parallel=fsdp"),
+                             (["--parallel=fsdp", "--compile"], "--parallel=fsdp runs in fp32 or bf16"),
+                             (["--init_from=resume", f"--out_dir={d}/o", "--parallel=fsdp"],
+                              "resume it with --parallel=ddp"),
                              (["--score_steps=first"], "score_steps"), (["--reward=clip@/no/such/clip"], "/no/such/clip"),
                              (["--method=pretrain", "--lora_rank=4"], "lora_rank=4"),
                              ([f"--prompt_file={d}/none.txt"], "cannot read prompt_file"),
@@ -1730,7 +1734,10 @@ def test_fsdp_equals_ddp_and_one_rank_ties_lora_every_method():
         two_at_a_time([(run, *a, f"--out_dir={d}/{name}1") for name, a in args.items()])  # the 1-rank runs
         run(*TORCHRUN, *args["rlhf"], f"--out_dir={d}/rlhf_ddp")
         for name in cases:
-            run(*TORCHRUN, *args[name], *FSDP, f"--out_dir={d}/{name}2")
+            _, log = run(*TORCHRUN, *args[name], *FSDP, f"--out_dir={d}/{name}2", env={"TRAIN_COUNT_SYNCS": "1"})
+            syncs = re.findall(r"rank \d: (\d+) gradient all-reduces \((\d+) sharded blocks\)", log)
+            # one reduce-scatter per block per step: with grad_accum = 2, the first micro-step's stay local
+            assert len(syncs) == 2 and (name != "rlhf" or all(int(n) == 3 * int(b) for n, b in syncs)), (name, syncs)
             if name in ("rlhf", "lora"):
                 assert any(s["idle"] >= 1 and s["kept"] >= 1 for s in step_lines(f"{d}/{name}2")), name  # a tied rank
             assert_runs_match(f"{d}/{name}1", f"{d}/{name}2", name)

@@ -335,6 +335,8 @@ if ddp and not fsdp:
     nets = [DDP(m) for m in trained]
     if "1" in FAULTS["COUNT_SYNCS"]:
         nets[0].register_comm_hook(syncs, counting_allreduce)
+if fsdp and "1" in FAULTS["COUNT_SYNCS"]:
+    F.count_reductions(syncs)
 run.net = torch.compile(nets[0]) if compile else nets[0]
 run.text_net = nets[1] if pretrain else None
 scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
@@ -565,7 +567,8 @@ if master or fsdp:
         print(f"saved model to {os.path.join(out_dir, 'model')}")
 if ddp:
     if "1" in FAULTS["COUNT_SYNCS"]:
-        print(f"rank {rank}: {syncs[0]} gradient all-reduces")
+        print(f"rank {rank}: {syncs[0]} gradient all-reduces" +
+              (f" ({len(F.fsdp_modules(*trained))} sharded blocks)" if fsdp else ""))
     del nets, run, opt  # teardown order that avoids gloo's abort at exit
     gc.collect()
     torch.distributed.barrier()
