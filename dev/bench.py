@@ -11,6 +11,7 @@ Where the time goes, as ratios measured side by side in one run (docs/performanc
    re-noises one generated sample for all n (instead of generating n)
 4. reward throughput (images/s) of the toy rewards, and the MLLM grader against a loopback stub with
    50 ms per request, concurrency 1 vs 8
+6. --parallel=fsdp's step time over DDP's, the same sharpen_rlhf run on `ranks` processes (torchrun), side by side
 No test times anything: the correctness of each fast path is tested against the plain path in test_all.py.
 """
 import os
@@ -37,6 +38,7 @@ device = "cpu"
 K = 8                    # trajectories batched in part 2
 repeats = 3              # timings are medians of this many runs
 train_steps = 4          # profiled training steps (the first is left out: warm-up)
+ranks = 2                # part 6: processes per run (on CUDA: one per GPU, at most the GPUs there are)
 # -----------------------------------------------------------------------------
 
 
@@ -64,6 +66,17 @@ def step_split(method):
                 | {"ms": float(re.search(r"total (\d+)ms", l).group(1))}
                 for l in open(f"{d}/log.txt") if l.startswith("profile")][1:]
     return {k: statistics.mean(r.get(k, 0.0) for r in rows) for k in rows[0]}
+
+
+def parallel_step_ms(parallel):
+    """Median step time (ms) of the steps after the first of a sharpen_rlhf run on `ranks` processes."""
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                        "train.py", f"--parallel={parallel}", f"--steps={train_steps + 1}", f"--prompts_per_step={4 * ranks}",
+                        "--eval_seeds=0", "--probe_pairs=0", f"--device={device}", f"--out_dir={d}",
+                        f"--ckpt_interval={10**6}"], check=True, capture_output=True, cwd=ROOT)
+        return statistics.median(float(re.search(r"\| dt (\d+)ms", l).group(1))
+                                 for l in open(f"{d}/log.txt") if l.startswith("step ") and "| dt " in l)
 
 
 def main():
@@ -133,6 +146,15 @@ def main():
         subprocess.run([sys.executable, "-m", "kernels.weighted_mse"], check=True, cwd=ROOT)  # its own benchmark
     else:
         print("\n5. the fused Triton loss needs a GPU: python dev/bench.py --device=cuda")
+
+    n = min(ranks, torch.cuda.device_count()) if device == "cuda" else ranks
+    if n >= 2:
+        globals()["ranks"] = n
+        ms = {p: parallel_step_ms(p) for p in ("ddp", "fsdp")}
+        print(f"\n6. sharpen_rlhf on {n} ranks: ddp {ms['ddp']:.0f} ms/step, fsdp {ms['fsdp']:.0f} ms/step -> fsdp / ddp "
+              f"{ms['fsdp'] / ms['ddp']:.2f}")
+    else:
+        print("\n6. fsdp vs ddp needs 2 ranks")
 
 
 if __name__ == "__main__":
