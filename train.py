@@ -191,7 +191,8 @@ CHECKS = [
      f"start_range={start_range!r}: expected 'a:b' with 0 <= a <= b <= 1 (fractions of the schedule)"),
     (fsdp and (dtype == "fp16" or compile), f"--parallel=fsdp runs in fp32 or bf16 and without compile here, got "
      f"dtype={dtype!r} compile={compile}"),
-    (cpu_offload and not fsdp, "--cpu_offload offloads the sharded state: it needs --parallel=fsdp"),
+    (cpu_offload and (not fsdp or device != "cuda"), "--cpu_offload moves the sharded state off the GPUs: it needs "
+     f"--parallel=fsdp and --device=cuda, got parallel={parallel!r} device={device!r}"),
     (device == "cuda" and not torch.cuda.is_available(), "--device=cuda but no CUDA device is available"),
     (dtype == "fp16" and device != "cuda", "--dtype=fp16 needs --device=cuda (fp16 autocast + GradScaler); on CPU: bf16"),
     (method == "sharpen_rlhf" and n_traj < 2, f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}"),
