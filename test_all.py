@@ -75,9 +75,12 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 def run(*args, ok=True, env=None, cwd=HERE):
     """Run one of our scripts as a user would (env: extra variables) -> (returncode, stdout+stderr). The timeout
     only stops a hung script: a test checks behaviour, not speed, and CI machines may be busy. The script runs as its
-    own process forked from one that imported the libraries once (dev/forkrun.py); TEST_FORK=0, and torchrun
-    always, as a plain `python` subprocess."""
-    if args[0].startswith("-") or os.environ.get("TEST_FORK") == "0":
+    own process forked from one that imported the libraries once (dev/forkrun.py), torchrun's 2 ranks as 2 such
+    processes; TEST_FORK=0: as a plain `python` (or torchrun) subprocess."""
+    if args[:len(TORCHRUN)] == tuple(TORCHRUN) and os.environ.get("TEST_FORK") != "0":  # torchrun's ranks, forked
+        code, stdout, stderr = forkrun.forked(args[len(TORCHRUN)], args[len(TORCHRUN) + 1:], env or {}, cwd, "test_all",
+                                              nproc=2)
+    elif args[0].startswith("-") or os.environ.get("TEST_FORK") == "0":
         p = subprocess.run([sys.executable, *args], cwd=cwd, env=dict(os.environ, **(env or {})), capture_output=True,
                            text=True, timeout=3600)
         code, stdout, stderr = p.returncode, p.stdout, p.stderr

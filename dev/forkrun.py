@@ -11,8 +11,10 @@ import multiprocessing
 import multiprocessing.util
 import os
 import runpy
+import socket
 import sys
 import tempfile
+import time
 import traceback
 from multiprocessing import resource_tracker
 
@@ -48,19 +50,39 @@ def _run_script(script, args, env, cwd, out, err):
     os._exit(code)
 
 
-def forked(script, args, env, cwd, main_module, timeout=3600):
+def forked(script, args, env, cwd, main_module, timeout=3600, nproc=0):
     """Run `python script args` forked (see above) -> (exit code, stdout, stderr). main_module: the importable name
-    of the caller's main script, preloaded with the libraries."""
+    of the caller's main script, preloaded with the libraries. nproc > 0: as `torchrun --standalone
+    --nproc_per_node=nproc script args` runs it: nproc forked ranks (RANK, WORLD_SIZE, MASTER_ADDR/PORT set), the
+    others killed when one fails, exit code 1 then (torchrun's); every rank's output, in rank order."""
     global _server
     if _server is None:
         _server = multiprocessing.get_context("forkserver")
         _server.set_forkserver_preload([main_module, *PRELOAD])
+    ranks = [{}]
+    if nproc:
+        with socket.socket() as sock:  # a free port for the ranks' rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ranks = [dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for r in range(nproc)]
     with tempfile.TemporaryDirectory() as d:
-        child = _server.Process(target=_run_script, args=(script, args, env, cwd, f"{d}/out", f"{d}/err"))
-        child.start()
-        child.join(timeout)
-        if child.is_alive():
-            child.kill()
+        children = [_server.Process(target=_run_script, args=(script, args, {**env, **extra}, cwd, f"{d}/out{r}",
+                                                              f"{d}/err{r}")) for r, extra in enumerate(ranks)]
+        for child in children:
+            child.start()
+        end = time.time() + timeout
+        while any(c.is_alive() for c in children) and time.time() < end:
+            if any(c.exitcode not in (None, 0) for c in children):  # one failed: torchrun stops the others
+                for c in children:
+                    c.kill()
+            time.sleep(0.05)
+        if any(c.is_alive() for c in children):
+            for c in children:
+                c.kill()
             raise AssertionError(f"{script} {' '.join(args)} still ran after {timeout} s")
-        return (child.exitcode, *(open(p).read() if os.path.exists(p) else f"(no {p}: the fork failed)"
-                                  for p in (f"{d}/out", f"{d}/err")))
+        codes = [c.exitcode for c in children]
+        read = [[open(p).read() if os.path.exists(p) else f"(no {p}: the fork failed)" for p in (f"{d}/out{r}",
+                 f"{d}/err{r}")] for r in range(len(children))]
+        code = codes[0] if not nproc else 0 if all(c == 0 for c in codes) else 1
+        return code, "".join(o for o, _ in read), "".join(e for _, e in read)
