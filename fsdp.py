@@ -46,11 +46,19 @@ def blocks(model):
     return out
 
 
-def shard(model, compute_dtype=torch.float32, cpu_offload=False):
+def mesh(device, world, per_node):
+    """hsdp's 2-D device mesh: shard over a node's per_node ranks, replicate over the world // per_node nodes (a step
+    gathers its weights inside a node, and only gradients cross nodes)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model, compute_dtype=torch.float32, cpu_offload=False, device_mesh=None):
     """fully_shard each block of model, then the root, in place (its parameters become DTensors: build the optimizer
     after this). compute_dtype other than fp32: the gathered weights and the passes in it, gradients reduced in
-    fp32. cpu_offload: the sharded state (weights, gradients, AdamW's) in CPU memory, the optimizer step on the CPU."""
-    kw = dict(reshard_after_forward=False)
+    fp32. cpu_offload: the sharded state (weights, gradients, AdamW's) in CPU memory, the optimizer step on the CPU.
+    device_mesh: hsdp's (mesh()); None: shard over every rank."""
+    kw = dict(reshard_after_forward=False, mesh=device_mesh)
     if compute_dtype != torch.float32:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     if cpu_offload:

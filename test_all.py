@@ -1720,7 +1720,7 @@ def test_fsdp_equals_ddp_and_one_rank_ties_lora_every_method():
     """--parallel=fsdp on 2 ranks trains what 1 rank and DDP on 2 ranks train (logged losses, gradient norms, kept
     counts, weights), whatever the data on each rank: sharpen_rlhf with every prompt of one rank tied (its idle
     rank), full and LoRA (the reference is the sharded UNet with its adapters off), with grad_accum = 2 (no_sync on
-    the first micro-step) and an EMA; sharpen_sft with the anchor's scenes; raft when every score of a rank fails;
+    the first micro-step) and an EMA; sharpen_sft with the anchor's scenes, and LoRA; raft when every score of a rank fails;
     ddpo with a KL to a sharded reference; diffusion_nft (its old policy follows the sharded weights)."""
     with stub_grader() as stub, tempfile.TemporaryDirectory() as d:
         with open(f"{d}/prompts.txt", "w") as f:
@@ -1730,6 +1730,7 @@ def test_fsdp_equals_ddp_and_one_rank_ties_lora_every_method():
         cases = {"rlhf": ["--method=sharpen_rlhf", "--prompts_per_step=4", "--grad_accum=2", "--ema=0.9", *grader],
                  "lora": ["--method=sharpen_rlhf", "--prompts_per_step=2", "--lora_rank=4", *grader],
                  "sft": ["--method=sharpen_sft", "--prompts_per_step=2", "--replay=2", half],
+                 "sft_lora": ["--method=sharpen_sft", "--prompts_per_step=4", "--lora_rank=4", "--grad_accum=2"],
                  "raft": ["--method=raft", "--prompts_per_step=2", "--raft_n=2", "--raft_epochs=1", half],
                  "grpo": ["--method=ddpo", "--prompts_per_step=4", "--ddpo_std=step", "--ddpo_kl=0.04", *grader],
                  "nft": ["--method=diffusion_nft", "--prompts_per_step=4", "--nft_decay=0.2", *grader]}
@@ -1754,7 +1755,7 @@ def test_fsdp_kill_in_checkpoint_resume_on_other_world_sizes_and_two_nodes():
     step 1 committed; the run resumes from it on 1 rank (--parallel=fsdp on one process), crashes after step 3 and
     resumes on 2 ranks: it ends where the uninterrupted 2-rank run ends (sharpen_sft with an EMA: its draws follow
     global prompt indices, not ranks). Two node launches of 1 rank each (torchrun's c10d rendezvous on loopback) train
-    what one node of 2 does. Pretraining (the text encoder sharded too; its draws are per rank) trains what DDP does,
+    what one node of 2 does, and so do 2 nodes of 2 ranks under hsdp (sharded in a node, replicated across). Pretraining (the text encoder sharded too; its draws are per rank) trains what DDP does,
     a NaN step skipped on every rank.
     A DDP checkpoint is not resumed as an FSDP one: one error line that says which flag."""
     with tempfile.TemporaryDirectory() as d:
@@ -1776,17 +1777,19 @@ def test_fsdp_kill_in_checkpoint_resume_on_other_world_sizes_and_two_nodes():
         assert [s["step"] for s in step_lines(f"{d}/part")] == [1, 2, 3, 4]
         assert_runs_match(f"{d}/full", f"{d}/part", "resumed 2 -> 1 -> 2 ranks")
         weights_equal(f"{d}/full/model", f"{d}/part/model", exact=False, atol=1e-4, why="resumed")
-        port = socket.socket()
-        port.bind(("127.0.0.1", 0))
-        endpoint = f"127.0.0.1:{port.getsockname()[1]}"
-        port.close()
-        nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
-                                   "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
-                                   "--rdzv_id=test", *args, f"--out_dir={d}/nodes"], cwd=HERE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-        outs = [p.communicate(timeout=600)[0] for p in nodes]
-        assert all(p.returncode == 0 for p in nodes), outs[0][-1500:] + outs[1][-1500:]
-        assert_runs_match(f"{d}/full", f"{d}/nodes", "2 nodes x 1 rank")
+        for per_node, parallel in ((1, "fsdp"), (2, "hsdp")):  # hsdp: shard inside a node, replicate across the two
+            port = socket.socket()
+            port.bind(("127.0.0.1", 0))
+            endpoint = f"127.0.0.1:{port.getsockname()[1]}"
+            port.close()
+            nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
+                                       f"--nproc_per_node={per_node}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+                                       "--rdzv_id=test", *args[:-1], f"--parallel={parallel}",
+                                       f"--out_dir={d}/{parallel}"], cwd=HERE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+            outs = [p.communicate(timeout=600)[0] for p in nodes]
+            assert all(p.returncode == 0 for p in nodes), outs[0][-1500:] + outs[1][-1500:]
+            assert_runs_match(f"{d}/full", f"{d}/{parallel}", f"2 nodes x {per_node} ranks, {parallel}")
         code, out = run("train.py", *args[1:-1], f"--out_dir={d}/full", "--init_from=resume", ok=False)
         assert code != 0 and "--parallel=fsdp" in error_lines(out)[0], out[-1500:]
 

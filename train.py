@@ -118,6 +118,7 @@ compile = False          # torch.compile the trained UNet
 device = "cpu"           # cpu | cuda
 threads = 0              # torch threads per process (0 = cores / processes)
 parallel = "ddp"         # ddp (each rank holds the model and its AdamW state) | fsdp (sharded over the ranks, fsdp.py)
+                         # | hsdp (sharded inside a node, replicated across nodes)
 cpu_offload = False      # fsdp: the sharded weights, gradients and AdamW state in CPU memory
 ddp_timeout = 300        # seconds a rank waits for the others in a collective before it fails (a dead rank)
 dry_run = False          # resolve the config, run every check, print the config line and stop (no model loads)
@@ -153,7 +154,8 @@ def within(key, low, high=None, low_open=False):  # [low, high), (low, ...) if l
 pretrain = method == "pretrain"
 torchrun = int(os.environ.get("RANK", -1)) != -1  # nanoGPT-style: torchrun sets RANK
 rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
-fsdp = parallel == "fsdp"
+fsdp = parallel in ("fsdp", "hsdp")
+per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # hsdp's shard group: a node's ranks
 ddp = torchrun or fsdp  # a process group (fsdp on one process: a group of one)
 master = rank == 0
 per_step = batch_size if pretrain else prompts_per_step  # a prompt's n trajectories stay on one rank
@@ -165,7 +167,7 @@ CHECKS = [
         ("sft_target", ("exact", "official", "final")), ("score_steps", ("all", "last")), ("sft_t", ("uniform", "sampler")),
         ("agg", sharpen.AGGREGATES), ("uncond_embed", ("auto", "zeros", "empty")), ("device", ("cpu", "cuda")),
         ("raft_select", ("best", "first")), ("sft_data", ("render", "alttext")), ("sft_weights", ("prompt", "step")),
-        ("ddpo_std", ("prompt", "step")), ("parallel", ("ddp", "fsdp")))],
+        ("ddpo_std", ("prompt", "step")), ("parallel", ("ddp", "fsdp", "hsdp")))],
     (not eval_split or bool(set(eval_split.split(",")) - {"heldout", "train"}),
      f"eval_split must be 'heldout', 'train' or both comma-separated, got {eval_split!r}"),
     *[within(k, 1) for k in ("steps", "prompts_per_step", "batch_size", "grad_accum", "n_traj", "m_steps", "num_steps",
@@ -191,6 +193,8 @@ CHECKS = [
      f"start_range={start_range!r}: expected 'a:b' with 0 <= a <= b <= 1 (fractions of the schedule)"),
     (fsdp and (dtype == "fp16" or compile), f"--parallel=fsdp runs in fp32 or bf16 and without compile here, got "
      f"dtype={dtype!r} compile={compile}"),
+    (parallel == "hsdp" and world % per_node, f"--parallel=hsdp needs the same ranks on every node: {world} ranks, "
+     f"{per_node} on this node"),
     (cpu_offload and (not fsdp or device != "cuda"), "--cpu_offload moves the sharded state off the GPUs: it needs "
      f"--parallel=fsdp and --device=cuda, got parallel={parallel!r} device={device!r}"),
     (device == "cuda" and not torch.cuda.is_available(), "--device=cuda but no CUDA device is available"),
@@ -297,8 +301,9 @@ templates, sharded = [None] * len(trained), []  # fsdp: rank 0's meta copies tha
 if fsdp:  # the trained modules, the reference (LoRA's is the trained one, adapters off), the old policy
     templates = [F.meta_copy(m) if master else None for m in trained]
     sharded = [m for m in (*trained, None if lora_rank else ref_unet, old_unet) if m is not None]
+    device_mesh = F.mesh(device, world, per_node) if parallel == "hsdp" else None
     for m in sharded:
-        F.shard(m, amp_dtype, cpu_offload)
+        F.shard(m, amp_dtype, cpu_offload, device_mesh)
     params = L.lora_parameters(pipe.unet) if lora_rank else [p for m in trained for p in m.parameters()]  # DTensors
 opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 ema_params = [p.detach().clone() for p in params] if ema else None
