@@ -1721,14 +1721,16 @@ def test_fsdp_equals_ddp_and_one_rank_ties_lora_every_method():
     counts, weights), whatever the data on each rank: sharpen_rlhf with every prompt of one rank tied (its idle
     rank), full and LoRA (the reference is the sharded UNet with its adapters off), with grad_accum = 2 (no_sync on
     the first micro-step) and an EMA; sharpen_sft with the anchor's scenes, and LoRA; raft when every score of a rank fails;
-    ddpo with a KL to a sharded reference; diffusion_nft (its old policy follows the sharded weights)."""
+    ddpo with a KL to a sharded reference; diffusion_nft (its old policy follows the sharded weights). Rank 0's probe
+    and held-out evaluation (LoRA) run on the gathered weights and log what 1 rank logs."""
     with stub_grader() as stub, tempfile.TemporaryDirectory() as d:
         with open(f"{d}/prompts.txt", "w") as f:
             f.write("tie a red circle\nvary a red circle\ngarbage a red circle\nvary two blue squares\n")
         grader = [f"--prompt_file={d}/prompts.txt", f"--reward=mllm@{stub.url}"]
         half = f"--reward=mllm@{stub.url.replace('/v1', '/half/v1')}"
         cases = {"rlhf": ["--method=sharpen_rlhf", "--prompts_per_step=4", "--grad_accum=2", "--ema=0.9", *grader],
-                 "lora": ["--method=sharpen_rlhf", "--prompts_per_step=2", "--lora_rank=4", *grader],
+                 "lora": ["--method=sharpen_rlhf", "--prompts_per_step=2", "--lora_rank=4", "--probe_pairs=4",
+                          "--eval_seeds=1", *grader],
                  "sft": ["--method=sharpen_sft", "--prompts_per_step=2", "--replay=2", half],
                  "sft_lora": ["--method=sharpen_sft", "--prompts_per_step=4", "--lora_rank=4", "--grad_accum=2"],
                  "raft": ["--method=raft", "--prompts_per_step=2", "--raft_n=2", "--raft_epochs=1", half],
@@ -1747,6 +1749,9 @@ def test_fsdp_equals_ddp_and_one_rank_ties_lora_every_method():
                 assert any(s["idle"] >= 1 and s["kept"] >= 1 for s in step_lines(f"{d}/{name}2")), name  # a tied rank
             assert_runs_match(f"{d}/{name}1", f"{d}/{name}2", name)
         assert_runs_match(f"{d}/rlhf_ddp", f"{d}/rlhf2", "fsdp vs ddp")
+        evals = [[l.split("| step")[0] + l.split("heldout gold")[1][:8] for l in open(f"{d}/lora{r}/log.txt")
+                  if l.startswith("eval ")] for r in (1, 2)]  # rank 0 evaluates what it gathered
+        assert len(evals[1]) == 2 and evals[0] == evals[1], evals
         assert os.path.exists(f"{d}/lora2/model/pytorch_lora_weights.safetensors")
 
 
