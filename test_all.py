@@ -340,14 +340,10 @@ def test_mllm_grader_against_stub():
         # cache: scored pairs are not asked again; failed ones are
         r2, info2 = g(images[:3], prompts[:3])
         assert info2["cached"] == 2 and stub.calls["good a red circle"] == 1 and torch.equal(r2[:2], r[:2])
-        # concurrency: 8 requests of 0.2 s with 4 in flight take ~0.4 s, never more than 4 at once
-        while stub.inflight:  # the stub may still be sleeping on the request that timed out
-            time.sleep(0.05)
-        stub.max_inflight = 0
-        t0 = time.time()
+        # concurrency: 8 requests of 0.2 s with 4 workers: 4 in flight at once, never more (counted by the
+        # stub among these prompts only, so a late retry of the slow prompt cannot count)
         r3, _ = g(torch.rand(8, 3, 32, 32), [f"conc {i}" for i in range(8)])
-        dt = time.time() - t0
-        assert torch.allclose(r3, torch.full((8,), 0.5)) and stub.max_inflight == 4 and dt < 1.5, (r3, stub.max_inflight, dt)
+        assert torch.allclose(r3, torch.full((8,), 0.5)) and stub.max_inflight["conc"] == 4, (r3, stub.max_inflight)
 
 
 def test_parse_grade_forms():
@@ -502,8 +498,9 @@ def test_rollout_batched_equals_separate():
         for i in range(4):
             one = S.rollout(pipe, x[i:i + 1], ts if ts.dim() == 1 else ts[i], cond[i:i + 1], uncond, 2.0, 0.5, g()[i:i + 1])
             one.target = S.state_targets(pipe, one, x0[i:i + 1])[0]
-            for name in ("x", "x0_pred", "target", "x_final"):
-                torch.testing.assert_close(getattr(one, name)[0], getattr(batched, name)[i], rtol=1e-4, atol=1e-5)
+            for name in ("x", "x0_pred", "target", "x_final"):  # float32 convolutions of another batch size sum in
+                # another order (1e-5 seen on the targets, which divide by sqrt(1 - alpha)); a wrong row is off by ~0.1
+                torch.testing.assert_close(getattr(one, name)[0], getattr(batched, name)[i], rtol=1e-3, atol=1e-4)
     assert batched.t.shape == (4, 2) and torch.equal(batched.t[:, 0], full[starts])
     assert not torch.allclose(batched.x0_pred[0], batched.x0_pred[1])
 

@@ -35,7 +35,7 @@ class StubGrader:
         import http.server
         import threading
         stub = self
-        self.calls, self.inflight, self.max_inflight, self.auth = Counter(), 0, 0, set()
+        self.calls, self.inflight, self.max_inflight, self.auth = Counter(), Counter(), Counter(), set()
         self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -48,14 +48,15 @@ class StubGrader:
                 text = body["messages"][0]["content"][0]["text"]
                 assert body["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
                 prompt = text.split('prompt: "')[1].split('"')[0]
-                with stub.lock:
-                    stub.calls[prompt] += 1
-                    stub.inflight += 1
-                    stub.max_inflight = max(stub.max_inflight, stub.inflight)
+                kind = prompt.split()[0]
+                with stub.lock:  # requests in flight, per kind of prompt: a late retry of another kind
+                    stub.calls[prompt] += 1  # never counts towards the concurrency of 'conc' prompts
+                    stub.inflight[kind] += 1
+                    stub.max_inflight[kind] = max(stub.max_inflight[kind], stub.inflight[kind])
                     stub.auth.add(self.headers.get("Authorization"))
                     n = stub.calls[prompt]
+                counted = kind
                 try:
-                    kind = prompt.split()[0]
                     if self.path.startswith("/half/"):  # toy captions: a score from the image, or (about half
                         kind = "garbage" if len(prompt) % 2 else "vary"  # of the captions) no score at all
                     if self.path.startswith("/flaky/") and n % 3 == 1:  # a third of the first answers fail
@@ -82,7 +83,7 @@ class StubGrader:
                     pass  # the client timed out first
                 finally:
                     with stub.lock:
-                        stub.inflight -= 1
+                        stub.inflight[counted] -= 1
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
