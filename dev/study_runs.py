@@ -1,0 +1,115 @@
+"""
+The equal-compute study one row at a time, kept across sessions: out/ does not survive a session, docs/runs/ does.
+Each row is trained as dev/reproduce.py trains it (its settings, its budget, its seeds), evaluated beside the base
+on the fixed held-out list (41 prompts x 16 seeds, eval.py), and its per-image gold and fidelity written to
+docs/runs/<row>.json, so that rows trained in different sessions pair image by image. --bon keeps the base's
+best-of-N candidates (gold verifier) and the search rows in docs/runs/base_search.json; --table prints every
+kept row with its paired Δ, its SE and the N of the base's best-of-N it matches (eval.amortisation).
+
+    python dev/study_runs.py --rows=sharpen_sft_s1+sft_s1     # train (resumable) + evaluate each, ~23 min a row
+    python dev/study_runs.py --bon                            # the base's 16 candidates and search rows, once
+    python dev/study_runs.py --table                          # the table from docs/runs/ (seconds)
+
+A row is a reproduce.py method (FLAGS) with an optional _s1 / _s2 seed suffix; sft_steps is plain sft at
+sharpen_sft's 480 steps. A row whose json exists is skipped. Two processes side by side (--side_by_side=2, each
+with its own --out) train and evaluate on a thread each.
+"""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "dev"))
+
+import torch  # noqa: E402
+
+import eval as E  # noqa: E402
+import reproduce as R  # noqa: E402
+import sample as S  # noqa: E402
+
+# -----------------------------------------------------------------------------
+rows = ""                # '+'-separated rows to train and evaluate
+bon = False              # the base's best-of-N candidates and the search rows
+table = False            # print the table of docs/runs/
+runs_dir = os.path.join(ROOT, "docs", "runs")
+out = "out/reproduce"    # where the training runs live (dev/reproduce.py's folder: its runs are reused)
+candidates = 16          # best-of-N candidates per (prompt, seed)
+quick = False            # dev/reproduce.py's tiny settings (1 seed per prompt): checks the pipeline, numbers mean nothing
+side_by_side = 1         # processes of this script running at once: each trains and evaluates on cores / this threads
+search = "noise1x3+greedy2"
+# -----------------------------------------------------------------------------
+KEEP = ["name", "search", "overall", "delta", "delta_se", "per_skill", "diversity", "background", "palette", "denoise",
+        "n", "train_nfe", "nfe_per_image", "gold_per_image"]
+
+
+def kept(path):
+    return os.path.exists(path) and json.load(open(path))
+
+
+def train_and_evaluate(row):
+    method, seed = (row.rsplit("_s", 1)[0], int(row.rsplit("_s", 1)[1])) if row[-3:-1] == "_s" else (row, 0)
+    steps = 480 * R.budget // 184320 if method == "sft_steps" else 0  # config/sharpen_sft.py's steps at the budget
+    method = "sft" if method == "sft_steps" else method
+    if method not in R.FLAGS and method not in ("sharpen_rlhf", "diffusion_dpo", "ddpo", "diffusion_nft"):
+        raise SystemExit(f"error: rows: unknown row {row!r} (a dev/reproduce.py method, optionally _s1 or _s2)")
+    d = R.method_run(row, method, seed, "--eval_seeds=0", "--ckpt_interval=10", steps=steps)
+    got = R.evaluate(f"eval_{row}", [R.BASE, os.path.join(d, "model")], THREADS)
+    json.dump(dict(run=row, rows=[{k: r.get(k) for k in KEEP} for r in got]), open(os.path.join(runs_dir, f"{row}.json"), "w"))
+    print(f"{row}: gold {got[1]['overall']:.3f}, Δ {got[1]['delta']:+.3f} ± {got[1]['delta_se']:.3f}", flush=True)
+
+
+def base_search():
+    prompts, seed_list = E.prompts_and_seeds("heldout", 16, R.eval_seeds)
+    pipe = E.M.load_model(R.BASE, "cpu", torch.float32)
+    judge = E.make_reward("compositional")
+    rewards = torch.cat([E.best_of_n(pipe, prompts[i:i + 64], seed_list[i:i + 64], judge, candidates)[2]["rewards"]
+                         for i in range(0, len(prompts), 64)])
+    got = R.evaluate("eval_base_search", [R.BASE], [f"--search={search}", *THREADS])
+    json.dump(dict(candidates=rewards.tolist(), rows=[{k: r.get(k) for k in KEEP} for r in got]),
+              open(os.path.join(runs_dir, "base_search.json"), "w"))
+
+
+def print_table():
+    prompts, _ = E.prompts_and_seeds("heldout", 16, R.eval_seeds)
+    bs = kept(os.path.join(runs_dir, "base_search.json"))
+    curve = E.expected_best(torch.tensor(bs["candidates"])) if bs else None
+    print("| row | gold | Δ vs base ± SE | background | palette | denoise × | UNet passes | matches best-of-N (95 %) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for f in sorted(f for f in os.listdir(runs_dir) if f.endswith(".json")):
+        d = json.load(open(os.path.join(runs_dir, f)))
+        if "run" not in d:
+            continue
+        base, r = d["rows"]
+        m = E.amortisation(torch.tensor(bs["candidates"]), torch.tensor(r["gold_per_image"]), prompts,
+                           base_gold=torch.tensor(base["gold_per_image"])) if bs else None
+        print(f"| {d['run']} | {r['overall']:.3f} | {r['delta']:+.3f} ± {r['delta_se']:.3f} | {r['background']:.3f} | "
+              f"{r['palette']:.3f} | {r['denoise']:.1f} | {r['train_nfe']} | " +
+              (f"{m['n']:.2f} ({m['lo']:.2f}–{m['hi']:.2f}) |" if m else "— |"))
+    if bs:
+        print("\nbase best-of-N, N = 1..%d: " % len(curve[0]) + ", ".join(f"{v:.3f}" for v in curve.mean(0).tolist()))
+        for r in bs["rows"]:
+            print(f"{r['name']} {r['search']}: gold {r['overall']:.3f}, NFE/image {r['nfe_per_image']}" +
+                  (f", Δ {r['delta']:+.3f} ± {r['delta_se']:.3f}" if r["delta"] is not None else ""))
+
+
+def main():
+    global THREADS
+    S.configure(globals(), sys.argv[1:])
+    R.out, R.BASE, R.jobs = os.path.abspath(out), R.M.TOY_MODEL, side_by_side  # jobs > 1: train.py's --threads
+    if quick:  # reproduce.py --quick's budget and seeds
+        R.quick, R.budget, R.eval_seeds = True, 200, 1
+    THREADS = [f"--threads={max(1, (os.cpu_count() or 1) // side_by_side)}"] if side_by_side > 1 else []
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // side_by_side))
+    os.makedirs(R.out, exist_ok=True)
+    for row in R.names(rows):
+        if not kept(os.path.join(runs_dir, f"{row}.json")):
+            train_and_evaluate(row)
+    if bon and not kept(os.path.join(runs_dir, "base_search.json")):
+        base_search()
+    if table:
+        print_table()
+
+
+if __name__ == "__main__":
+    main()
