@@ -38,6 +38,8 @@ candidates = 16          # best-of-N candidates per (prompt, seed)
 quick = False            # dev/reproduce.py's tiny settings (1 seed per prompt): checks the pipeline, numbers mean nothing
 side_by_side = 1         # processes of this script running at once: each trains and evaluates on cores / this threads
 search = "noise1x3+greedy2"
+pairs = "sft-sharpen_sft+sharpen_sft-diffusion_dpo+ddpo-sharpen_rlhf+diffusion_dpo-sharpen_rlhf"
+                         # --table: paired differences a − b, per seed where both are kept
 # -----------------------------------------------------------------------------
 KEEP = ["name", "search", "overall", "delta", "delta_se", "per_skill", "diversity", "background", "palette", "denoise",
         "n", "train_nfe", "nfe_per_image", "gold_per_image"]
@@ -70,27 +72,60 @@ def base_search():
               open(os.path.join(runs_dir, "base_search.json"), "w"))
 
 
+def method_of(run):
+    return run.rsplit("_s", 1)[0] if run[-3:-1] == "_s" else run
+
+
 def print_table():
+    """Every kept row; then by method over its kept seeds (Δ: mean ± SE over seeds, or ± the pairs' SE for one;
+    the N matched by the seeds' mean gold per image); then the paired differences of `pairs`, per seed."""
     prompts, _ = E.prompts_and_seeds("heldout", 16, R.eval_seeds)
     bs = kept(os.path.join(runs_dir, "base_search.json"))
-    curve = E.expected_best(torch.tensor(bs["candidates"])) if bs else None
-    print("| row | gold | Δ vs base ± SE | background | palette | denoise × | UNet passes | matches best-of-N (95 %) |")
-    print("|---|---|---|---|---|---|---|---|")
+    cand = torch.tensor(bs["candidates"]) if bs else None
+    kept_rows = {}
     for f in sorted(f for f in os.listdir(runs_dir) if f.endswith(".json")):
         d = json.load(open(os.path.join(runs_dir, f)))
-        if "run" not in d:
-            continue
-        base, r = d["rows"]
-        m = E.amortisation(torch.tensor(bs["candidates"]), torch.tensor(r["gold_per_image"]), prompts,
-                           base_gold=torch.tensor(base["gold_per_image"])) if bs else None
-        print(f"| {d['run']} | {r['overall']:.3f} | {r['delta']:+.3f} ± {r['delta_se']:.3f} | {r['background']:.3f} | "
-              f"{r['palette']:.3f} | {r['denoise']:.1f} | {r['train_nfe']} | " +
-              (f"{m['n']:.2f} ({m['lo']:.2f}–{m['hi']:.2f}) |" if m else "— |"))
+        if "run" in d:
+            kept_rows[d["run"]] = d["rows"]
+    base = next(iter(kept_rows.values()))[0]
+    g0 = torch.tensor(base["gold_per_image"])
+    assert all(torch.equal(torch.tensor(b["gold_per_image"]), g0) for b, _ in kept_rows.values()), "bases differ"
+
+    def matches(gold):
+        m = E.amortisation(cand, gold, prompts, base_gold=g0)
+        return f"{m['n']:.2f} ({m['lo']:.2f}–{m['hi']:.2f})"
+
+    fid, fmt = ["background", "palette", "denoise"], {"background": ".3f", "palette": ".3f", "denoise": ".1f"}
+    print("| row | gold | Δ vs base ± SE | background | palette | denoise × | UNet passes | matches best-of-N (95 %) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| base | {base['overall']:.3f} | | " + " | ".join(f"{base[k]:{fmt[k]}}" for k in fid) + " | | |")
+    for run, (_, r) in kept_rows.items():
+        print(f"| {run} | {r['overall']:.3f} | {r['delta']:+.3f} ± {r['delta_se']:.3f} | " +
+              " | ".join(f"{r[k]:{fmt[k]}}" for k in fid) + f" | {r['train_nfe']} | " +
+              (matches(torch.tensor(r["gold_per_image"])) if bs else "—") + " |")
+    print("\n| method | seeds | gold | Δ vs base ± SE | background | palette | denoise × | matches best-of-N (95 %) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m in dict.fromkeys(method_of(run) for run in kept_rows):
+        rs = [r for run, (_, r) in kept_rows.items() if method_of(run) == m]
+        seeds = [run[-1] if method_of(run) != run else "1337" for run in kept_rows if method_of(run) == m]
+        d, se = R.mean_se([r["delta"] for r in rs]) if len(rs) > 1 else (rs[0]["delta"], rs[0]["delta_se"])
+        gold = torch.tensor([r["gold_per_image"] for r in rs]).mean(0)
+        print(f"| {m} | {', '.join(seeds)} | {gold.mean():.3f} | {d:+.3f} ± {se:.3f} | " +
+              " | ".join(f"{sum(r[k] for r in rs) / len(rs):{fmt[k]}}" for k in fid) + " | " + (matches(gold) if bs else "—") + " |")
+    for pair in R.names(pairs):
+        a, b = pair.split("-")
+        per = [(sfx, R.paired(kept_rows[a + sfx][1], kept_rows[b + sfx][1])) for sfx in ("", "_s1", "_s2")
+               if a + sfx in kept_rows and b + sfx in kept_rows]
+        if per:
+            mean, se = R.mean_se([d for _, (d, _) in per]) if len(per) > 1 else per[0][1]
+            print(f"\n{a} − {b}: " + ", ".join(f"{d:+.3f} ± {s:.3f} ({sfx[1:] or 'seed 1337'})" for sfx, (d, s) in per) +
+                  f"; mean {mean:+.3f} ± {se:.3f}")
     if bs:
-        print("\nbase best-of-N, N = 1..%d: " % len(curve[0]) + ", ".join(f"{v:.3f}" for v in curve.mean(0).tolist()))
-        for r in bs["rows"]:
-            print(f"{r['name']} {r['search']}: gold {r['overall']:.3f}, NFE/image {r['nfe_per_image']}" +
-                  (f", Δ {r['delta']:+.3f} ± {r['delta_se']:.3f}" if r["delta"] is not None else ""))
+        print("\nbase best-of-N, N = 1..%d: " % cand.shape[1] +
+              ", ".join(f"{v:.3f}" for v in E.expected_best(cand).mean(0).tolist()))
+        for r in bs["rows"][1:]:
+            print(f"{r['name']} {r['search']}: gold {r['overall']:.3f}, NFE/image {r['nfe_per_image']}, "
+                  f"Δ {r['delta']:+.3f} ± {r['delta_se']:.3f}")
 
 
 def main():
