@@ -89,7 +89,8 @@ def print_table():
             kept_rows[d["run"]] = d["rows"]
     base = next(iter(kept_rows.values()))[0]
     g0 = torch.tensor(base["gold_per_image"])
-    assert all(torch.equal(torch.tensor(b["gold_per_image"]), g0) for b, _ in kept_rows.values()), "bases differ"
+    assert all(torch.allclose(torch.tensor(b["gold_per_image"]), g0, atol=1e-4) for b, _ in kept_rows.values()), \
+        "the base rows differ: rows evaluated on other prompts or seeds"  # older files keep 4 decimals
 
     def matches(gold):
         m = E.amortisation(cand, gold, prompts, base_gold=g0)
