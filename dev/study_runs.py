@@ -38,6 +38,7 @@ candidates = 16          # best-of-N candidates per (prompt, seed)
 quick = False            # dev/reproduce.py's tiny settings (1 seed per prompt): checks the pipeline, numbers mean nothing
 side_by_side = 1         # processes of this script running at once: each trains and evaluates on cores / this threads
 search = "noise1x3+greedy2"
+fig = ""                 # --table: also the amortisation figure here (the base's best-of-N, each method's seed mean)
 pairs = "sft-sharpen_sft+sharpen_sft-diffusion_dpo+ddpo-sharpen_rlhf+diffusion_dpo-sharpen_rlhf"
                          # --table: paired differences a − b, per seed where both are kept
 # -----------------------------------------------------------------------------
@@ -104,6 +105,7 @@ def print_table():
         print(f"| {run} | {r['overall']:.3f} | {r['delta']:+.3f} ± {r['delta_se']:.3f} | " +
               " | ".join(f"{r[k]:{fmt[k]}}" for k in fid) + f" | {r['train_nfe']} | " +
               (matches(torch.tensor(r["gold_per_image"])) if bs else "—") + " |")
+    levels = {}
     print("\n| method | seeds | gold | Δ vs base ± SE | background | palette | denoise × | matches best-of-N (95 %) |")
     print("|---|---|---|---|---|---|---|---|")
     for m in dict.fromkeys(method_of(run) for run in kept_rows):
@@ -111,6 +113,7 @@ def print_table():
         seeds = [run[-1] if method_of(run) != run else "1337" for run in kept_rows if method_of(run) == m]
         d, se = R.mean_se([r["delta"] for r in rs]) if len(rs) > 1 else (rs[0]["delta"], rs[0]["delta_se"])
         gold = torch.tensor([r["gold_per_image"] for r in rs]).mean(0)
+        levels[m] = gold.mean().item()
         print(f"| {m} | {', '.join(seeds)} | {gold.mean():.3f} | {d:+.3f} ± {se:.3f} | " +
               " | ".join(f"{sum(r[k] for r in rs) / len(rs):{fmt[k]}}" for k in fid) + " | " + (matches(gold) if bs else "—") + " |")
     for pair in R.names(pairs):
@@ -121,6 +124,10 @@ def print_table():
             mean, se = R.mean_se([d for _, (d, _) in per]) if len(per) > 1 else per[0][1]
             print(f"\n{a} − {b}: " + ", ".join(f"{d:+.3f} ± {s:.3f} ({sfx[1:] or 'seed 1337'})" for sfx, (d, s) in per) +
                   f"; mean {mean:+.3f} ± {se:.3f}")
+    if bs and fig:
+        import figures as FIG
+        nfe1 = base.get("nfe_per_image") or E.num_steps  # older files do not keep it: eval.py's steps
+        FIG.amortisation_figure(fig, E.expected_best(cand).mean(0).tolist(), levels, nfe1)
     if bs:
         print("\nbase best-of-N, N = 1..%d: " % cand.shape[1] +
               ", ".join(f"{v:.3f}" for v in E.expected_best(cand).mean(0).tolist()))
