@@ -16,6 +16,7 @@ with its own --out) train and evaluate on a thread each.
 """
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,15 +51,29 @@ def kept(path):
     return os.path.exists(path) and json.load(open(path))
 
 
+def dump(obj, name):
+    """docs/runs/name, whole or not at all."""
+    path = os.path.join(runs_dir, name)
+    with open(path + ".part", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".part", path)
+
+
+def parse_row(row):
+    """'sft_s1' -> ('sft', 1); 'sft_steps' -> ('sft_steps', 0)."""
+    method, seed = (row[:-3], int(row[-1])) if re.fullmatch(r".+_s[12]", row) else (row, 0)
+    if method not in R.FLAGS and method not in ("sharpen_rlhf", "diffusion_dpo", "ddpo", "diffusion_nft", "sft_steps"):
+        raise SystemExit(f"error: rows: unknown row {row!r} (a dev/reproduce.py method or sft_steps, optionally _s1 or _s2)")
+    return method, seed
+
+
 def train_and_evaluate(row):
-    method, seed = (row.rsplit("_s", 1)[0], int(row.rsplit("_s", 1)[1])) if row[-3:-1] == "_s" else (row, 0)
+    method, seed = parse_row(row)
     steps = 480 * R.budget // 184320 if method == "sft_steps" else 0  # config/sharpen_sft.py's steps at the budget
     method = "sft" if method == "sft_steps" else method
-    if method not in R.FLAGS and method not in ("sharpen_rlhf", "diffusion_dpo", "ddpo", "diffusion_nft"):
-        raise SystemExit(f"error: rows: unknown row {row!r} (a dev/reproduce.py method, optionally _s1 or _s2)")
     d = R.method_run(row, method, seed, "--eval_seeds=0", "--ckpt_interval=10", steps=steps)
     got = R.evaluate(f"eval_{row}", [R.BASE, os.path.join(d, "model")], THREADS)
-    json.dump(dict(run=row, rows=[{k: r.get(k) for k in KEEP} for r in got]), open(os.path.join(runs_dir, f"{row}.json"), "w"))
+    dump(dict(run=row, rows=[{k: r.get(k) for k in KEEP} for r in got]), f"{row}.json")
     print(f"{row}: gold {got[1]['overall']:.3f}, Δ {got[1]['delta']:+.3f} ± {got[1]['delta_se']:.3f}", flush=True)
 
 
@@ -69,8 +84,7 @@ def base_search():
     rewards = torch.cat([E.best_of_n(pipe, prompts[i:i + 64], seed_list[i:i + 64], judge, candidates)[2]["rewards"]
                          for i in range(0, len(prompts), 64)])
     got = R.evaluate("eval_base_search", [R.BASE], [f"--search={search}", *THREADS])
-    json.dump(dict(candidates=rewards.tolist(), rows=[{k: r.get(k) for k in KEEP} for r in got]),
-              open(os.path.join(runs_dir, "base_search.json"), "w"))
+    dump(dict(candidates=rewards.tolist(), rows=[{k: r.get(k) for k in KEEP} for r in got]), "base_search.json")
 
 
 def method_of(run):
@@ -145,6 +159,8 @@ def main():
     THREADS = [f"--threads={max(1, (os.cpu_count() or 1) // side_by_side)}"] if side_by_side > 1 else []
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // side_by_side))
     os.makedirs(R.out, exist_ok=True)
+    for row in R.names(rows):  # every row checked before any trains
+        parse_row(row)
     for row in R.names(rows):
         if not kept(os.path.join(runs_dir, f"{row}.json")):
             train_and_evaluate(row)
