@@ -1,8 +1,7 @@
 """
-The equal-compute study one row at a time, kept across sessions: out/ does not survive a session, docs/runs/ does.
-Each row is trained as dev/reproduce.py trains it (its settings, its budget, its seeds), evaluated beside the base
+The equal-compute study one row at a time, each row's per-image results kept in docs/runs/ (out/ is scratch). Each row is trained as dev/reproduce.py trains it (its settings, its budget, its seeds), evaluated beside the base
 on the fixed held-out list (41 prompts x 16 seeds, eval.py), and its per-image gold and fidelity written to
-docs/runs/<row>.json, so that rows trained in different sessions pair image by image. --bon keeps the base's
+docs/runs/<row>.json, so that any two kept rows pair image by image without retraining either. --bon keeps the base's
 best-of-N candidates (gold verifier) and the search rows in docs/runs/base_search.json; --table prints every
 kept row with its paired Δ, its SE and the N of the base's best-of-N it matches (eval.amortisation).
 
@@ -87,10 +86,6 @@ def base_search():
     dump(dict(candidates=rewards.tolist(), rows=[{k: r.get(k) for k in KEEP} for r in got]), "base_search.json")
 
 
-def method_of(run):
-    return run.rsplit("_s", 1)[0] if run[-3:-1] == "_s" else run
-
-
 def print_table():
     """Every kept row; then by method over its kept seeds (Δ: mean ± SE over seeds, or ± the pairs' SE for one;
     the N matched by the seeds' mean gold per image); then the paired differences of `pairs`, per seed."""
@@ -99,7 +94,7 @@ def print_table():
     cand = torch.tensor(bs["candidates"]) if bs else None
     kept_rows = {}
     for f in sorted(f for f in os.listdir(runs_dir) if f.endswith(".json")):
-        d = json.load(open(os.path.join(runs_dir, f)))
+        d = kept(os.path.join(runs_dir, f))
         if "run" in d:
             kept_rows[d["run"]] = d["rows"]
     base = next(iter(kept_rows.values()))[0]
@@ -122,9 +117,9 @@ def print_table():
     levels = {}
     print("\n| method | seeds | gold | Δ vs base ± SE | background | palette | denoise × | matches best-of-N (95 %) |")
     print("|---|---|---|---|---|---|---|---|")
-    for m in dict.fromkeys(method_of(run) for run in kept_rows):
-        rs = [r for run, (_, r) in kept_rows.items() if method_of(run) == m]
-        seeds = [run[-1] if method_of(run) != run else "1337" for run in kept_rows if method_of(run) == m]
+    for m in dict.fromkeys(parse_row(run)[0] for run in kept_rows):
+        rs = [r for run, (_, r) in kept_rows.items() if parse_row(run)[0] == m]
+        seeds = [str(parse_row(run)[1] or 1337) for run in kept_rows if parse_row(run)[0] == m]  # 0: train.py's seed
         d, se = R.mean_se([r["delta"] for r in rs]) if len(rs) > 1 else (rs[0]["delta"], rs[0]["delta_se"])
         gold = torch.tensor([r["gold_per_image"] for r in rs]).mean(0)
         levels[m] = gold.mean().item()
@@ -138,16 +133,16 @@ def print_table():
             mean, se = R.mean_se([d for _, (d, _) in per]) if len(per) > 1 else per[0][1]
             print(f"\n{a} − {b}: " + ", ".join(f"{d:+.3f} ± {s:.3f} ({sfx[1:] or 'seed 1337'})" for sfx, (d, s) in per) +
                   f"; mean {mean:+.3f} ± {se:.3f}")
-    if bs and fig:
-        import figures as FIG
-        nfe1 = base.get("nfe_per_image") or E.num_steps  # older files do not keep it: eval.py's steps
-        FIG.amortisation_figure(fig, E.expected_best(cand).mean(0).tolist(), levels, nfe1)
     if bs:
-        print("\nbase best-of-N, N = 1..%d: " % cand.shape[1] +
-              ", ".join(f"{v:.3f}" for v in E.expected_best(cand).mean(0).tolist()))
+        curve = E.expected_best(cand).mean(0).tolist()
+        print(f"\nbase best-of-N, N = 1..{len(curve)}: " + ", ".join(f"{v:.3f}" for v in curve))
         for r in bs["rows"][1:]:
             print(f"{r['name']} {r['search']}: gold {r['overall']:.3f}, NFE/image {r['nfe_per_image']}, "
                   f"Δ {r['delta']:+.3f} ± {r['delta_se']:.3f}")
+        if fig:
+            import figures as FIG
+            nfe1 = base.get("nfe_per_image") or E.num_steps  # older files do not keep it: eval.py's steps
+            FIG.amortisation_figure(fig, curve, levels, nfe1)
 
 
 def main():
