@@ -48,8 +48,9 @@ model = ""               # the model every run trains from and every table start
 quick = False            # tiny settings: checks the pipeline, numbers mean nothing
 budget = 184320          # UNet cost of every training run (train.py nfe_budget: forward passes, grad x3):
                          # config/sharpen_sft.py's 480 steps
-methods = "sharpen_rlhf+sharpen_sft+sft+raft+raft_rounds+raft_first+diffusion_dpo+ddpo+continued"
-                         # raft: config/raft.py; raft_rounds: config/raft_rounds.py; raft_first: the same, unselected
+methods = "sharpen_rlhf+sharpen_sft+sft+raft+raft_rounds+raft_first+diffusion_dpo+ddpo+grpo+diffusion_nft+continued"
+                         # raft: config/raft.py; raft_rounds: config/raft_rounds.py; raft_first: the same, unselected;
+                         # grpo: config/grpo.py; diffusion_nft: config/diffusion_nft.py
 seeded = "sharpen_rlhf+sharpen_sft+sft+raft_rounds"  # these are trained with seeds 1 and 2 as well
 ablations = "n_traj=2+n_traj=5+m_steps=1+m_steps=5+score_steps=last+start_range=0.05:0.15"
                          # sharpen_rlhf, one change each; the last starts at steps 1-3 only (dev/selection.py)
@@ -81,9 +82,11 @@ FLAGS = {  # each method's settings; the controls share sharpen_sft's so that ea
     "continued": [SFT_CONFIG],  # more pretraining (its alt-text captions): "more training"
     "raft_rounds": [os.path.join(ROOT, "config", "raft_rounds.py")],  # RAFT's rounds of a pool, scenes replayed
     "raft_first": [os.path.join(ROOT, "config", "raft_rounds.py"), "--raft_select=first"],  # its pools unselected
+    "diffusion_nft": [os.path.join(ROOT, "config", "diffusion_nft.py")],  # its lr chosen on train prompts
+    "grpo": [os.path.join(ROOT, "config", "grpo.py")],  # ddpo with group advantages and the KL (Flow-GRPO's recipe)
 }
-METHOD = {"raft_rounds": "raft", "raft_first": "raft"}  # rows that are another method's settings: train.py's method
-OWN_SAMPLER = {"ddpo": ["--eta=1"]}  # methods trained on another sampler than the evaluation's: eval.py flags for it
+METHOD = {"raft_rounds": "raft", "raft_first": "raft", "grpo": "ddpo"}  # rows that are another method's settings: train.py's method
+OWN_SAMPLER = {"ddpo": ["--eta=1"], "grpo": ["--eta=1"]}  # methods trained on another sampler than the evaluation's: eval.py flags for it
 BASE = M.TOY_MODEL  # model's folder
 POOL, QUEUED, LOCK = None, [], threading.Lock()  # with jobs > 1: the training runs in flight, and out/wall.json's lock
 
@@ -138,11 +141,11 @@ def finished(*dirs):
                 raise
 
 
-def method_run(name, method, seed=0, *extra, steps=0):
-    """One training run of `method` at the budget (or for `steps` optimizer steps): seed 0 is train.py's default
-    seed, others --seed=s."""
+def method_run(name, method, seed=0, *extra, steps=0, nfe=0):
+    """One training run of `method` at the budget (or at `nfe` UNet passes, or for `steps` optimizer steps): seed 0
+    is train.py's default seed, others --seed=s."""
     return train(name, *FLAGS.get(method, []), f"--method={METHOD.get(method, method)}", f"--seed={seed or 1337}",
-                 f"--steps={steps}" if steps else f"--nfe_budget={budget}", *extra)
+                 f"--steps={steps}" if steps else f"--nfe_budget={nfe or budget}", *extra)
 
 
 def evals(d):

@@ -42,8 +42,7 @@ hack_evals = 6           # held-out evaluations (2 seeds each) during the hackin
 jobs = 1                 # training runs side by side (each with cores / jobs threads)
 partial = False          # evaluate the runs finished so far instead of waiting for all of them
 # -----------------------------------------------------------------------------
-FLAGS = dict(RP.FLAGS, grpo=["--ddpo_std=step", "--ddpo_kl=0.04"])
-METHOD = dict(RP.METHOD, grpo="ddpo")
+FLAGS, METHOD = RP.FLAGS, RP.METHOD  # grpo: config/grpo.py, ddpo with the round's reward std and the KL to the base
 FLOW = {"sharpen_sft": ["config/flow_sharpen_sft.py"], "sharpen_rlhf": ["config/flow_sharpen_rlhf.py"],
         "grpo": ["config/flow_grpo.py"], "diffusion_nft": ["config/flow_diffusion_nft.py"]}  # their flow settings
 
@@ -62,10 +61,10 @@ def main():
         flow, ks = M.folder_is_flow(base), [float(k) for k in str(multiples).split("+") if k]
     except ValueError:
         raise SystemExit(f"error: --multiples={multiples!r} must be '+'-separated numbers > 0")
-    unknown = [m for m in RP.names(methods) if m not in (*FLAGS, *FLOW, "sharpen_rlhf", "ddpo", "diffusion_nft")]
+    unknown = [m for m in RP.names(methods) if m not in (*FLAGS, *FLOW, "sharpen_rlhf", "ddpo")]
     if unknown:
         raise SystemExit(f"error: --methods: unknown {', '.join(unknown)} (known: {', '.join(sorted(FLAGS | FLOW))}, "
-                         "sharpen_rlhf, ddpo, diffusion_nft)")
+                         "sharpen_rlhf, ddpo)")
     if not ks or min(ks) <= 0:
         raise SystemExit(f"error: --multiples={multiples!r} must be '+'-separated numbers > 0")
     size = dict(budget=200, eval_seeds=1, amortise=2, hack_evals=1) if quick else {}

@@ -9,8 +9,9 @@ kept row with its paired Δ, its SE and the N of the base's best-of-N it matches
     python dev/study_runs.py --bon                            # the base's 16 candidates and search rows, once
     python dev/study_runs.py --table                          # the table from docs/runs/ (seconds)
 
-A row is a reproduce.py method (FLAGS) with an optional _s1 / _s2 seed suffix; sft_steps is plain sft at
-sharpen_sft's 480 steps. A row whose json exists is skipped. Two processes side by side (--side_by_side=2, each
+A row is a reproduce.py method (FLAGS, or sharpen_rlhf / diffusion_dpo / ddpo) with an optional _x<k> budget multiple
+(k x the study's budget, its own run) and an optional _s1 / _s2 seed suffix, e.g. grpo_x3_s1; sft_steps is plain sft at
+sharpen_sft's 480 steps. --scaling_fig draws every kept method's gold against its training UNet passes. A row whose json exists is skipped. Two processes side by side (--side_by_side=2, each
 with its own --out) train and evaluate on a thread each.
 """
 import json
@@ -39,6 +40,8 @@ quick = False            # dev/reproduce.py's tiny settings (1 seed per prompt):
 side_by_side = 1         # processes of this script running at once: each trains and evaluates on cores / this threads
 search = "noise1x3+greedy2"
 fig = ""                 # --table: also the amortisation figure here (the base's best-of-N, each method's seed mean)
+scaling_fig = ""         # --table: also gold against training UNet passes here, a line per method (its 1x seed mean and
+                         # each _x<k> row), the base's best-of-N as levels
 pairs = "sft-sharpen_sft+sharpen_sft-diffusion_dpo+ddpo-sharpen_rlhf+diffusion_dpo-sharpen_rlhf"
                          # --table: paired differences a − b, per seed where both are kept
 # -----------------------------------------------------------------------------
@@ -59,18 +62,21 @@ def dump(obj, name):
 
 
 def parse_row(row):
-    """'sft_s1' -> ('sft', 1); 'sft_steps' -> ('sft_steps', 0)."""
-    method, seed = (row[:-3], int(row[-1])) if re.fullmatch(r".+_s[12]", row) else (row, 0)
-    if method not in R.FLAGS and method not in ("sharpen_rlhf", "diffusion_dpo", "ddpo", "diffusion_nft", "sft_steps"):
-        raise SystemExit(f"error: rows: unknown row {row!r} (a dev/reproduce.py method or sft_steps, optionally _s1 or _s2)")
-    return method, seed
+    """'sft_s1' -> ('sft', 1, 1.0); 'grpo_x3' -> ('grpo', 0, 3.0); 'sft_steps' -> ('sft_steps', 0, 1.0)."""
+    m = re.fullmatch(r"(.+?)(?:_x(\d+(?:\.\d+)?))?(?:_s([12]))?", row)
+    method, k, seed = m.group(1), float(m.group(2) or 1), int(m.group(3) or 0)
+    if method not in R.FLAGS and method not in ("sharpen_rlhf", "diffusion_dpo", "ddpo", "sft_steps") or k <= 0 \
+            or method == "sft_steps" and k != 1:
+        raise SystemExit(f"error: rows: unknown row {row!r} (a dev/reproduce.py method or sft_steps, optionally _x<k> "
+                         "with k > 0, then optionally _s1 or _s2)")
+    return method, seed, k
 
 
 def train_and_evaluate(row):
-    method, seed = parse_row(row)
+    method, seed, k = parse_row(row)
     steps = 480 * R.budget // 184320 if method == "sft_steps" else 0  # config/sharpen_sft.py's steps at the budget
     method = "sft" if method == "sft_steps" else method
-    d = R.method_run(row, method, seed, "--eval_seeds=0", "--ckpt_interval=10", steps=steps)
+    d = R.method_run(row, method, seed, "--eval_seeds=0", "--ckpt_interval=10", steps=steps, nfe=int(k * R.budget))
     got = R.evaluate(f"eval_{row}", [R.BASE, os.path.join(d, "model")], THREADS)
     dump(dict(run=row, rows=[{k: r.get(k) for k in KEEP} for r in got]), f"{row}.json")
     print(f"{row}: gold {got[1]['overall']:.3f}, Δ {got[1]['delta']:+.3f} ± {got[1]['delta_se']:.3f}", flush=True)
@@ -114,17 +120,20 @@ def print_table():
         print(f"| {run} | {r['overall']:.3f} | {r['delta']:+.3f} ± {r['delta_se']:.3f} | " +
               " | ".join(f"{r[k]:{fmt[k]}}" for k in fid) + f" | {r['train_nfe']} | " +
               (matches(torch.tensor(r["gold_per_image"])) if bs else "—") + " |")
-    levels = {}
-    print("\n| method | seeds | gold | Δ vs base ± SE | background | palette | denoise × | matches best-of-N (95 %) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for m in dict.fromkeys(parse_row(run)[0] for run in kept_rows):
-        rs = [r for run, (_, r) in kept_rows.items() if parse_row(run)[0] == m]
-        seeds = [str(parse_row(run)[1] or 1337) for run in kept_rows if parse_row(run)[0] == m]  # 0: train.py's seed
+    levels, series = {}, {}
+    print("\n| method | budget | seeds | gold | Δ vs base ± SE | background | palette | denoise × | matches best-of-N (95 %) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for m, k in dict.fromkeys(parse_row(run)[::2] for run in kept_rows):
+        runs = [run for run in kept_rows if parse_row(run)[::2] == (m, k)]
+        rs = [kept_rows[run][1] for run in runs]
+        seeds = [str(parse_row(run)[1] or 1337) for run in runs]  # 0: train.py's seed
         d, se = R.mean_se([r["delta"] for r in rs]) if len(rs) > 1 else (rs[0]["delta"], rs[0]["delta_se"])
         gold = torch.tensor([r["gold_per_image"] for r in rs]).mean(0)
-        levels[m] = gold.mean().item()
-        print(f"| {m} | {', '.join(seeds)} | {gold.mean():.3f} | {d:+.3f} ± {se:.3f} | " +
-              " | ".join(f"{sum(r[k] for r in rs) / len(rs):{fmt[k]}}" for k in fid) + " | " + (matches(gold) if bs else "—") + " |")
+        if k == 1:
+            levels[m] = gold.mean().item()
+        series.setdefault(m, []).append((sum(r["train_nfe"] for r in rs) / len(rs), gold.mean().item()))
+        print(f"| {m} | {k:g}x | {', '.join(seeds)} | {gold.mean():.3f} | {d:+.3f} ± {se:.3f} | " +
+              " | ".join(f"{sum(r[c] for r in rs) / len(rs):{fmt[c]}}" for c in fid) + " | " + (matches(gold) if bs else "—") + " |")
     for pair in R.names(pairs):
         a, b = pair.split("-")
         per = [(sfx, R.paired(kept_rows[a + sfx][1], kept_rows[b + sfx][1])) for sfx in ("", "_s1", "_s2")
@@ -139,10 +148,15 @@ def print_table():
         for r in bs["rows"][1:]:
             print(f"{r['name']} {r['search']}: gold {r['overall']:.3f}, NFE/image {r['nfe_per_image']}, "
                   f"Δ {r['delta']:+.3f} ± {r['delta_se']:.3f}")
+        import figures as FIG
         if fig:
-            import figures as FIG
             nfe1 = base.get("nfe_per_image") or E.num_steps  # older files do not keep it: eval.py's steps
             FIG.amortisation_figure(fig, curve, levels, nfe1)
+        if scaling_fig:
+            FIG.line_plot(scaling_fig, {m: p for m, p in series.items() if m != "sft_steps"},
+                          "training UNet passes (forward passes, grad counted 3x)", "held-out gold reward",
+                          xticks=[k * R.budget for k in (1, 3, 10)],
+                          levels={f"bon{n}": curve[n - 1] for n in (1, 2, 4, 8, 16) if n <= len(curve)})
 
 
 def main():
