@@ -8,4 +8,4 @@ method = "ddpo"
 out_dir = "out/grpo"
 ddpo_std = "step"
 ddpo_kl = 0.04
-lr = 1e-4
+lr = 1e-3                # train prompts, half the budget: 1e-4 +0.053, 3e-4 +0.087, 1e-3 +0.143, 3e-3 collapses
