@@ -30,17 +30,23 @@ def pyplot():
     return plt
 
 
-def line_plot(path, series, xlabel, ylabel, xticks=None, levels=None, top_axis=None):
+def line_plot(path, series, xlabel, ylabel, xticks=None, levels=None, top_axis=None, inline_levels=False):
     """series {name: [(x, y), ...]} as lines with markers (one point: a marker) on a log2 x axis with ticks
-    at xticks (or a linear axis if xticks is None); levels {name: y} as horizontal dashed lines; top_axis
-    (label, scale, ticks): a second x axis on top reading x / scale. The legend sits right of the axes."""
+    at xticks (or a linear axis if xticks is None); levels {name: y} as horizontal dashed lines (inline_levels: grey,
+    each named on the line instead of in the legend); top_axis (label, scale, ticks): a second x axis on top reading
+    x / scale. The legend sits right of the axes."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, pts in series.items():
         xs, ys = zip(*sorted(pts))
         ax.plot(xs, ys, "o-", color=colour(name), label=NAMES.get(name, name), markersize=5)
     for name, y in (levels or {}).items():
-        ax.axhline(y, color=colour(name), linestyle="--", linewidth=1.2, label=NAMES.get(name, name))
+        if inline_levels:
+            ax.axhline(y, color="grey", linestyle="--", linewidth=1.0)
+            ax.annotate(NAMES.get(name, name), (0.01, y), xycoords=("axes fraction", "data"), va="bottom", fontsize=8,
+                        color="grey")
+        else:
+            ax.axhline(y, color=colour(name), linestyle="--", linewidth=1.2, label=NAMES.get(name, name))
     if xticks:
         ax.set_xscale("log", base=2)
         ax.set_xticks(xticks, [f"{v:g}" for v in xticks])

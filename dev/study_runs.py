@@ -42,7 +42,8 @@ search = "noise1x3+greedy2"
 fig = ""                 # --table: also the amortisation figure here (the base's best-of-N, each method's seed mean)
 scaling_fig = ""         # --table: also gold against training UNet passes here, a line per method (its 1x seed mean and
                          # each _x<k> row), the base's best-of-N as levels
-pairs = "sft-sharpen_sft+sharpen_sft-diffusion_dpo+ddpo-sharpen_rlhf+diffusion_dpo-sharpen_rlhf"
+pairs = ("sft-sharpen_sft+sharpen_sft-diffusion_dpo+ddpo-sharpen_rlhf+diffusion_dpo-sharpen_rlhf+sharpen_sft-grpo"
+         "+grpo-ddpo+grpo-sharpen_rlhf+sharpen_rlhf-diffusion_nft+sharpen_sft-diffusion_nft")
                          # --table: paired differences a − b, per seed where both are kept
 # -----------------------------------------------------------------------------
 KEEP = ["name", "search", "overall", "delta", "delta_se", "per_skill", "diversity", "background", "palette", "denoise",
@@ -155,8 +156,9 @@ def print_table():
         if scaling_fig:
             FIG.line_plot(scaling_fig, {m: p for m, p in series.items() if m != "sft_steps"},
                           "training UNet passes (forward passes, grad counted 3x)", "held-out gold reward",
-                          xticks=[k * R.budget for k in (1, 3, 10)],
-                          levels={f"bon{n}": curve[n - 1] for n in (1, 2, 4, 8, 16) if n <= len(curve)})
+                          xticks=sorted({parse_row(run)[2] * R.budget for run in kept_rows}),
+                          levels={f"base, best-of-{n}": curve[n - 1] for n in (1, 2, 4, 8, 16) if n <= len(curve)},
+                          inline_levels=True)
 
 
 def main():
