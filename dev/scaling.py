@@ -123,9 +123,7 @@ def write(rows, runs, b, hacked=None):
         series.setdefault(m, []).append((r["train_nfe"], r["overall"]))
     curve = amo["curve"]
     md.append(f"\nBase best-of-N, N = 1..{len(curve)}: " + ", ".join(f"{v:.3f}" for v in curve) + "\n")
-    levels = {f"bon{n}": curve[n - 1] for n in (1, 2, 4, 8, 16, 32) if n <= len(curve)}
-    FIG.line_plot(os.path.join(out, "scaling.png"), series, "training UNet passes (forward passes, grad counted 3x)",
-                "held-out gold reward", xticks=[k * b for k in sorted({k for _, k in runs})], levels=levels)
+    FIG.scaling_figure(os.path.join(out, "scaling.png"), series, [k * b for k in sorted({k for _, k in runs})], curve)
     if hacked:
         md.append(f"\nReward hacking: {hack} trained on toyclip for {max(k for _, k in runs):g}x, held-out (2 seeds):\n\n"
                   "| step | training UNet passes | toyclip | gold |\n|---|---|---|---|\n")

@@ -124,10 +124,11 @@ def print_table():
     levels, series = {}, {}
     print("\n| method | budget | seeds | gold | Δ vs base ± SE | background | palette | denoise × | matches best-of-N (95 %) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for m, k in dict.fromkeys(parse_row(run)[::2] for run in kept_rows):
-        runs = [run for run in kept_rows if parse_row(run)[::2] == (m, k)]
+    parsed = {run: parse_row(run) for run in kept_rows}  # (method, seed, budget multiple)
+    for m, k in dict.fromkeys((m, k) for m, _, k in parsed.values()):
+        runs = [run for run, (m2, _, k2) in parsed.items() if (m2, k2) == (m, k)]
         rs = [kept_rows[run][1] for run in runs]
-        seeds = [str(parse_row(run)[1] or 1337) for run in runs]  # 0: train.py's seed
+        seeds = [str(parsed[run][1] or 1337) for run in runs]  # 0: train.py's seed
         d, se = R.mean_se([r["delta"] for r in rs]) if len(rs) > 1 else (rs[0]["delta"], rs[0]["delta_se"])
         gold = torch.tensor([r["gold_per_image"] for r in rs]).mean(0)
         if k == 1:
@@ -154,11 +155,8 @@ def print_table():
             nfe1 = base.get("nfe_per_image") or E.num_steps  # older files do not keep it: eval.py's steps
             FIG.amortisation_figure(fig, curve, levels, nfe1)
         if scaling_fig:
-            FIG.line_plot(scaling_fig, {m: p for m, p in series.items() if m != "sft_steps"},
-                          "training UNet passes (forward passes, grad counted 3x)", "held-out gold reward",
-                          xticks=sorted({parse_row(run)[2] * R.budget for run in kept_rows}),
-                          levels={f"base, best-of-{n}": curve[n - 1] for n in (1, 2, 4, 8, 16) if n <= len(curve)},
-                          inline_levels=True)
+            FIG.scaling_figure(scaling_fig, {m: p for m, p in series.items() if m != "sft_steps"},
+                               sorted({k * R.budget for _, _, k in parsed.values()}), curve)
 
 
 def main():
