@@ -1991,12 +1991,17 @@ def test_eval_cli_two_models_and_search():
 
 
 def test_study_runs_row_names_and_scaling_table():
-    """dev/study_runs.py: a row is method[_x<k>][_s1|_s2] (anything else one error line); --table groups the kept rows
-    by method and budget (a method's seeds averaged, image by image) and --scaling_fig draws gold against passes."""
+    """dev/study_runs.py: a row is method[_hack][_x<k>][_s1|_s2] (anything else one error line); on a flow model a
+    method takes its FLOW settings; --table groups the kept rows by method and budget (a method's seeds averaged,
+    image by image) and --scaling_fig draws gold against passes."""
     from dev import study_runs as SR
     assert SR.parse_row("grpo_x3_s1") == ("grpo", 1, 3.0) and SR.parse_row("sharpen_sft") == ("sharpen_sft", 0, 1.0)
     assert SR.parse_row("diffusion_nft_x10") == ("diffusion_nft", 0, 10.0)
-    for bad in ("sft_steps_x3", "sft_x0", "sft_s3", "nosuch"):
+    assert SR.parse_row("grpo_hack_x3_s1") == ("grpo_hack", 1, 3.0)
+    assert SR.R.flags("grpo") == SR.R.FLAGS["grpo"] and SR.R.flags("sharpen_rlhf") == []
+    with mock.patch.object(SR.R, "BASE", os.path.join(os.path.dirname(M.TOY_MODEL), "toy-flow-model")):
+        assert SR.R.flags("grpo") == SR.R.FLOW["grpo"] and SR.R.flags("sft") == SR.R.FLAGS["sft"]
+    for bad in ("sft_steps_x3", "sft_steps_hack", "sft_x0", "sft_s3", "nosuch", "nosuch_hack"):
         with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
             SR.parse_row(bad)
             raise AssertionError(bad)
@@ -2007,13 +2012,15 @@ def test_study_runs_row_names_and_scaling_table():
                                  background=0.01, palette=0.02, denoise=4.0, train_nfe=nfe, gold_per_image=gold.tolist())
     with tempfile.TemporaryDirectory() as d, mock.patch.multiple(SR, runs_dir=d, scaling_fig=f"{d}/s.png", fig="", pairs=""):
         json.dump(dict(candidates=cand.tolist(), rows=[row(base, 0)]), open(f"{d}/base_search.json", "w"))
-        for name, gold, nfe in (("sft", base + 0.1, 100), ("sft_s1", base + 0.3, 100), ("sft_x3", base + 0.4, 300)):
+        for name, gold, nfe in (("sft", base + 0.1, 100), ("sft_s1", base + 0.3, 100), ("sft_x3", base + 0.4, 300),
+                                ("sft_hack", base - 0.1, 100)):
             json.dump(dict(run=name, rows=[row(base, 0), row(gold, nfe)]), open(f"{d}/{name}.json", "w"))
         with contextlib.redirect_stdout(io.StringIO()) as out:
             SR.print_table()
         by = {(c[0], c[1]): c for c in ([x.strip() for x in line.strip("|").split("|")] for line in out.getvalue().splitlines())
               if len(c) > 2 and c[1] in ("1x", "3x")}
-        assert set(by) == {("sft", "1x"), ("sft", "3x")} and by["sft", "1x"][2] == "1337, 1", out.getvalue()
+        assert set(by) == {("sft", "1x"), ("sft", "3x"), ("sft_hack", "1x")}, out.getvalue()
+        assert by["sft", "1x"][2] == "1337, 1" and by["sft_hack", "1x"][2] == "1337", out.getvalue()
         assert abs(float(by["sft", "1x"][3]) - (base.mean().item() + 0.2)) < 1e-3, by  # the seeds' mean, not the last
         assert os.path.getsize(f"{d}/s.png") > 0
 

@@ -86,6 +86,8 @@ FLAGS = {  # each method's settings; the controls share sharpen_sft's so that ea
     "grpo": [os.path.join(ROOT, "config", "grpo.py")],  # ddpo with group advantages and the KL (Flow-GRPO's recipe)
 }
 METHOD = {"raft_rounds": "raft", "raft_first": "raft", "grpo": "ddpo"}  # rows that are another method's settings: train.py's method
+FLOW = {m: [os.path.join(ROOT, "config", f"flow_{m}.py")]  # on a flow model instead of FLAGS (grpo: Flow-GRPO, its SDE)
+        for m in ("sharpen_sft", "sharpen_rlhf", "grpo", "diffusion_nft")}
 OWN_SAMPLER = {"ddpo": ["--eta=1"], "grpo": ["--eta=1"]}  # methods trained on another sampler than the evaluation's: eval.py flags for it
 BASE = M.TOY_MODEL  # model's folder
 POOL, QUEUED, LOCK = None, [], threading.Lock()  # with jobs > 1: the training runs in flight, and out/wall.json's lock
@@ -141,10 +143,15 @@ def finished(*dirs):
                 raise
 
 
+def flags(method):
+    """The method's train.py settings: FLAGS, or FLOW's on a flow model."""
+    return FLOW[method] if method in FLOW and M.folder_is_flow(BASE) else FLAGS.get(method, [])
+
+
 def method_run(name, method, seed=0, *extra, steps=0, nfe=0):
     """One training run of `method` at the budget (or at `nfe` UNet passes, or for `steps` optimizer steps): seed 0
     is train.py's default seed, others --seed=s."""
-    return train(name, *FLAGS.get(method, []), f"--method={METHOD.get(method, method)}", f"--seed={seed or 1337}",
+    return train(name, *flags(method), f"--method={METHOD.get(method, method)}", f"--seed={seed or 1337}",
                  f"--steps={steps}" if steps else f"--nfe_budget={nfe or budget}", *extra)
 
 
@@ -211,7 +218,7 @@ def main():
           f"({sft_ablations.replace('+', ', ')}); reward hacking: {hack_methods} on "
           f"{hack_reward} for {hack_budget}x the budget, gold tracked ({jobs} at a time)")
     # the long hacking run first: the ablations fill the other job slots beside it
-    hack = {m: train(f"hack_{m}", *FLAGS.get(m, []), f"--method={METHOD.get(m, m)}", f"--reward={hack_reward}",
+    hack = {m: train(f"hack_{m}", *flags(m), f"--method={METHOD.get(m, m)}", f"--reward={hack_reward}",
                      f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, hack_evals)}",
                      f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in names(hack_methods)}
     abl = {}  # "method change" -> its run; each method's own default run first: the reference of its changes

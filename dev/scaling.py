@@ -43,8 +43,6 @@ jobs = 1                 # training runs side by side (each with cores / jobs th
 partial = False          # evaluate the runs finished so far instead of waiting for all of them
 # -----------------------------------------------------------------------------
 FLAGS, METHOD = RP.FLAGS, RP.METHOD  # grpo: config/grpo.py, ddpo with the round's reward std and the KL to the base
-FLOW = {"sharpen_sft": ["config/flow_sharpen_sft.py"], "sharpen_rlhf": ["config/flow_sharpen_rlhf.py"],
-        "grpo": ["config/flow_grpo.py"], "diffusion_nft": ["config/flow_diffusion_nft.py"]}  # their flow settings
 
 
 def run_name(m, k):
@@ -58,12 +56,12 @@ def main():
     base = os.path.abspath(model) if model else M.TOY_MODEL
     M.check_model_folder(base)
     try:
-        flow, ks = M.folder_is_flow(base), [float(k) for k in str(multiples).split("+") if k]
+        ks = [float(k) for k in str(multiples).split("+") if k]
     except ValueError:
         raise SystemExit(f"error: --multiples={multiples!r} must be '+'-separated numbers > 0")
-    unknown = [m for m in RP.names(methods) if m not in (*FLAGS, *FLOW, "sharpen_rlhf", "ddpo")]
+    unknown = [m for m in RP.names(methods) if m not in (*FLAGS, *RP.FLOW, "sharpen_rlhf", "ddpo")]
     if unknown:
-        raise SystemExit(f"error: --methods: unknown {', '.join(unknown)} (known: {', '.join(sorted(FLAGS | FLOW))}, "
+        raise SystemExit(f"error: --methods: unknown {', '.join(unknown)} (known: {', '.join(sorted(FLAGS | RP.FLOW))}, "
                          "sharpen_rlhf, ddpo)")
     if not ks or min(ks) <= 0:
         raise SystemExit(f"error: --multiples={multiples!r} must be '+'-separated numbers > 0")
@@ -74,14 +72,13 @@ def main():
     RP.POOL = RP.ThreadPoolExecutor(jobs) if jobs > 1 else None
     os.makedirs(out, exist_ok=True)
     b = size.get("budget", budget)
-    flags = lambda m: [os.path.join(RP.ROOT, f) for f in FLOW[m]] if flow and m in FLOW else FLAGS.get(m, [])  # noqa: E731
-    hacked = RP.train(f"hack_{hack}", *flags(hack), f"--method={METHOD.get(hack, hack)}", "--reward=toyclip",
+    hacked = RP.train(f"hack_{hack}", *RP.flags(hack), f"--method={METHOD.get(hack, hack)}", "--reward=toyclip",
                       f"--nfe_budget={int(max(ks) * b)}", f"--eval_count={size.get('hack_evals', hack_evals)}", "--eval_seeds=2",
                       "--ckpt_interval=10") if hack else None
     runs = {}
     for k in sorted(ks, reverse=True):  # the longest first: the short ones fill the other job slots beside them
         for m in RP.names(methods):
-            runs[m, k] = RP.train(run_name(m, k), *flags(m), f"--method={METHOD.get(m, m)}", f"--nfe_budget={int(k * b)}",
+            runs[m, k] = RP.train(run_name(m, k), *RP.flags(m), f"--method={METHOD.get(m, m)}", f"--nfe_budget={int(k * b)}",
                                   "--eval_seeds=0", "--ckpt_interval=10")
     done = [key for key, d in runs.items() if os.path.exists(os.path.join(d, "done"))]
     if not partial:

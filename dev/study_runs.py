@@ -9,10 +9,15 @@ kept row with its paired Δ, its SE and the N of the base's best-of-N it matches
     python dev/study_runs.py --bon                            # the base's 16 candidates and search rows, once
     python dev/study_runs.py --table                          # the table from docs/runs/ (seconds)
 
-A row is a reproduce.py method (FLAGS, or sharpen_rlhf / diffusion_dpo / ddpo) with an optional _x<k> budget multiple
-(k x the study's budget, its own run) and an optional _s1 / _s2 seed suffix, e.g. grpo_x3_s1; sft_steps is plain sft at
-sharpen_sft's 480 steps. --scaling_fig draws every kept method's gold against its training UNet passes. A row whose json exists is skipped. Two processes side by side (--side_by_side=2, each
-with its own --out) train and evaluate on a thread each.
+A row is a reproduce.py method (FLAGS, or sharpen_rlhf / diffusion_dpo / ddpo) with an optional _hack (trained on
+reproduce.py's hack_reward, toyclip, its held-out proxy and gold tracked during the run and kept as `curve`), an
+optional _x<k> budget multiple (k x the study's budget, its own run) and an optional _s1 / _s2 seed suffix, e.g.
+grpo_x3_s1; sft_steps is plain sft at sharpen_sft's 480 steps. --scaling_fig draws every kept method's gold against
+its training UNet passes. A row whose json exists is skipped. Two processes side by side (--side_by_side=2, each
+with its own --out) train and evaluate on a thread each. --model trains every row from another base (reproduce.py's
+FLOW settings on a flow model) and keeps them in docs/runs/<its folder name>/:
+
+    python dev/study_runs.py --model=assets/toy-flow-model --rows=grpo+diffusion_nft --side_by_side=2 --out=out/flow
 """
 import json
 import os
@@ -33,7 +38,8 @@ import sample as S  # noqa: E402
 rows = ""                # '+'-separated rows to train and evaluate
 bon = False              # the base's best-of-N candidates and the search rows
 table = False            # print the table of docs/runs/
-runs_dir = os.path.join(ROOT, "docs", "runs")
+model = ""               # the base every row trains from ("" = the built-in toy model)
+runs_dir = ""            # where rows are kept ("" = docs/runs, or docs/runs/<model's folder name> for another model)
 out = "out/reproduce"    # where the training runs live (dev/reproduce.py's folder: its runs are reused)
 candidates = 16          # best-of-N candidates per (prompt, seed)
 quick = False            # dev/reproduce.py's tiny settings (1 seed per prompt): checks the pipeline, numbers mean nothing
@@ -47,7 +53,7 @@ pairs = ("sft-sharpen_sft+sharpen_sft-diffusion_dpo+ddpo-sharpen_rlhf+diffusion_
                          # --table: paired differences a − b, per seed where both are kept
 # -----------------------------------------------------------------------------
 KEEP = ["name", "search", "overall", "delta", "delta_se", "per_skill", "diversity", "background", "palette", "denoise",
-        "n", "train_nfe", "nfe_per_image", "gold_per_image"]
+        "n", "train_nfe", "nfe_per_image", "rewards", "rewards_delta", "gold_per_image"]
 
 
 def kept(path):
@@ -63,23 +69,28 @@ def dump(obj, name):
 
 
 def parse_row(row):
-    """'sft_s1' -> ('sft', 1, 1.0); 'grpo_x3' -> ('grpo', 0, 3.0); 'sft_steps' -> ('sft_steps', 0, 1.0)."""
-    m = re.fullmatch(r"(.+?)(?:_x(\d+(?:\.\d+)?))?(?:_s([12]))?", row)
-    method, k, seed = m.group(1), float(m.group(2) or 1), int(m.group(3) or 0)
+    """'sft_s1' -> ('sft', 1, 1.0); 'grpo_x3' -> ('grpo', 0, 3.0); 'sft_steps' -> ('sft_steps', 0, 1.0);
+    'grpo_hack' -> ('grpo_hack', 0, 1.0): grpo trained on reproduce.py's hack_reward (toyclip) instead of gold."""
+    m = re.fullmatch(r"(.+?)(_hack)?(?:_x(\d+(?:\.\d+)?))?(?:_s([12]))?", row)
+    method, k, seed = m.group(1), float(m.group(3) or 1), int(m.group(4) or 0)
     if method not in R.FLAGS and method not in ("sharpen_rlhf", "diffusion_dpo", "ddpo", "sft_steps") or k <= 0 \
-            or method == "sft_steps" and k != 1:
-        raise SystemExit(f"error: rows: unknown row {row!r} (a dev/reproduce.py method or sft_steps, optionally _x<k> "
-                         "with k > 0, then optionally _s1 or _s2)")
-    return method, seed, k
+            or method == "sft_steps" and (k != 1 or m.group(2)):
+        raise SystemExit(f"error: rows: unknown row {row!r} (a dev/reproduce.py method or sft_steps, optionally _hack, "
+                         "then optionally _x<k> with k > 0, then optionally _s1 or _s2)")
+    return method + (m.group(2) or ""), seed, k
 
 
 def train_and_evaluate(row):
     method, seed, k = parse_row(row)
     steps = 480 * R.budget // 184320 if method == "sft_steps" else 0  # config/sharpen_sft.py's steps at the budget
-    method = "sft" if method == "sft_steps" else method
-    d = R.method_run(row, method, seed, "--eval_seeds=0", "--ckpt_interval=10", steps=steps, nfe=int(k * R.budget))
+    hack = method.endswith("_hack")  # trained on hack_reward, held-out gold and hack_reward tracked during the run
+    evals = [f"--reward={R.hack_reward}", f"--eval_count={R.hack_evals}", "--eval_seeds=2"] if hack else ["--eval_seeds=0"]
+    method = "sft" if method == "sft_steps" else method.removesuffix("_hack")
+    d = R.method_run(row, method, seed, *evals, "--ckpt_interval=10", steps=steps, nfe=int(k * R.budget))
     got = R.evaluate(f"eval_{row}", [R.BASE, os.path.join(d, "model")], THREADS)
-    dump(dict(run=row, rows=[{k: r.get(k) for k in KEEP} for r in got]), f"{row}.json")
+    curve = [dict(step=st, nfe=nfe, gold=g, proxy=float(kv.get(f"heldout {R.hack_reward}", "nan")))
+             for st, nfe, g, kv in R.evals(d)] if hack else []
+    dump(dict(run=row, rows=[{k: r.get(k) for k in KEEP} for r in got], curve=curve), f"{row}.json")
     print(f"{row}: gold {got[1]['overall']:.3f}, Δ {got[1]['delta']:+.3f} ± {got[1]['delta_se']:.3f}", flush=True)
 
 
@@ -155,14 +166,19 @@ def print_table():
             nfe1 = base.get("nfe_per_image") or E.num_steps  # older files do not keep it: eval.py's steps
             FIG.amortisation_figure(fig, curve, levels, nfe1)
         if scaling_fig:
-            FIG.scaling_figure(scaling_fig, {m: p for m, p in series.items() if m != "sft_steps"},
+            FIG.scaling_figure(scaling_fig, {m: p for m, p in series.items() if m != "sft_steps" and not m.endswith("_hack")},
                                sorted({k * R.budget for _, _, k in parsed.values()}), curve)
 
 
 def main():
-    global THREADS
+    global THREADS, runs_dir
     S.configure(globals(), sys.argv[1:])
-    R.out, R.BASE, R.jobs = os.path.abspath(out), R.M.TOY_MODEL, side_by_side  # jobs > 1: train.py's --threads
+    R.out, R.jobs = os.path.abspath(out), side_by_side  # jobs > 1: train.py's --threads
+    R.model, R.BASE = model, os.path.abspath(model) if model else R.M.TOY_MODEL  # model: each run gets --model
+    if model:
+        R.M.check_model_folder(R.BASE)
+    runs_dir = runs_dir or os.path.join(ROOT, "docs", "runs", os.path.basename(R.BASE) if model else "")
+    os.makedirs(runs_dir, exist_ok=True)
     if quick:  # reproduce.py --quick's budget and seeds
         R.quick, R.budget, R.eval_seeds = True, 200, 1
     THREADS = [f"--threads={max(1, (os.cpu_count() or 1) // side_by_side)}"] if side_by_side > 1 else []
