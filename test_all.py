@@ -340,8 +340,9 @@ def test_mllm_grader_against_stub():
         # cache: scored pairs are not asked again; failed ones are
         r2, info2 = g(images[:3], prompts[:3])
         assert info2["cached"] == 2 and stub.calls["good a red circle"] == 1 and torch.equal(r2[:2], r[:2])
-        # concurrency: 8 requests of 0.2 s with 4 workers: 4 in flight at once, never more (counted by the
-        # stub among these prompts only, so a late retry of the slow prompt cannot count)
+        # concurrency: 8 requests with 4 workers, each held by the stub until 4 are in flight (at most 2 s): 4 at
+        # once, never more (counted among these prompts only, so a late retry of the slow prompt cannot count)
+        g.timeout = 5.0
         r3, _ = g(torch.rand(8, 3, 32, 32), [f"conc {i}" for i in range(8)])
         assert torch.allclose(r3, torch.full((8,), 0.5)) and stub.max_inflight["conc"] == 4, (r3, stub.max_inflight)
 

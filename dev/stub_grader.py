@@ -5,7 +5,8 @@ What it answers depends on the first word of the prompt in the rubric (and on th
 
     good / free / garbage / flaky / slow / vary   a rubric JSON, free text, no score, two 500s then a score,
                                                   1 s late, a score from the image's brightness
-    conc / lat50                                  200 ms / 50 ms late (concurrency and throughput)
+    conc / lat50                                  held until conc_hold (4) are in flight, at most 2 s / 50 ms late
+                                                  (concurrency and throughput)
     /half/...   toy captions: a score from the image, or (about half of the captions) no score
     /flaky/...  a third of the first answers fail (500 or garbage)
     anything else: {"overall": 5}
@@ -36,6 +37,7 @@ class StubGrader:
         import threading
         stub = self
         self.calls, self.inflight, self.max_inflight, self.auth = Counter(), Counter(), Counter(), set()
+        self.conc_hold = 4  # 'conc' requests wait until this many are in flight
         self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -63,8 +65,12 @@ class StubGrader:
                         kind = ("garbage", "500")[len(prompt) % 2]
                         if kind == "500":
                             return self.send_error(500)
+                    if kind == "conc":  # held until conc_hold are in flight at once (at most 2 s): on a busy machine
+                        t0 = time.time()  # too, a client that allows that many has them in flight together
+                        while stub.max_inflight["conc"] < stub.conc_hold and time.time() - t0 < 2:
+                            time.sleep(0.005)
                     if kind in ("slow", "conc", "lat50"):  # lat50: bench.py's throughput stub
-                        time.sleep({"slow": 1.0, "conc": 0.2, "lat50": 0.05}[kind])
+                        time.sleep({"slow": 1.0, "conc": 0.05, "lat50": 0.05}[kind])
                     if kind == "flaky" and n <= 2:
                         return self.send_error(500)
                     answer = {"good": '```json\n{"prompt_fidelity": 9, "creativity": 7, "visual_quality": 8, '
