@@ -88,6 +88,7 @@ FLAGS = {  # each method's settings; the controls share sharpen_sft's so that ea
 METHOD = {"raft_rounds": "raft", "raft_first": "raft", "grpo": "ddpo"}  # rows that are another method's settings: train.py's method
 FLOW = {m: [os.path.join(ROOT, "config", f"flow_{m}.py")]  # on a flow model instead of FLAGS (grpo: Flow-GRPO, its SDE)
         for m in ("sharpen_sft", "sharpen_rlhf", "grpo", "diffusion_nft")}
+DEFAULTS = ("sharpen_rlhf", "diffusion_dpo", "ddpo")  # methods trained on train.py's defaults: no FLAGS entry
 OWN_SAMPLER = {"ddpo": ["--eta=1"], "grpo": ["--eta=1"]}  # methods trained on another sampler than the evaluation's: eval.py flags for it
 BASE = M.TOY_MODEL  # model's folder
 POOL, QUEUED, LOCK = None, [], threading.Lock()  # with jobs > 1: the training runs in flight, and out/wall.json's lock
@@ -146,6 +147,12 @@ def finished(*dirs):
 def flags(method):
     """The method's train.py settings: FLAGS, or FLOW's on a flow model."""
     return FLOW[method] if method in FLOW and M.folder_is_flow(BASE) else FLAGS.get(method, [])
+
+
+def hack_flags(evals):
+    """A reward-hacking run's train.py flags: trained on hack_reward, its held-out hack_reward and gold logged `evals`
+    times (2 seeds per prompt, 1 with quick)."""
+    return [f"--reward={hack_reward}", f"--eval_count={evals}", f"--eval_seeds={1 if quick else 2}"]
 
 
 def method_run(name, method, seed=0, *extra, steps=0, nfe=0):
@@ -218,9 +225,8 @@ def main():
           f"({sft_ablations.replace('+', ', ')}); reward hacking: {hack_methods} on "
           f"{hack_reward} for {hack_budget}x the budget, gold tracked ({jobs} at a time)")
     # the long hacking run first: the ablations fill the other job slots beside it
-    hack = {m: train(f"hack_{m}", *flags(m), f"--method={METHOD.get(m, m)}", f"--reward={hack_reward}",
-                     f"--nfe_budget={hack_budget * budget}", f"--eval_count={max(curve_evals, hack_evals)}",
-                     f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10") for m in names(hack_methods)}
+    hack = {m: train(f"hack_{m}", *flags(m), f"--method={METHOD.get(m, m)}", f"--nfe_budget={hack_budget * budget}",
+                     *hack_flags(max(curve_evals, hack_evals)), "--ckpt_interval=10") for m in names(hack_methods)}
     abl = {}  # "method change" -> its run; each method's own default run first: the reference of its changes
     for m, changes, prefix in (("sharpen_rlhf", ablations, "abl_"), ("sharpen_sft", sft_ablations, "abl_sft_")):
         if names(changes):

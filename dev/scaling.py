@@ -37,7 +37,8 @@ methods = "sharpen_sft+sharpen_rlhf+sft+raft_rounds+diffusion_nft+grpo"
                          # grpo: ddpo with the round's reward std and the KL to the base (on a flow model: Flow-GRPO)
 eval_seeds = 16          # seeds per held-out prompt (41 prompts x 16 = 656 images)
 amortise = 16            # the base's candidates per (prompt, seed) for its best-of-N curve
-hack = "grpo"            # reward hacking: this method on toyclip at the largest multiple, held-out gold tracked ("" = none)
+hack = "grpo"            # reward hacking: this method on reproduce.py's hack_reward (toyclip) at the largest multiple,
+                         # held-out gold tracked ("" = none)
 hack_evals = 6           # held-out evaluations (2 seeds each) during the hacking run
 jobs = 1                 # training runs side by side (each with cores / jobs threads)
 partial = False          # evaluate the runs finished so far instead of waiting for all of them
@@ -59,10 +60,10 @@ def main():
         ks = [float(k) for k in str(multiples).split("+") if k]
     except ValueError:
         raise SystemExit(f"error: --multiples={multiples!r} must be '+'-separated numbers > 0")
-    unknown = [m for m in RP.names(methods) if m not in (*FLAGS, *RP.FLOW, "sharpen_rlhf", "ddpo")]
+    unknown = [m for m in RP.names(methods) if m not in (*FLAGS, *RP.FLOW, *RP.DEFAULTS)]
     if unknown:
-        raise SystemExit(f"error: --methods: unknown {', '.join(unknown)} (known: {', '.join(sorted(FLAGS | RP.FLOW))}, "
-                         "sharpen_rlhf, ddpo)")
+        raise SystemExit(f"error: --methods: unknown {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted({*FLAGS, *RP.FLOW, *RP.DEFAULTS}))})")
     if not ks or min(ks) <= 0:
         raise SystemExit(f"error: --multiples={multiples!r} must be '+'-separated numbers > 0")
     size = dict(budget=200, eval_seeds=1, amortise=2, hack_evals=1) if quick else {}
@@ -72,8 +73,8 @@ def main():
     RP.POOL = RP.ThreadPoolExecutor(jobs) if jobs > 1 else None
     os.makedirs(out, exist_ok=True)
     b = size.get("budget", budget)
-    hacked = RP.train(f"hack_{hack}", *RP.flags(hack), f"--method={METHOD.get(hack, hack)}", "--reward=toyclip",
-                      f"--nfe_budget={int(max(ks) * b)}", f"--eval_count={size.get('hack_evals', hack_evals)}", "--eval_seeds=2",
+    hacked = RP.train(f"hack_{hack}", *RP.flags(hack), f"--method={METHOD.get(hack, hack)}",
+                      f"--nfe_budget={int(max(ks) * b)}", *RP.hack_flags(size.get("hack_evals", hack_evals)),
                       "--ckpt_interval=10") if hack else None
     runs = {}
     for k in sorted(ks, reverse=True):  # the longest first: the short ones fill the other job slots beside them
@@ -122,9 +123,11 @@ def write(rows, runs, b, hacked=None):
     md.append(f"\nBase best-of-N, N = 1..{len(curve)}: " + ", ".join(f"{v:.3f}" for v in curve) + "\n")
     FIG.scaling_figure(os.path.join(out, "scaling.png"), series, [k * b for k in sorted({k for _, k in runs})], curve)
     if hacked:
-        md.append(f"\nReward hacking: {hack} trained on toyclip for {max(k for _, k in runs):g}x, held-out (2 seeds):\n\n"
-                  "| step | training UNet passes | toyclip | gold |\n|---|---|---|---|\n")
-        md += [f"| {step} | {nfe} | {kv.get('heldout toyclip', '')} | {g:.4f} |\n" for step, nfe, g, kv in RP.evals(hacked)]
+        md.append(f"\nReward hacking: {hack} trained on {RP.hack_reward} for {max(k for _, k in runs):g}x, held-out "
+                  f"({1 if quick else 2} seeds):\n\n"
+                  f"| step | training UNet passes | {RP.hack_reward} | gold |\n|---|---|---|---|\n")
+        md += [f"| {step} | {nfe} | {kv.get('heldout ' + RP.hack_reward, '')} | {g:.4f} |\n"
+               for step, nfe, g, kv in RP.evals(hacked)]
     open(os.path.join(out, "results.md"), "w").write("".join(md))
     print("".join(md) + f"\nwrote {out}/results.md, scaling.png")
 

@@ -73,7 +73,7 @@ def parse_row(row):
     'grpo_hack' -> ('grpo_hack', 0, 1.0): grpo trained on reproduce.py's hack_reward (toyclip) instead of gold."""
     m = re.fullmatch(r"(.+?)(_hack)?(?:_x(\d+(?:\.\d+)?))?(?:_s([12]))?", row)
     method, k, seed = m.group(1), float(m.group(3) or 1), int(m.group(4) or 0)
-    if method not in R.FLAGS and method not in ("sharpen_rlhf", "diffusion_dpo", "ddpo", "sft_steps") or k <= 0 \
+    if method not in (*R.FLAGS, *R.DEFAULTS, "sft_steps") or k <= 0 \
             or method == "sft_steps" and (k != 1 or m.group(2)):
         raise SystemExit(f"error: rows: unknown row {row!r} (a dev/reproduce.py method or sft_steps, optionally _hack, "
                          "then optionally _x<k> with k > 0, then optionally _s1 or _s2)")
@@ -84,7 +84,7 @@ def train_and_evaluate(row):
     method, seed, k = parse_row(row)
     steps = 480 * R.budget // 184320 if method == "sft_steps" else 0  # config/sharpen_sft.py's steps at the budget
     hack = method.endswith("_hack")  # trained on hack_reward, held-out gold and hack_reward tracked during the run
-    evals = [f"--reward={R.hack_reward}", f"--eval_count={R.hack_evals}", "--eval_seeds=2"] if hack else ["--eval_seeds=0"]
+    evals = R.hack_flags(R.hack_evals) if hack else ["--eval_seeds=0"]
     method = "sft" if method == "sft_steps" else method.removesuffix("_hack")
     d = R.method_run(row, method, seed, *evals, "--ckpt_interval=10", steps=steps, nfe=int(k * R.budget))
     got = R.evaluate(f"eval_{row}", [R.BASE, os.path.join(d, "model")], THREADS)
