@@ -118,9 +118,11 @@ def amortisation_figure(path, curve, levels, nfe1, ylabel="held-out gold reward"
               levels=levels, top_axis=("N (best-of-N of the base model, gold verifier)", nfe1, ns))
 
 
-def scaling_figure(path, series, xticks, curve):
-    """Held-out gold against training UNet passes, a line per method (series {name: [(passes, gold), ...]}), the base
-    model's best-of-N (curve[N-1], gold verifier) as named grey levels."""
+def scaling_figure(path, series, multiples, budget, curve):
+    """Held-out gold against training UNet passes, a line per method (series {name: [(passes, gold), ...]}), ticks at
+    `multiples` of `budget` (read on the top axis), the base model's best-of-N (curve[N-1], gold verifier) as named
+    grey levels."""
     line_plot(path, series, "training UNet passes (forward passes, grad counted 3x)", "held-out gold reward",
-              xticks=xticks, levels={f"base, best-of-{n}": curve[n - 1] for n in (1, 2, 4, 8, 16, 32) if n <= len(curve)},
-              inline_levels=True)
+              xticks=[k * budget for k in multiples],
+              levels={f"base, best-of-{n}": curve[n - 1] for n in (1, 2, 4, 8, 16, 32) if n <= len(curve)},
+              top_axis=(f"x the study's budget ({budget:,} passes)", budget, multiples), inline_levels=True)

@@ -149,10 +149,15 @@ def flags(method):
     return FLOW[method] if method in FLOW and M.folder_is_flow(BASE) else FLAGS.get(method, [])
 
 
+def curve_seeds():
+    """Seeds per held-out prompt of the gold curves logged during training (curve and hacking runs): 2, 1 with quick."""
+    return 1 if quick else 2
+
+
 def hack_flags(evals):
     """A reward-hacking run's train.py flags: trained on hack_reward, its held-out hack_reward and gold logged `evals`
-    times (2 seeds per prompt, 1 with quick)."""
-    return [f"--reward={hack_reward}", f"--eval_count={evals}", f"--eval_seeds={1 if quick else 2}"]
+    times on curve_seeds() seeds per prompt."""
+    return [f"--reward={hack_reward}", f"--eval_count={evals}", f"--eval_seeds={curve_seeds()}"]
 
 
 def method_run(name, method, seed=0, *extra, steps=0, nfe=0):
@@ -206,7 +211,7 @@ def main():
     t0 = time.time()
     print(f"1/5 every method at equal compute ({budget} UNet passes each, grad x3); seeds 1, 2 of {seeded} "
           f"({jobs} at a time)")
-    curve = [f"--eval_count={curve_evals}", f"--eval_seeds={1 if quick else 2}", "--ckpt_interval=10"]
+    curve = [f"--eval_count={curve_evals}", f"--eval_seeds={curve_seeds()}", "--ckpt_interval=10"]
     runs = {m: method_run(m, m, 0, *curve) for m in names(methods)}
     seeds = {f"{m}_s{s}": method_run(f"{m}_s{s}", m, s, "--eval_seeds=0", "--ckpt_interval=10")
              for s in (1, 2) for m in names(seeded)}
@@ -339,7 +344,7 @@ def write_results(runs, seeds, main_rows, own, abl=None, abl_rows=None, hack=Non
            "| change | Δ vs its lam=inf control |\n|---|---|\n"] if tests else []
     md += ["| {} | {:+.3f} ± {:.3f} |\n".format(t, *paired(tagged[t], tagged[c])) for t, c in tests]
     for m, d in (hack or {}).items():
-        md.append(f"\nReward hacking ({m} on `{hack_reward}`; held-out, {1 if quick else 2} seeds):\n\n| step | nfe | {hack_reward} | gold |\n|---|---|---|---|\n")
+        md.append(f"\nReward hacking ({m} on `{hack_reward}`; held-out, {curve_seeds()} seeds):\n\n| step | nfe | {hack_reward} | gold |\n|---|---|---|---|\n")
         for step, nfe, g, kv in evals(d):
             md.append(f"| {step} | {nfe} | {kv.get('heldout ' + hack_reward, '')} | {g:.4f} |\n")
         best = max(evals(d), key=lambda e: e[2])

@@ -121,10 +121,10 @@ def write(rows, runs, b, hacked=None):
         series.setdefault(m, []).append((r["train_nfe"], r["overall"]))
     curve = amo["curve"]
     md.append(f"\nBase best-of-N, N = 1..{len(curve)}: " + ", ".join(f"{v:.3f}" for v in curve) + "\n")
-    FIG.scaling_figure(os.path.join(out, "scaling.png"), series, [k * b for k in sorted({k for _, k in runs})], curve)
+    FIG.scaling_figure(os.path.join(out, "scaling.png"), series, sorted({k for _, k in runs}), b, curve)
     if hacked:
         md.append(f"\nReward hacking: {hack} trained on {RP.hack_reward} for {max(k for _, k in runs):g}x, held-out "
-                  f"({1 if quick else 2} seeds):\n\n"
+                  f"({RP.curve_seeds()} seeds):\n\n"
                   f"| step | training UNet passes | {RP.hack_reward} | gold |\n|---|---|---|---|\n")
         md += [f"| {step} | {nfe} | {kv.get('heldout ' + RP.hack_reward, '')} | {g:.4f} |\n"
                for step, nfe, g, kv in RP.evals(hacked)]

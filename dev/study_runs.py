@@ -168,7 +168,7 @@ def print_table():
             FIG.amortisation_figure(fig, curve, levels, nfe1)
         if scaling_fig:
             FIG.scaling_figure(scaling_fig, {m: p for m, p in series.items() if m != "sft_steps" and not m.endswith("_hack")},
-                               sorted({k * R.budget for _, _, k in parsed.values()}), curve)
+                               sorted({k for _, _, k in parsed.values()}), R.budget, curve)
 
 
 def main():
