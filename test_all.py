@@ -1994,7 +1994,7 @@ def test_eval_cli_two_models_and_search():
 def test_study_runs_row_names_and_scaling_table():
     """dev/study_runs.py: a row is method[_hack][_x<k>][_s1|_s2] (anything else one error line); on a flow model a
     method takes its FLOW settings; --table groups the kept rows by method and budget (a method's seeds averaged,
-    image by image) and --scaling_fig draws gold against passes."""
+    image by image), prints them per skill beside the base's best-of-K, and --scaling_fig draws gold against passes."""
     from dev import study_runs as SR
     assert SR.parse_row("grpo_x3_s1") == ("grpo", 1, 3.0) and SR.parse_row("sharpen_sft") == ("sharpen_sft", 0, 1.0)
     assert SR.parse_row("diffusion_nft_x10") == ("diffusion_nft", 0, 10.0)
@@ -2023,6 +2023,12 @@ def test_study_runs_row_names_and_scaling_table():
         assert set(by) == {("sft", "1x"), ("sft", "3x"), ("sft_hack", "1x")}, out.getvalue()
         assert by["sft", "1x"][2] == "1337, 1" and by["sft_hack", "1x"][2] == "1337", out.getvalue()
         assert abs(float(by["sft", "1x"][3]) - (base.mean().item() + 0.2)) < 1e-3, by  # the seeds' mean, not the last
+        skill = {c[0]: [float(v) for v in c[1:]] for c in ([x.strip() for x in line.strip("|").split("|")]
+                 for line in out.getvalue().split("per skill")[1].splitlines()) if c[0] in ("sft 3x", "base, best-of-4")}
+        tags = [E.toyworld.parse(p).skill for p in E.prompts_and_seeds("heldout", 16, SR.R.eval_seeds)[0]]
+        for name, gold in (("sft 3x", base + 0.4), ("base, best-of-4", cand.max(1).values)):  # best-of-K: the max
+            want = [gold[[t == k for t in tags]].mean().item() for k in dict.fromkeys(tags)]
+            assert len(skill[name]) == len(want) > 1 and all(abs(a - b) < 1e-3 for a, b in zip(skill[name], want)), (name, skill)
         assert os.path.getsize(f"{d}/s.png") > 0
 
 

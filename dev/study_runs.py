@@ -107,7 +107,8 @@ def base_search():
 
 def print_table():
     """Every kept row; then by method over its kept seeds (Δ: mean ± SE over seeds, or ± the pairs' SE for one;
-    the N matched by the seeds' mean gold per image); then the paired differences of `pairs`, per seed."""
+    the N matched by the seeds' mean gold per image); then the paired differences of `pairs`, per seed; then each
+    method and budget per skill beside the base's best-of-8."""
     prompts, _ = E.prompts_and_seeds("heldout", 16, R.eval_seeds)
     bs = kept(os.path.join(runs_dir, "base_search.json"))
     cand = torch.tensor(bs["candidates"]) if bs else None
@@ -133,7 +134,7 @@ def print_table():
         print(f"| {run} | {r['overall']:.3f} | {r['delta']:+.3f} ± {r['delta_se']:.3f} | " +
               " | ".join(f"{r[k]:{fmt[k]}}" for k in fid) + f" | {r['train_nfe']} | " +
               (matches(torch.tensor(r["gold_per_image"])) if bs else "—") + " |")
-    levels, series = {}, {}
+    levels, series, skills = {}, {}, {}
     print("\n| method | budget | seeds | gold | Δ vs base ± SE | background | palette | denoise × | matches best-of-N (95 %) |")
     print("|---|---|---|---|---|---|---|---|---|")
     parsed = {run: parse_row(run) for run in kept_rows}  # (method, seed, budget multiple)
@@ -146,6 +147,7 @@ def print_table():
         if k == 1:
             levels[m] = gold.mean().item()
         series.setdefault(m, []).append((sum(r["train_nfe"] for r in rs) / len(rs), gold.mean().item()))
+        skills[m, k] = gold
         print(f"| {m} | {k:g}x | {', '.join(seeds)} | {gold.mean():.3f} | {d:+.3f} ± {se:.3f} | " +
               " | ".join(f"{sum(r[c] for r in rs) / len(rs):{fmt[c]}}" for c in fid) + " | " + (matches(gold) if bs else "—") + " |")
     for pair in R.names(pairs):
@@ -162,6 +164,13 @@ def print_table():
         for r in bs["rows"][1:]:
             print(f"{r['name']} {r['search']}: gold {r['overall']:.3f}, NFE/image {r['nfe_per_image']}, "
                   f"Δ {r['delta']:+.3f} ± {r['delta_se']:.3f}")
+        tags = [E.toyworld.parse(p).skill for p in prompts]
+        best8 = E.expected_best(cand)[:, min(8, cand.shape[1]) - 1]
+        print(f"\nper skill, where each row stands against the base's best-of-{min(8, cand.shape[1])} (gold verifier):")
+        print("| row | " + " | ".join(dict.fromkeys(tags)) + " |\n|---|" + "---|" * len(set(tags)))
+        by_budget = {f"{m} {k:g}x": g for (m, k), g in sorted(skills.items())}
+        for name, g in {"base": g0, f"base, best-of-{min(8, cand.shape[1])}": best8, **by_budget}.items():
+            print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in E.by_tag(g.double(), tags).values()) + " |")
         import figures as FIG
         if fig:
             nfe1 = base.get("nfe_per_image") or E.num_steps  # older files do not keep it: eval.py's steps
