@@ -166,11 +166,11 @@ def print_table():
             print(f"{r['name']} {r['search']}: gold {r['overall']:.3f}, NFE/image {r['nfe_per_image']}, "
                   f"Δ {r['delta']:+.3f} ± {r['delta_se']:.3f}")
         tags = [E.toyworld.parse(p).skill for p in prompts]
-        best8 = E.expected_best(cand)[:, min(8, cand.shape[1]) - 1]
-        print(f"\nper skill, where each row stands against the base's best-of-{min(8, cand.shape[1])} (gold verifier):")
+        n8 = min(8, cand.shape[1])
+        print(f"\nper skill, where each row stands against the base's best-of-{n8} (gold verifier):")
         print("| row | " + " | ".join(dict.fromkeys(tags)) + " |\n|---|" + "---|" * len(set(tags)))
         by_budget = {f"{m} {k:g}x": g for (m, k), g in sorted(skills.items())}
-        for name, g in {"base": g0, f"base, best-of-{min(8, cand.shape[1])}": best8, **by_budget}.items():
+        for name, g in {"base": g0, f"base, best-of-{n8}": E.expected_best(cand)[:, n8 - 1], **by_budget}.items():
             print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in E.by_tag(g.double(), tags).values()) + " |")
         import figures as FIG
         if fig:
