@@ -1,7 +1,7 @@
 #!/bin/bash
 # The first GPU checks in two short runs, each step under its own timeout, every log in $OUT (default out/gpu_check).
 #   bash dev/gpu_check.sh        (under 6 min) the machine and versions, the fused Triton loss's tests compiled, the
-#                                benchmark with its GPU part, the default toy run on the GPU, full-size random-init SD1.5
+#                                benchmark with its GPU part, 40 s of the default toy run (its step times), full-size random-init SD1.5
 #                                smoke runs of sharpen_rlhf, full and LoRA, bf16 (the dt and mem log columns)
 #   bash dev/gpu_check.sh more   (under 6 min) the same smoke run with --compile, then the whole suite
 # A machine with torch, triton and transformers but no diffusers needs this repo's pins as wheels in .whl/:
