@@ -1,0 +1,93 @@
+"""
+Does a model use the relation word of a spatial prompt? For the spatial prompts of the study's fixed lists (eval.py's
+prompts_and_seeds: held-out and train, 16 seeds each), sample each model, detect the two named objects (the first
+detection of each) and, where both are drawn, count how often they stand in the asked relation, in the opposite one
+("left of" for "right of") and in a perpendicular one (toyworld.relation_ok: the relation's axis dominates), for the
+horizontal relations (left of, right of) and the vertical ones (above, below) apart. A model that ignores the word
+places the pair in the asked and the opposite relation equally often. The text encoder's part: how far its output for
+a prompt moves when the relation is swapped for the opposite one, over how far it moves for a perpendicular one.
+
+    python dev/relation_probe.py assets/toy-model out/rA/grpo_x3/model out/rB/sft_x3/ckpt.pt   # ~1 min a model
+
+A ckpt.pt is loaded into the UNet of the model folder it trained from (its config's `model`).
+"""
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval as E
+import models as M
+import sample as S
+import toyworld
+
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+PERPENDICULAR = {"left of": ("above", "below"), "right of": ("above", "below"),
+                 "above": ("left of", "right of"), "below": ("left of", "right of")}
+
+
+def load(path):
+    if not path.endswith(".pt"):
+        return M.load_model(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    pipe = M.load_model(ckpt["config"]["model"])
+    state = ckpt["models"][0] if isinstance(ckpt["models"], list) else ckpt["models"]
+    pipe.unet.load_state_dict(state.get("unet", state))
+    return pipe
+
+
+def spatial_prompts(split, seeds=16):
+    prompts, seed_list = E.prompts_and_seeds(split, 16, seeds)
+    keep = [i for i, p in enumerate(prompts) if toyworld.parse(p).skill == "spatial"]
+    return [prompts[i] for i in keep], [seed_list[i] for i in keep]
+
+
+def probe(pipe, split):
+    """-> {axis: counts of images, both objects drawn, and the pair in the asked / opposite / a perpendicular relation}"""
+    prompts, seed_list = spatial_prompts(split)
+    n = {axis: dict(images=0, both=0, asked=0, opposite=0, perpendicular=0) for axis in ("horizontal", "vertical")}
+    for p, objects in zip(prompts, toyworld.detect(S.sample(pipe, prompts, seed_list))):
+        spec = toyworld.parse(p)
+        c = n["horizontal" if spec.relation in ("left of", "right of") else "vertical"]
+        c["images"] += 1
+        centres = [[(o["cx"], o["cy"]) for o in objects if (o["colour"], o["shape"]) == (col, s)] for _, col, s in spec.items]
+        if not all(centres):
+            continue
+        a, b, rel = centres[0][0], centres[1][0], spec.relation
+        c["both"] += 1
+        c["asked"] += toyworld.relation_ok(rel, a, b)
+        c["opposite"] += toyworld.relation_ok(OPPOSITE[rel], a, b)
+        c["perpendicular"] += any(toyworld.relation_ok(q, a, b) for q in PERPENDICULAR[rel])
+    return n
+
+
+@torch.no_grad()
+def encoder_ratio(pipe):
+    """{axis: mean over its held-out spatial prompts of |e(p) - e(p, opposite relation)| / |e(p) - e(p, a perpendicular
+    one)|}, e the text encoder's last hidden states."""
+    tok = pipe.tokenizer
+    def e(p):
+        ids = tok([p], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        return pipe.text_encoder(ids.input_ids).last_hidden_state[0]
+    ratios = {"horizontal": [], "vertical": []}
+    for p in dict.fromkeys(spatial_prompts("heldout")[0]):
+        rel = toyworld.parse(p).relation
+        ratios["horizontal" if rel in ("left of", "right of") else "vertical"].append(
+            (e(p) - e(p.replace(rel, OPPOSITE[rel]))).norm() / (e(p) - e(p.replace(rel, PERPENDICULAR[rel][0]))).norm())
+    return {axis: torch.stack(r).mean().item() for axis, r in ratios.items()}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print("| model | encoder: opposite / perpendicular | split | relations | both drawn | asked | opposite | "
+          "perpendicular |\n|---|---|---|---|---|---|---|---|")
+    for path in sys.argv[1:]:
+        pipe = load(path)
+        ratio = encoder_ratio(pipe)
+        for split in ("heldout", "train"):
+            for axis, n in probe(pipe, split).items():
+                print(f"| {path} | {ratio[axis]:.3f} | {split} | {axis} | {n['both']}/{n['images']} | " +
+                      " | ".join(f"{n[k] / max(n['both'], 1):.3f}" for k in ("asked", "opposite", "perpendicular")) +
+                      " |", flush=True)
