@@ -1992,8 +1992,8 @@ def test_eval_cli_two_models_and_search():
 
 
 def test_study_runs_row_names_and_scaling_table():
-    """dev/study_runs.py: a row is method[_hack][_x<k>][_s1|_s2] (anything else one error line); on a flow model a
-    method takes its FLOW settings; --table groups the kept rows by method and budget (a method's seeds averaged,
+    """dev/study_runs.py: a row is method[_hack][_x<k>][_s1|_s2] and a pair a-b (anything else one error line); on a
+    flow model a method takes its FLOW settings; --table groups the kept rows by method and budget (a method's seeds averaged,
     image by image), prints them per skill beside the base's best-of-K, and --scaling_fig draws gold against passes."""
     from dev import study_runs as SR
     assert SR.parse_row("grpo_x3_s1") == ("grpo", 1, 3.0) and SR.parse_row("sharpen_sft") == ("sharpen_sft", 0, 1.0)
@@ -2006,6 +2006,7 @@ def test_study_runs_row_names_and_scaling_table():
         with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
             SR.parse_row(bad)
             raise AssertionError(bad)
+    assert_one_line_error("pairs", "dev/study_runs.py", "--pairs=sft-grpo,grpo-sft")
     n = len(E.prompts_and_seeds("heldout", 16, SR.R.eval_seeds)[0])
     g = torch.Generator().manual_seed(0)
     cand, base = torch.rand(n, 4, generator=g), torch.rand(n, generator=g)

@@ -184,6 +184,9 @@ def print_table():
 def main():
     global THREADS, runs_dir
     S.configure(globals(), sys.argv[1:])
+    for pair in R.names(pairs):
+        if pair.count("-") != 1:
+            sys.exit(f"error: pairs: {pair!r} is not 'a-b' (rows a and b; pairs are joined by '+')")
     R.out, R.jobs = os.path.abspath(out), side_by_side  # jobs > 1: train.py's --threads
     R.model, R.BASE = model, os.path.abspath(model) if model else R.M.TOY_MODEL  # model: each run gets --model
     if model:
