@@ -9,7 +9,8 @@ a prompt moves when the relation is swapped for the opposite one, over how far i
 
     python dev/relation_probe.py assets/toy-model out/rA/grpo_x3/model out/rB/sft_x3/ckpt.pt   # ~1 min a model
 
-A ckpt.pt is loaded into the UNet of the model folder it trained from (its config's `model`).
+A ckpt.pt of a full fine-tuning run is loaded into the UNet of the model folder it trained from (its config's
+`model`); a LoRA run's: pass its exported model/ instead.
 """
 import os
 import sys
@@ -26,6 +27,7 @@ import toyworld
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 PERPENDICULAR = {"left of": ("above", "below"), "right of": ("above", "below"),
                  "above": ("left of", "right of"), "below": ("left of", "right of")}
+AXIS = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
 
 
 def load(path):
@@ -33,8 +35,7 @@ def load(path):
         return M.load_model(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     pipe = M.load_model(ckpt["config"]["model"])
-    state = ckpt["models"][0] if isinstance(ckpt["models"], list) else ckpt["models"]
-    pipe.unet.load_state_dict(state.get("unet", state))
+    pipe.unet.load_state_dict(ckpt["models"][0])  # train.py's checkpoint: the trained UNet first
     return pipe
 
 
@@ -50,7 +51,7 @@ def probe(pipe, split):
     n = {axis: dict(images=0, both=0, asked=0, opposite=0, perpendicular=0) for axis in ("horizontal", "vertical")}
     for p, objects in zip(prompts, toyworld.detect(S.sample(pipe, prompts, seed_list))):
         spec = toyworld.parse(p)
-        c = n["horizontal" if spec.relation in ("left of", "right of") else "vertical"]
+        c = n[AXIS[spec.relation]]
         c["images"] += 1
         centres = [[(o["cx"], o["cy"]) for o in objects if (o["colour"], o["shape"]) == (col, s)] for _, col, s in spec.items]
         if not all(centres):
@@ -63,20 +64,15 @@ def probe(pipe, split):
     return n
 
 
-@torch.no_grad()
 def encoder_ratio(pipe):
     """{axis: mean over its held-out spatial prompts of |e(p) - e(p, opposite relation)| / |e(p) - e(p, a perpendicular
-    one)|}, e the text encoder's last hidden states."""
-    tok = pipe.tokenizer
-    def e(p):
-        ids = tok([p], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        return pipe.text_encoder(ids.input_ids).last_hidden_state[0]
-    ratios = {"horizontal": [], "vertical": []}
-    for p in dict.fromkeys(spatial_prompts("heldout")[0]):
-        rel = toyworld.parse(p).relation
-        ratios["horizontal" if rel in ("left of", "right of") else "vertical"].append(
-            (e(p) - e(p.replace(rel, OPPOSITE[rel]))).norm() / (e(p) - e(p.replace(rel, PERPENDICULAR[rel][0]))).norm())
-    return {axis: torch.stack(r).mean().item() for axis, r in ratios.items()}
+    one)|}, e the conditioning the denoiser sees (models.encode)."""
+    prompts = list(dict.fromkeys(spatial_prompts("heldout")[0]))
+    rels = [toyworld.parse(p).relation for p in prompts]
+    e, opp, perp = (M.encode(pipe, ps) for ps in (prompts, [p.replace(r, OPPOSITE[r]) for p, r in zip(prompts, rels)],
+                                                  [p.replace(r, PERPENDICULAR[r][0]) for p, r in zip(prompts, rels)]))
+    ratio = (e - opp).flatten(1).norm(dim=1) / (e - perp).flatten(1).norm(dim=1)
+    return {axis: ratio[[AXIS[r] == axis for r in rels]].mean().item() for axis in ("horizontal", "vertical")}
 
 
 if __name__ == "__main__":
