@@ -109,7 +109,7 @@ class Run:
     cfg: SimpleNamespace
     pipe: M.Pipe
     net: torch.nn.Module = None       # the trained denoiser as passes with grad see it (DDP-wrapped, compiled)
-    text_net: torch.nn.Module = None  # pretrain: the trained text encoder (DDP-wrapped); else None
+    text_net: torch.nn.Module = None  # pretrain, train_text_encoder: the trained text encoder (DDP-wrapped)
     ref: torch.nn.Module = None       # the frozen reference of the DPO losses (the base model)
     reward_fn: object = None          # reward.make_reward's callable; call it through run.score
     rank: int = 0

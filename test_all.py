@@ -1330,6 +1330,9 @@ def test_train_bad_input_one_line():
         torch.save({"config": {"method": "sft", "seed": 1337}}, f"{d}/o/ckpt.pt")
         os.makedirs(f"{d}/s")
         torch.save({"config": {"method": "sharpen_sft", "sft_target": "exact"}}, f"{d}/s/ckpt.pt")
+        os.makedirs(f"{d}/t")
+        torch.save({"config": {"method": "sft", "seed": 1337, "train_text_encoder": False}}, f"{d}/t/ckpt.pt")
+        sdconfigs.make(f"{d}/xl", "sdxl", tiny=True)
         cases = []
         for args, needle in [(["--method=dance"], "unknown method 'dance'"),
                              (["--prompts_per_step=3", "--grad_accum=2"], "prompts_per_step=3 is not divisible"),
@@ -1369,7 +1372,12 @@ def test_train_bad_input_one_line():
                              (["--method=raft", "--sft_data=alttext"], "raft does not use them"),
                              (["--method=sharpen_sft", "--sft_weights=step"], "sft_weights=step needs 0 < lam"),
                              (["--method=sharpen_sft", "--sft_data=web"], "sft_data must be"),
-                             (["--method=ddpo", "--num_steps=1", "--m_steps=1"], "ddpo needs num_steps >= 2")]:
+                             (["--method=ddpo", "--num_steps=1", "--m_steps=1"], "ddpo needs num_steps >= 2"),
+                             (["--train_text_encoder=True"], "got method='sharpen_rlhf' lora_rank=0"),
+                             (["--method=sft", "--train_text_encoder=True", "--lora_rank=4"], "method='sft' lora_rank=4"),
+                             (["--method=sft", "--train_text_encoder=True", f"--model={d}/xl"], "is a sdxl model"),
+                             (["--method=sft", "--train_text_encoder=True", "--init_from=resume", f"--out_dir={d}/t"],
+                              "train_text_encoder=False there, True here")]:
             if "cuda" not in args[0] or not torch.cuda.is_available():
                 cases.append((assert_one_line_error, needle, "train.py", f"--out_dir={d}/o", *args))
         two_at_a_time(cases)  # a failed case raises its assertion here
@@ -1545,6 +1553,26 @@ def test_baseline_methods_train_count_nfe_and_resume():
         assert abs(lines[0]["loss"] - raft_first_loss()) < 2e-6, (lines[0]["loss"], raft_first_loss())
         full, part = (step_lines(f"{d}/dpokill/{k}")[-1] for k in ("full", "part"))
         assert full["step"] == part["step"] == 4 and full["nfe"] == part["nfe"], (full, part)
+
+
+def test_sft_with_text_encoder_trained_same_first_loss_resume_exact():
+    """--train_text_encoder: the first step's loss is plain sft's (the prompts through the encoder being trained
+    are the conditioning the frozen one gives), the exported encoder has moved (and encodes prompts differently)
+    while plain sft's export keeps the base's, and a run killed after step 2 resumes to the uninterrupted one's
+    UNet and encoder."""
+    with tempfile.TemporaryDirectory() as d:
+        args = ["train.py", "--method=sft", "--steps=4", "--ckpt_interval=2", "--lr=1e-3", *SHARPEN_TINY]
+        two_at_a_time([(run, *args, f"--out_dir={d}/plain"), (crash_and_resume, [*args, "--train_text_encoder=True"], d)])
+        assert step_lines(f"{d}/plain")[0]["loss"] == step_lines(f"{d}/full")[0]["loss"]
+        assert step_lines(f"{d}/plain")[1]["loss"] != step_lines(f"{d}/full")[1]["loss"]
+        base, full, part, sft = (M.load_model(p) for p in (M.TOY_MODEL, f"{d}/full/model", f"{d}/part/model",
+                                                           f"{d}/plain/model"))
+        prompts = ["a red circle left of a blue square", "two green triangles"]
+        with torch.no_grad():
+            e0, e1, e2, e3 = (M.encode(p, prompts) for p in (base, full, part, sft))
+        assert torch.equal(e1, e2) and torch.equal(e0, e3) and (e1 - e0).abs().max() > 1e-4, (e1 - e0).abs().max()
+        for k, v in full.text_encoder.state_dict().items():
+            assert torch.equal(v, part.text_encoder.state_dict()[k]), k
 
 
 def test_flow_grpo_and_diffusion_nft_on_flow_lora_and_resume_exact():

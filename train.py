@@ -85,6 +85,7 @@ raft_epochs = 2          # raft: passes over each sampled round's pool (each ste
 raft_pool = 0            # raft: train prompts per round (a multiple of prompts_per_step; 0 = one step's)
 raft_select = "best"     # raft: best (by the reward) | first (candidate 0: the no-selection control, the same pool)
 replay = 0               # raft, sharpen_sft: pretraining scenes (alt-text captions) added to every step, the anchor
+train_text_encoder = False  # sft, continued, raft: the text encoder trains too, in fp32 (SD1.x-style models, no LoRA)
 # pretraining (toy world) and its continuation (method continued: the UNet alone, from `model`)
 flow = False             # pretrain: a rectified-flow toy model (velocity target, Euler sampler) instead of DDIM v-pred
 caption_dropout = 0.1    # fraction of captions replaced by "" (for classifier-free guidance)
@@ -212,6 +213,8 @@ CHECKS = [
      "--sft_target=official reuses the first noise, aimed at the sample that was noised: with sharpen_rlhf it needs "
      "--dpo_target=start (the outcome targets are exact by construction)"),
     (lora_rank and pretrain, f"lora_rank={lora_rank}: must be 0 for pretrain (LoRA adapts a trained UNet)"),
+    (train_text_encoder and (method not in ("sft", "continued", "raft") or lora_rank), f"train_text_encoder trains "
+     f"under the plain denoising loss (sft, continued, raft) without LoRA, got method={method!r} lora_rank={lora_rank}"),
     (pretrain and resolution not in (0, toyworld.SIZE),
      f"resolution={resolution}: pretraining trains on {toyworld.SIZE}-pixel toy-world scenes (0 or {toyworld.SIZE})"),
     (bool(prompt_file) and (method in ("pretrain", "sft", "continued", "sharpen_sft") or replay),
@@ -225,6 +228,8 @@ file_prompts = S.read_prompts(prompt_file) if prompt_file else []  # then the fi
 if not pretrain:
     M.check_model_folder(model, resolution)
 family = "sd" if pretrain else M.folder_family(model)  # FLUX's guidance costs no second pass
+if train_text_encoder and family != "sd":
+    fail(f"train_text_encoder: {model!r} is a {family} model; the text encoder trains on SD1.x-style models (one CLIP)")
 cfg = SimpleNamespace(**config)
 if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
     pool_cost = dpo_pool * dpo_k * num_steps * S.passes_per_call(guidance, family) if method == "diffusion_dpo" else 0
@@ -252,7 +257,7 @@ if init_from == "resume":  # the checkpoint's config, memory-mapped (cheap): a m
     except Exception as e:
         fail(f"cannot read {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})")
     changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size", "lora_rank", "sft_data",
-                           "sft_weights", "sft_target", "raft_pool", "raft_select") if saved_config.get(k, config[k]) != config[k]]
+                           "sft_weights", "sft_target", "raft_pool", "raft_select", "train_text_encoder") if saved_config.get(k, config[k]) != config[k]]
     if changed:
         fail(f"{ckpt_path} is from another config: " + ", ".join(
             f"{k}={saved_config.get(k)!r} there, {config.get(k)!r} here" for k in changed))
@@ -277,8 +282,9 @@ if master:
           f"{R.planned_nfe(cfg, family) * steps:.0f}" + (f" (nfe_budget {nfe_budget})" if nfe_budget else ""))
 
 # -----------------------------------------------------------------------------
-# model, optimizer, resume: pretraining trains UNet + text encoder from scratch; the others train the UNet (all of
-# it in fp32, or LoRA adapters in fp32 on a base in `dtype`); frozen modules stay in `dtype`
+# model, optimizer, resume: pretraining trains UNet + text encoder from scratch (train_text_encoder: both from `model`);
+# the others train the UNet (all of it in fp32, or LoRA adapters in fp32 on a base in `dtype`); frozen modules stay in
+# `dtype`
 amp_dtype = DTYPES[dtype]
 pipe = toyworld.new_toy_model(seed, flow) if pretrain else M.load_model(model, dev, amp_dtype, uncond_embed, resolution)
 pipe.embedded_guidance = guidance  # FLUX-dev: --guidance is its guidance input, in rollouts and training passes
@@ -287,8 +293,8 @@ pipe.unet.to(dev).train()
 params = L.add_lora(pipe.unet, lora_rank, lora_alpha, seed) if lora_rank else \
     list(pipe.unet.float().requires_grad_(True).parameters())
 trained = [pipe.unet]  # the trained modules
-if pretrain:
-    trained.append(pipe.text_encoder.to(dev).train().requires_grad_(True))
+if pretrain or train_text_encoder:
+    trained.append(pipe.text_encoder.float().to(dev).train().requires_grad_(True))
     params += list(pipe.text_encoder.parameters())
 if grad_ckpt:
     pipe.unet.enable_gradient_checkpointing()
@@ -344,7 +350,7 @@ if ddp and not fsdp:
 if fsdp and "1" in FAULTS["COUNT_SYNCS"]:
     F.count_reductions(syncs)
 run.net = torch.compile(nets[0]) if compile else nets[0]
-run.text_net = nets[1] if pretrain else None
+run.text_net = nets[1] if len(nets) > 1 else None
 scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
 prepare, loss_of = METHODS[method]
 if master and method == "sharpen_sft" and (warning := sharpen.exact_target_warning(run)):

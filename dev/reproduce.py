@@ -79,13 +79,14 @@ FLAGS = {  # each method's settings; the controls share sharpen_sft's so that ea
     "sharpen_sft": [SFT_CONFIG],
     "raft": [os.path.join(ROOT, "config", "raft.py")],  # its lr chosen on train prompts (train.py's collapses it)
     "sft": [SFT_CONFIG, "--sft_t=sampler"],  # plain SFT: random noise at the same noise levels
+    "sft_te": [SFT_CONFIG, "--sft_t=sampler", "--train_text_encoder=True"],  # and the text encoder trained with it
     "continued": [SFT_CONFIG],  # more pretraining (its alt-text captions): "more training"
     "raft_rounds": [os.path.join(ROOT, "config", "raft_rounds.py")],  # RAFT's rounds of a pool, scenes replayed
     "raft_first": [os.path.join(ROOT, "config", "raft_rounds.py"), "--raft_select=first"],  # its pools unselected
     "diffusion_nft": [os.path.join(ROOT, "config", "diffusion_nft.py")],  # its lr chosen on train prompts
     "grpo": [os.path.join(ROOT, "config", "grpo.py")],  # ddpo with group advantages and the KL (Flow-GRPO's recipe)
 }
-METHOD = {"raft_rounds": "raft", "raft_first": "raft", "grpo": "ddpo"}  # rows that are another method's settings: train.py's method
+METHOD = {"raft_rounds": "raft", "raft_first": "raft", "grpo": "ddpo", "sft_te": "sft"}  # rows that are another method's settings: train.py's method
 FLOW = {m: [os.path.join(ROOT, "config", f"flow_{m}.py")]  # on a flow model instead of FLAGS (grpo: Flow-GRPO, its SDE)
         for m in ("sharpen_sft", "sharpen_rlhf", "grpo", "diffusion_nft")}
 DEFAULTS = ("sharpen_rlhf", "diffusion_dpo", "ddpo")  # methods trained on train.py's defaults: no FLAGS entry
