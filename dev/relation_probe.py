@@ -5,12 +5,13 @@ detection of each) and, where both are drawn, count how often they stand in the 
 ("left of" for "right of") and in a perpendicular one (toyworld.relation_ok: the relation's axis dominates), for the
 horizontal relations (left of, right of) and the vertical ones (above, below) apart. A model that ignores the word
 places the pair in the asked and the opposite relation equally often. The text encoder's part: how far its output for
-a prompt moves when the relation is swapped for the opposite one, over how far it moves for a perpendicular one.
+a prompt moves when the relation is swapped for the opposite one, over how far it moves when the second object's colour
+is swapped (one token for one, after the relation: every token keeps its position).
 
     python dev/relation_probe.py assets/toy-model out/rA/grpo_x3/model out/rB/sft_x3/ckpt.pt   # ~1 min a model
 
-A ckpt.pt of a full fine-tuning run is loaded into the UNet of the model folder it trained from (its config's
-`model`); a LoRA run's: pass its exported model/ instead.
+A ckpt.pt of a full fine-tuning run is loaded into the model folder it trained from (its config's `model`): the UNet,
+and the text encoder where the run trained it (--train_text_encoder); a LoRA run's: pass its exported model/ instead.
 """
 import os
 import sys
@@ -35,7 +36,8 @@ def load(path):
         return M.load_model(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     pipe = M.load_model(ckpt["config"]["model"])
-    pipe.unet.load_state_dict(ckpt["models"][0])  # train.py's checkpoint: the trained UNet first
+    for module, state in zip((pipe.unet, pipe.text_encoder), ckpt["models"]):  # train.py's trained modules, UNet first
+        module.load_state_dict(state)
     return pipe
 
 
@@ -64,20 +66,29 @@ def probe(pipe, split):
     return n
 
 
+def other_colour(p):
+    """p with its second object's colour replaced by the next palette colour (same tokens count, same positions)."""
+    spec, names = toyworld.parse(p), list(toyworld.COLORS)
+    (n, c, shape), items = spec.items[1], list(spec.items)
+    items[1] = (n, names[(names.index(c) + 1) % len(names)], shape)
+    return toyworld.caption(toyworld.Spec(spec.skill, tuple(items), spec.relation))
+
+
 def encoder_ratio(pipe):
-    """{axis: mean over its held-out spatial prompts of |e(p) - e(p, opposite relation)| / |e(p) - e(p, a perpendicular
-    one)|}, e the conditioning the denoiser sees (models.encode)."""
+    """{axis: mean over its held-out spatial prompts of |e(p) - e(p, opposite relation)| / |e(p) - e(p, the second
+    object's colour swapped)|}, e the conditioning the denoiser sees (models.encode)."""
     prompts = list(dict.fromkeys(spatial_prompts("heldout")[0]))
     rels = [toyworld.parse(p).relation for p in prompts]
-    e, opp, perp = (M.encode(pipe, ps) for ps in (prompts, [p.replace(r, OPPOSITE[r]) for p, r in zip(prompts, rels)],
-                                                  [p.replace(r, PERPENDICULAR[r][0]) for p, r in zip(prompts, rels)]))
-    ratio = (e - opp).flatten(1).norm(dim=1) / (e - perp).flatten(1).norm(dim=1)
+    with torch.no_grad():
+        e, opp, col = (M.encode(pipe, ps) for ps in (prompts, [p.replace(r, OPPOSITE[r]) for p, r in zip(prompts, rels)],
+                                                     [other_colour(p) for p in prompts]))
+    ratio = (e - opp).flatten(1).norm(dim=1) / (e - col).flatten(1).norm(dim=1)
     return {axis: ratio[[AXIS[r] == axis for r in rels]].mean().item() for axis in ("horizontal", "vertical")}
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print("| model | encoder: opposite / perpendicular | split | relations | both drawn | asked | opposite | "
+    print("| model | encoder: opposite / colour swap | split | relations | both drawn | asked | opposite | "
           "perpendicular |\n|---|---|---|---|---|---|---|---|")
     for path in sys.argv[1:]:
         pipe = load(path)
