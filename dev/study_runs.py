@@ -12,9 +12,10 @@ kept row with its paired Δ, its SE and the N of the base's best-of-N it matches
 A row is a reproduce.py method (FLAGS, or sharpen_rlhf / diffusion_dpo / ddpo) with an optional _hack (trained on
 reproduce.py's hack_reward, toyclip, its held-out proxy and gold tracked during the run and kept as `curve`), an
 optional _x<k> budget multiple (k x the study's budget, its own run) and an optional _s1 / _s2 seed suffix, e.g.
-grpo_x3_s1; sft_steps is plain sft at sharpen_sft's 480 steps. --scaling_fig draws every kept method's gold against
-its training UNet passes. A row whose json exists is skipped. Two processes side by side (--side_by_side=2, each
-with its own --out) train and evaluate on a thread each. --model trains every row from another base (reproduce.py's
+grpo_x3_s1; sft_steps is plain sft at sharpen_sft's 480 steps, sft_te plain sft with --train_text_encoder.
+--scaling_fig draws every kept method's gold (not those two controls) against its training UNet passes. A row whose
+json exists is skipped. Two processes side by side (--side_by_side=2, each with its own --out) train and evaluate on a
+thread each. --model trains every row from another base (reproduce.py's
 FLOW settings on a flow model) and keeps them in docs/runs/<its folder name>/:
 
     python dev/study_runs.py --model=assets/toy-flow-model --rows=grpo+diffusion_nft --side_by_side=2 --out=out/flow
@@ -177,7 +178,8 @@ def print_table():
             nfe1 = base.get("nfe_per_image") or E.num_steps  # older files do not keep it: eval.py's steps
             FIG.amortisation_figure(fig, curve, levels, nfe1)
         if scaling_fig:
-            FIG.scaling_figure(scaling_fig, {m: p for m, p in series.items() if m != "sft_steps" and not m.endswith("_hack")},
+            FIG.scaling_figure(scaling_fig, {m: p for m, p in series.items() if m not in ("sft_steps", "sft_te")  # controls
+                                              and not m.endswith("_hack")},
                                sorted({k for _, _, k in parsed.values()}), R.budget, curve)
 
 
