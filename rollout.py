@@ -219,9 +219,11 @@ class Run:
 
     def idle_loss(self):
         """A zero-weight pass through the trained net (a rank-micro-step with nothing to train on): its backward
-        all-reduces like any other, so every rank issues the same collectives. One image-pass."""
+        all-reduces like any other, so every rank issues the same collectives (a trained text encoder's too: "" through
+        it). One image-pass."""
         x = torch.zeros((1, *self.pipe.latent_shape), device=self.device)
-        return M.unet_call(self.pipe, self.net, x, self.ts[:1], self.uncond).float().sum() * 0.0
+        cond = self.uncond if self.text_net is None else self.text_net(M.tokenize(self.pipe, [""]).to(self.device))[0]
+        return M.unet_call(self.pipe, self.net, x, self.ts[:1], cond).float().sum() * 0.0
 
 
 # -----------------------------------------------------------------------------

@@ -1737,7 +1737,8 @@ def assert_runs_match(one, two, name, tol=1e-4):
         assert x["kept"] == y["kept"], (name, a, b)
         assert all(abs(x[k] - y[k]) <= tol * max(1.0, abs(x[k])) or math.isnan(x[k]) and math.isnan(y[k])
                    for k in ("loss", "gnorm")), (name, a, b)
-    sa, sb = (M.load_model(f"{d}/model").unet.state_dict() for d in (one, two))
+    pa, pb = (M.load_model(f"{d}/model") for d in (one, two))  # the UNet and the text encoder (trained or not)
+    sa, sb = ({**p.unet.state_dict(), **{"te." + k: v for k, v in p.text_encoder.state_dict().items()}} for p in (pa, pb))
     off = torch.cat([(sa[k] - sb[k]).abs().flatten() for k in sa]) > 1e-5  # Adam moves a few by float noise
     assert off.float().mean() < 0.02, (name, off.float().mean())
 
@@ -1746,8 +1747,8 @@ def test_fsdp_equals_ddp_and_one_rank_ties_lora_every_method():
     """--parallel=fsdp on 2 ranks trains what 1 rank and DDP on 2 ranks train (logged losses, gradient norms, kept
     counts, weights), whatever the data on each rank: sharpen_rlhf with every prompt of one rank tied (its idle
     rank), full and LoRA (the reference is the sharded UNet with its adapters off), with grad_accum = 2 (no_sync on
-    the first micro-step) and an EMA; sharpen_sft with the anchor's scenes, and LoRA; raft when every score of a rank fails;
-    ddpo with a KL to a sharded reference; diffusion_nft (its old policy follows the sharded weights). Rank 0's probe
+    the first micro-step) and an EMA; sharpen_sft with the anchor's scenes, and LoRA; raft when every score of a rank fails,
+    and with the text encoder trained; ddpo with a KL to a sharded reference; diffusion_nft (its old policy follows the sharded weights). Rank 0's probe
     and held-out evaluation (LoRA) run on the gathered weights and log what 1 rank logs."""
     with stub_grader() as stub, tempfile.TemporaryDirectory() as d:
         with open(f"{d}/prompts.txt", "w") as f:
@@ -1760,6 +1761,7 @@ def test_fsdp_equals_ddp_and_one_rank_ties_lora_every_method():
                  "sft": ["--method=sharpen_sft", "--prompts_per_step=2", "--replay=2", half],
                  "sft_lora": ["--method=sharpen_sft", "--prompts_per_step=4", "--lora_rank=4", "--grad_accum=2"],
                  "raft": ["--method=raft", "--prompts_per_step=2", "--raft_n=2", "--raft_epochs=1", half],
+                 "raft_te": ["--method=raft", "--prompts_per_step=2", "--raft_n=2", "--train_text_encoder=True", half],
                  "grpo": ["--method=ddpo", "--prompts_per_step=4", "--ddpo_std=step", "--ddpo_kl=0.04", *grader],
                  "nft": ["--method=diffusion_nft", "--prompts_per_step=4", "--nft_decay=0.2", *grader]}
         args = {name: ["train.py", "--steps=3", *SHARPEN_TINY, "--lr=1e-4", "--grad_clip=1e6", *extra]
