@@ -114,8 +114,7 @@ def prepare_scenes(run, it, micro):
 def loss_denoising(run, b):
     """The plain denoising loss: b's x0 noised to t with eps, the trained net's output against the exact target
     (pretrain, train_text_encoder: the prompts through the trained text encoder)."""
-    cond = None if run.text_net is None else run.text_net(M.tokenize(run.pipe, b["prompts"]).to(run.device))[0]
-    return R.denoising_sum(run, b, run.net, cond) / len(b["t"]), b["info"]
+    return R.denoising_sum(run, b, run.net, run.encode(b["prompts"])) / len(b["t"]), b["info"]
 
 
 def new_round(run, key):

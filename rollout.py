@@ -217,12 +217,19 @@ class Run:
             self.spent["scored"] += len(images)
             return self.reward_fn(images, prompts)[0].float()
 
+    def encode(self, prompts):
+        """prompts -> their conditioning: through the trained text encoder (text_net, with grad) where it trains,
+        else the frozen one's (models.encode)."""
+        if self.text_net is None:
+            return M.encode(self.pipe, prompts)
+        return self.text_net(M.tokenize(self.pipe, prompts).to(self.device))[0]
+
     def idle_loss(self):
         """A zero-weight pass through the trained net (a rank-micro-step with nothing to train on): its backward
         all-reduces like any other, so every rank issues the same collectives (a trained text encoder's too: "" through
         it). One image-pass."""
         x = torch.zeros((1, *self.pipe.latent_shape), device=self.device)
-        cond = self.uncond if self.text_net is None else self.text_net(M.tokenize(self.pipe, [""]).to(self.device))[0]
+        cond = self.uncond if self.text_net is None else self.encode([""])
         return M.unet_call(self.pipe, self.net, x, self.ts[:1], cond).float().sum() * 0.0
 
 

@@ -1747,9 +1747,10 @@ def test_fsdp_equals_ddp_and_one_rank_ties_lora_every_method():
     """--parallel=fsdp on 2 ranks trains what 1 rank and DDP on 2 ranks train (logged losses, gradient norms, kept
     counts, weights), whatever the data on each rank: sharpen_rlhf with every prompt of one rank tied (its idle
     rank), full and LoRA (the reference is the sharded UNet with its adapters off), with grad_accum = 2 (no_sync on
-    the first micro-step) and an EMA; sharpen_sft with the anchor's scenes, and LoRA; raft when every score of a rank fails,
-    and with the text encoder trained; ddpo with a KL to a sharded reference; diffusion_nft (its old policy follows the sharded weights). Rank 0's probe
-    and held-out evaluation (LoRA) run on the gathered weights and log what 1 rank logs."""
+    the first micro-step) and an EMA; sharpen_sft with the anchor's scenes, and LoRA; raft when every score of a rank
+    fails, and with the text encoder trained; ddpo with a KL to a sharded reference; diffusion_nft (its old policy
+    follows the sharded weights). Rank 0's probe and held-out evaluation (LoRA) run on the gathered weights and log
+    what 1 rank logs."""
     with stub_grader() as stub, tempfile.TemporaryDirectory() as d:
         with open(f"{d}/prompts.txt", "w") as f:
             f.write("tie a red circle\nvary a red circle\ngarbage a red circle\nvary two blue squares\n")

@@ -257,7 +257,8 @@ if init_from == "resume":  # the checkpoint's config, memory-mapped (cheap): a m
     except Exception as e:
         fail(f"cannot read {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})")
     changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size", "lora_rank", "sft_data",
-                           "sft_weights", "sft_target", "raft_pool", "raft_select", "train_text_encoder") if saved_config.get(k, config[k]) != config[k]]
+                           "sft_weights", "sft_target", "raft_pool", "raft_select", "train_text_encoder")
+               if saved_config.get(k, config[k]) != config[k]]
     if changed:
         fail(f"{ckpt_path} is from another config: " + ", ".join(
             f"{k}={saved_config.get(k)!r} there, {config.get(k)!r} here" for k in changed))
