@@ -87,7 +87,7 @@ def run(*args, ok=True, env=None, cwd=HERE):
     else:
         code, stdout, stderr = forkrun.forked(args[0], args[1:], env or {}, cwd, "test_all")
     if ok and code != 0:
-        raise AssertionError(f"{' '.join(args)} exited {code}:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+        raise AssertionError(f"{' '.join(args)} exited {code}:\n{stderr[-2500:]}\n{stdout[-1000:]}")  # the error first
     return code, stdout + stderr
 
 

@@ -72,8 +72,10 @@ def forked(script, args, env, cwd, main_module, timeout=3600, nproc=0):
         for child in children:
             child.start()
         end = time.time() + timeout
+        first = None
         while any(c.is_alive() for c in children) and time.time() < end:
             if any(c.exitcode not in (None, 0) for c in children):  # one failed: torchrun stops the others
+                first = next(r for r, c in enumerate(children) if c.exitcode not in (None, 0))
                 for c in children:
                     c.kill()
             time.sleep(0.05)
@@ -85,4 +87,6 @@ def forked(script, args, env, cwd, main_module, timeout=3600, nproc=0):
         read = [[open(p).read() if os.path.exists(p) else f"(no {p}: the fork failed)" for p in (f"{d}/out{r}",
                  f"{d}/err{r}")] for r in range(len(children))]
         code = codes[0] if not nproc else 0 if all(c == 0 for c in codes) else 1
-        return code, "".join(o for o, _ in read), "".join(e for _, e in read)
+        status = "".join(f"(forkrun: rank {r} exited {c}{' first' if r == first else ''})\n" for r, c in enumerate(codes)
+                         if c != 0) if nproc else ""  # which rank failed (the others: -9, killed after it)
+        return code, "".join(o for o, _ in read), status + "".join(e for _, e in read)
