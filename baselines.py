@@ -95,6 +95,15 @@ def nft_loss(x0_theta, x0_old, x0, r, beta, clip=5.0):
 # the plain denoising loss: pretrain, continued, sft, and raft's selected samples
 
 
+def noise_per_item(run, it, items, shape):
+    """A training timestep and a noise for each item (global indices in step it), each from a generator of its own:
+    any split over ranks and micro-steps draws the same -> (t (K,), eps (K, *shape), the generators)."""
+    gens = [torch.Generator().manual_seed(run.seed_for("t noise", it, g)) for g in items]
+    t = torch.cat([S.train_timesteps(run.pipe, 1, g) for g in gens] or [S.train_timesteps(run.pipe, 0, None)])
+    eps = S.randn(shape, gens, run.device) if gens else torch.zeros((0, *shape), device=run.device)
+    return t.to(run.device), eps, gens
+
+
 def prepare_scenes(run, it, micro):
     """Toy-world scenes at uniform t. pretrain: the pretraining captions (web-like alt-text, toyworld.ALT_TEXT, a
     caption_dropout of them empty for CFG), the text encoder trains too; continued: the same captions, the UNet
@@ -103,12 +112,11 @@ def prepare_scenes(run, it, micro):
     c, P, first = run.cfg, run.P, (micro * run.world + run.rank) * run.P
     x0, prompts = R.scenes(run, [run.seed_for("scene", it, i) for i in range(first, first + P)],
                          c.method in ("pretrain", "continued"), c.caption_dropout)
-    gen = torch.Generator().manual_seed(run.seed_for("t noise", (it * c.grad_accum + micro) * run.world + run.rank))
-    t = S.train_timesteps(run.pipe, P, gen).to(run.device)
-    if c.method == "sft" and c.sft_t == "sampler":
-        g0, j = run.first_index(it, micro), torch.randint(0, c.m_steps, (P,), generator=gen).tolist()
+    t, eps, gens = noise_per_item(run, it, range(first, first + P), x0.shape[1:])
+    if c.method == "sft" and c.sft_t == "sampler":  # its start step k per prompt, + j < m
+        g0, j = run.first_index(it, micro), [int(torch.randint(0, c.m_steps, (1,), generator=g)) for g in gens]
         t = torch.stack([run.ts[k + jj] for k, jj in zip(R.start_steps(range(g0, g0 + P), run.k_range, c.seed), j)])
-    return dict(x0=x0, t=t, eps=torch.randn(x0.shape, generator=gen).to(run.device), prompts=prompts, count=P, info={})
+    return dict(x0=x0, t=t, eps=eps, prompts=prompts, count=P, info={})
 
 
 def loss_denoising(run, b):
@@ -145,10 +153,8 @@ def prepare_raft(run, it, micro):
         run.rounds[key] = [raft_slice(run, rnd * slices + b, micro) for b in range(slices)]
     rd = run.rounds[key][sl]
     K = len(rd["prompts"])
-    gen = torch.Generator().manual_seed(run.seed_for("t noise", run.first_index(it, micro)))
-    t = S.train_timesteps(run.pipe, max(K, 1), gen).to(run.device)
-    eps = torch.randn((max(K, 1), *rd["x0"].shape[1:]), generator=gen).to(run.device)
-    b = dict(x0=rd["x0"], t=t[:K], eps=eps[:K], prompts=rd["prompts"], count=K, info=dict(best_reward=rd["reward"]))
+    t, eps, _ = noise_per_item(run, it, rd["index"], rd["x0"].shape[1:])
+    b = dict(x0=rd["x0"], t=t, eps=eps, prompts=rd["prompts"], count=K, info=dict(best_reward=rd["reward"]))
     if c.replay:  # the anchor: pretraining scenes beside the pool's
         rp = R.replay(run, it, micro)
         b = dict(x0=torch.cat([b["x0"], rp["x0"]]), t=torch.cat([b["t"], rp["t"]]), eps=torch.cat([b["eps"], rp["eps"]]),
@@ -163,13 +169,14 @@ def raft_slice(run, q, micro):
     first = q * c.prompts_per_step + (micro * run.world + run.rank) * P
     prompts = [run.train_prompt(g) for g in range(first, first + P)]
     traj, r = R.scored_samples(run, [p for p in prompts for _ in range(N)],
-                               [run.seed_for("noise", first, j) for j in range(P * N)])
+                               [run.seed_for("noise", g, j) for g in range(first, first + P) for j in range(N)])
     rew = r.to(run.device).view(P, N)
     pick = torch.zeros(P, dtype=torch.long) if c.raft_select == "first" else sharpen.best_worst(rew)[0]
     r_pick = rew[ar, pick]
     live = torch.isfinite(r_pick) | (c.raft_select == "first")  # the control needs no score
     x = traj.x_final.view(P, N, *traj.x_final.shape[1:])[ar, pick]
-    return dict(x0=x[live], prompts=[p for p, ok in zip(prompts, live.tolist()) if ok], reward=r_pick.nanmean().item())
+    keep = lambda xs: [x for x, ok in zip(xs, live.tolist()) if ok]  # noqa: E731
+    return dict(x0=x[live], prompts=keep(prompts), index=keep(range(first, first + P)), reward=r_pick.nanmean().item())
 
 
 # -----------------------------------------------------------------------------
@@ -210,10 +217,10 @@ def prepare_diffusion_dpo(run, it, micro):
     xw, xl, prompts = run.pool
     first, P = run.first_index(it, micro), run.P
     idx = torch.tensor([g % len(prompts) for g in range(first, first + P)])
-    gen = torch.Generator().manual_seed(run.seed_for("t noise", first))
-    t = S.train_timesteps(run.pipe, P, gen).to(run.device).repeat(2)
+    t, eps, _ = noise_per_item(run, it, range(first, first + P), xw.shape[1:])
+    t = t.repeat(2)
     x0 = torch.cat([xw[idx], xl[idx]])  # (2P, C, H, W): winners then losers
-    x_t = S.add_noise(run.pipe, x0, t, torch.randn(xw[idx].shape, generator=gen).to(run.device).repeat(2, 1, 1, 1))
+    x_t = S.add_noise(run.pipe, x0, t, eps.repeat(2, 1, 1, 1))
     return dict(x_t=x_t, t=t, target=S.training_target(run.pipe, x_t, x0, t)[0],
                 prompts=[prompts[i] for i in idx.tolist()], count=P, info={})
 

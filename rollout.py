@@ -32,11 +32,10 @@ import toyworld
 
 def seed_for(seed, purpose, a, b=0):
     """Every random draw's seed in a training run, from the run's seed and global indices (a prompt's draws do not
-    depend on its rank or micro-step): a = global prompt index g, or the step's first one, or (pretrain) the
-    micro-step."""
+    depend on its rank or micro-step): a = global prompt index g, or the step (b: the index in it)."""
     return {"prompt": seed * 1_000_003 + a, "scene": (seed * 1_000_003 + a) * 4096 + b,
             "noise": (seed * 1_000_003 + a) * 64 + b, "sample": seed * 31 + a, "render": seed + a,
-            "t noise": seed * 7919 + a, "pool": seed * 7 + a, "pool prompts": seed * 99991,
+            "t noise": (seed * 7919 + a) * 1_000_003 + b, "pool": seed * 7 + a, "pool prompts": seed * 99991,
             "ddpo t": seed + a * 131 + b, "replay": (seed * 1_000_033 + a) * 4096 + b,
             "replay noise": (seed * 7927 + a) * 4096 + b, "alttext": (seed * 1_000_037 + a) * 4096 + b,
             "nft t": seed * 1_000_039 + a}[purpose]
