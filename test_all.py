@@ -1507,18 +1507,18 @@ def test_sharpen_sft_alttext_step_weights_and_final_targets_by_hand():
 def raft_first_loss(seed=1337, P=4, N=4, num_steps=4, first=False):
     """RAFT's step-1 loss by hand: the base model samples N images per train prompt (train.py's prompts and
     noise seeds), the gold reward picks each prompt's best (first on ties; first=True: candidate 0, the
-    no-selection control), plain denoising loss at t and noise from the step's generator."""
+    no-selection control), plain denoising loss at t and noise from each item's generator."""
     pipe, gold = M.load_model(M.TOY_MODEL), reward.make_reward("compositional")
     prompts = [toyworld.caption(toyworld.random_spec(random.Random(seed * 1_000_003 + g))) for g in range(P)]
-    gens = [torch.Generator().manual_seed((seed * 1_000_003) * 64 + j) for j in range(P * N)]
+    gens = [torch.Generator().manual_seed((seed * 1_000_003 + g) * 64 + j) for g in range(P) for j in range(N)]
     reps = [p for p in prompts for _ in range(N)]
     x = S.rollout(pipe, S.randn((3, 32, 32), gens), S.timesteps(pipe, num_steps), M.encode(pipe, reps),
                   M.uncond(pipe), record=False)
     best = torch.zeros(P, dtype=torch.long) if first else gold(M.to_images(pipe, x), reps)[0].view(P, N).argmax(1)
     x0 = x.view(P, N, 3, 32, 32)[torch.arange(P), best]
-    gen = torch.Generator().manual_seed(seed * 7919)
-    t = torch.randint(0, 1000, (P,), generator=gen)
-    x_t = S.add_noise(pipe, x0, t, torch.randn(x0.shape, generator=gen))
+    gens = [torch.Generator().manual_seed((seed * 7919 + 0) * 1_000_003 + g) for g in range(P)]  # step 0, item g
+    t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in gens])
+    x_t = S.add_noise(pipe, x0, t, torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]))
     with torch.no_grad():
         out = M.unet_call(pipe, pipe.unet, x_t, t, M.encode(pipe, prompts))
     return ((out - S.training_target(pipe, x_t, x0, t)[0]) ** 2).mean().item()
