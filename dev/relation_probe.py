@@ -49,7 +49,11 @@ def spatial_prompts(split, seeds=16):
 
 def probe(pipe, split):
     """-> {axis: counts of images, both objects drawn, and the pair in the asked / opposite / a perpendicular relation}"""
-    prompts, seed_list = spatial_prompts(split)
+    return probe_prompts(pipe, *spatial_prompts(split))
+
+
+def probe_prompts(pipe, prompts, seed_list):
+    """probe() on these spatial prompts, prompts[i] sampled from seed_list[i]."""
     n = {axis: dict(images=0, both=0, asked=0, opposite=0, perpendicular=0) for axis in ("horizontal", "vertical")}
     for p, objects in zip(prompts, toyworld.detect(S.sample(pipe, prompts, seed_list))):
         spec = toyworld.parse(p)
