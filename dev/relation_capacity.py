@@ -33,14 +33,15 @@ batch = 32               # renders a step, captions drawn uniformly
 lr = 1e-4                # sft's
 every = 250              # steps between probes (and at 0)
 seeds = 16               # probe seeds per caption
+train_text_encoder = False  # train the text encoder too (fp32, the same lr): a conditioning free to separate the words
 threads = 0              # torch threads (0: all cores)
 seed = 1337
 for arg in sys.argv[1:]:  # --key=value overrides the lines above
     key, _, val = arg.removeprefix("--").partition("=")
     if key not in globals() or key.startswith("_") or not val:
         sys.exit(f"error: unknown or empty option {arg!r} (the options: model, pairs, steps, batch, lr, every, seeds, "
-                 f"threads, seed)")
-    globals()[key] = type(globals()[key])(val)
+                 f"train_text_encoder, threads, seed)")
+    globals()[key] = val.lower() in ("1", "true") if isinstance(globals()[key], bool) else type(globals()[key])(val)
 if pairs < 1 or steps < 0 or batch < 1 or every < 1 or seeds < 1:
     sys.exit("error: pairs, batch, every and seeds must be >= 1 and steps >= 0")
 if threads:
@@ -50,8 +51,9 @@ if threads:
 items = list(dict.fromkeys(s.items for s in toyworld._SPECS["train"] if s.skill == "spatial"))[:pairs]
 captions = [toyworld.caption(toyworld.Spec("spatial", it, rel)) for it in items for rel in toyworld.RELATIONS]
 pipe = M.load_model(model)
-unet = pipe.unet.requires_grad_(True)
-opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+unet, te = pipe.unet.requires_grad_(True), pipe.text_encoder.requires_grad_(train_text_encoder)
+trained = [*unet.parameters(), *(te.parameters() if train_text_encoder else [])]
+opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
 probe_seeds = [[10_000 + k for k in range(seeds)] for _ in captions]
 flat = lambda xs: [x for x in xs for _ in range(seeds)]  # noqa: E731
 print(f"{len(captions)} captions: {captions}")
@@ -60,10 +62,10 @@ print("|---|---|---|---|---|---|---|---|")
 rng, gen, losses, t0 = random.Random(seed), torch.Generator().manual_seed(seed), [], time.time()
 for step in range(steps + 1):
     if step % every == 0 or step == steps:
-        unet.eval()
+        unet.eval(), te.eval()
         with torch.no_grad():
             n = probe_prompts(pipe, flat(captions), [s for ss in probe_seeds for s in ss])
-        unet.train()
+        unet.train(), te.train(train_text_encoder)
         cols = " | ".join(f"{c['both']}/{c['images']} | {c['asked'] / max(c['both'], 1):.3f} | "
                           f"{c['opposite'] / max(c['both'], 1):.3f}" for c in n.values())
         loss = f"{np.mean(losses):.5f}" if losses else ""
@@ -76,12 +78,12 @@ for step in range(steps + 1):
     x0 = M.from_images(pipe, torch.stack([torch.from_numpy(i) for i in images]))
     t = S.train_timesteps(pipe, batch, gen)
     x_t = S.add_noise(pipe, x0, t, torch.randn(x0.shape, generator=gen))
-    with torch.no_grad():
-        cond = M.encode(pipe, caps)
+    with torch.enable_grad() if train_text_encoder else torch.no_grad():
+        cond = te(M.tokenize(pipe, caps))[0] if train_text_encoder else M.encode(pipe, caps)
     out = M.unet_call(pipe, unet, x_t, t, cond).float()
     loss = (out - S.training_target(pipe, x_t, x0, t)[0].float()).pow(2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(trained, 1.0)
     opt.step()
     losses.append(loss.item())
