@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models as M
 import sample as S
 import toyworld
-from relation_probe import probe_prompts
+from relation_probe import encoder_ratio, probe_prompts
 
 model = M.TOY_MODEL
 pairs = 4                # object pairs (the first train-split spatial compositions with distinct pairs), x 4 relations
@@ -57,19 +57,25 @@ opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
 probe_seeds = [[10_000 + k for k in range(seeds)] for _ in captions]
 flat = lambda xs: [x for x in xs for _ in range(seeds)]  # noqa: E731
 print(f"{len(captions)} captions: {captions}")
-print("| step | loss | horizontal: both drawn | asked | opposite | vertical: both drawn | asked | opposite |")
-print("|---|---|---|---|---|---|---|---|")
+print("| step | loss | horizontal: both drawn | asked | opposite | vertical: both drawn | asked | opposite | "
+      "encoder: opposite / colour swap, horizontal | vertical | encoder weights moved |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+te0 = [p.detach().clone() for p in te.parameters()]
 rng, gen, losses, t0 = random.Random(seed), torch.Generator().manual_seed(seed), [], time.time()
 for step in range(steps + 1):
     if step % every == 0 or step == steps:
         unet.eval(), te.eval()
         with torch.no_grad():
             n = probe_prompts(pipe, flat(captions), [s for ss in probe_seeds for s in ss])
+            ratio = encoder_ratio(pipe)  # over the held-out spatial prompts, as relation_probe.py reports it
+            moved = (sum((p - q).pow(2).sum() for p, q in zip(te.parameters(), te0)) /
+                     sum(q.pow(2).sum() for q in te0)).sqrt().item()
         unet.train(), te.train(train_text_encoder)
         cols = " | ".join(f"{c['both']}/{c['images']} | {c['asked'] / max(c['both'], 1):.3f} | "
                           f"{c['opposite'] / max(c['both'], 1):.3f}" for c in n.values())
         loss = f"{np.mean(losses):.5f}" if losses else ""
-        print(f"| {step} | {loss} | {cols} |  ({time.time() - t0:.0f} s)", flush=True)
+        print(f"| {step} | {loss} | {cols} | {ratio['horizontal']:.3f} | {ratio['vertical']:.3f} | {moved:.4f} |  "
+              f"({time.time() - t0:.0f} s)", flush=True)
         losses = []
     if step == steps:
         break
