@@ -95,15 +95,6 @@ def nft_loss(x0_theta, x0_old, x0, r, beta, clip=5.0):
 # the plain denoising loss: pretrain, continued, sft, and raft's selected samples
 
 
-def noise_per_item(run, it, items, shape):
-    """A training timestep and a noise for each item (global indices in step it), each from a generator of its own:
-    any split over ranks and micro-steps draws the same -> (t (K,), eps (K, *shape), the generators)."""
-    gens = [torch.Generator().manual_seed(run.seed_for("t noise", it, g)) for g in items]
-    t = torch.cat([S.train_timesteps(run.pipe, 1, g) for g in gens] or [S.train_timesteps(run.pipe, 0, None)])
-    eps = S.randn(shape, gens, run.device) if gens else torch.zeros((0, *shape), device=run.device)
-    return t.to(run.device), eps, gens
-
-
 def prepare_scenes(run, it, micro):
     """Toy-world scenes at uniform t. pretrain: the pretraining captions (web-like alt-text, toyworld.ALT_TEXT, a
     caption_dropout of them empty for CFG), the text encoder trains too; continued: the same captions, the UNet
@@ -112,7 +103,7 @@ def prepare_scenes(run, it, micro):
     c, P, first = run.cfg, run.P, (micro * run.world + run.rank) * run.P
     x0, prompts = R.scenes(run, [run.seed_for("scene", it, i) for i in range(first, first + P)],
                          c.method in ("pretrain", "continued"), c.caption_dropout)
-    t, eps, gens = noise_per_item(run, it, range(first, first + P), x0.shape[1:])
+    t, eps, gens = R.noise_per_item(run, "t noise", it, range(first, first + P), x0.shape[1:])
     if c.method == "sft" and c.sft_t == "sampler":  # its start step k per prompt, + j < m
         g0, j = run.first_index(it, micro), [int(torch.randint(0, c.m_steps, (1,), generator=g)) for g in gens]
         t = torch.stack([run.ts[k + jj] for k, jj in zip(R.start_steps(range(g0, g0 + P), run.k_range, c.seed), j)])
@@ -153,7 +144,7 @@ def prepare_raft(run, it, micro):
         run.rounds[key] = [raft_slice(run, rnd * slices + b, micro) for b in range(slices)]
     rd = run.rounds[key][sl]
     K = len(rd["prompts"])
-    t, eps, _ = noise_per_item(run, it, rd["index"], rd["x0"].shape[1:])
+    t, eps, _ = R.noise_per_item(run, "t noise", it, rd["index"], rd["x0"].shape[1:])
     b = dict(x0=rd["x0"], t=t, eps=eps, prompts=rd["prompts"], count=K, info=dict(best_reward=rd["reward"]))
     if c.replay:  # the anchor: pretraining scenes beside the pool's
         rp = R.replay(run, it, micro)
@@ -175,8 +166,9 @@ def raft_slice(run, q, micro):
     r_pick = rew[ar, pick]
     live = torch.isfinite(r_pick) | (c.raft_select == "first")  # the control needs no score
     x = traj.x_final.view(P, N, *traj.x_final.shape[1:])[ar, pick]
-    keep = lambda xs: [x for x, ok in zip(xs, live.tolist()) if ok]  # noqa: E731
-    return dict(x0=x[live], prompts=keep(prompts), index=keep(range(first, first + P)), reward=r_pick.nanmean().item())
+    kept = live.nonzero().flatten().tolist()
+    return dict(x0=x[live], prompts=[prompts[i] for i in kept], index=[first + i for i in kept],
+                reward=r_pick.nanmean().item())
 
 
 # -----------------------------------------------------------------------------
@@ -217,7 +209,7 @@ def prepare_diffusion_dpo(run, it, micro):
     xw, xl, prompts = run.pool
     first, P = run.first_index(it, micro), run.P
     idx = torch.tensor([g % len(prompts) for g in range(first, first + P)])
-    t, eps, _ = noise_per_item(run, it, range(first, first + P), xw.shape[1:])
+    t, eps, _ = R.noise_per_item(run, "t noise", it, range(first, first + P), xw.shape[1:])
     t = t.repeat(2)
     x0 = torch.cat([xw[idx], xl[idx]])  # (2P, C, H, W): winners then losers
     x_t = S.add_noise(run.pipe, x0, t, eps.repeat(2, 1, 1, 1))

@@ -256,9 +256,18 @@ def replay(run, it, micro):
     n = run.cfg.replay // (run.world * run.cfg.grad_accum)
     idx = range((micro * run.world + run.rank) * n, (micro * run.world + run.rank + 1) * n)
     x0, caps = scenes(run, [run.seed_for("replay", it, i) for i in idx], web=True)
-    gens = [torch.Generator().manual_seed(run.seed_for("replay noise", it, i)) for i in idx]
-    t = torch.cat([S.train_timesteps(run.pipe, 1, g) for g in gens])
-    return dict(x0=x0, t=t.to(run.device), eps=S.randn(x0.shape[1:], gens, run.device), prompts=caps)
+    t, eps, _ = noise_per_item(run, "replay noise", it, idx, x0.shape[1:])
+    return dict(x0=x0, t=t, eps=eps, prompts=caps)
+
+
+def noise_per_item(run, purpose, it, items, shape):
+    """A training timestep and a noise for each item (its index in step it), each from a generator of its own,
+    seed_for(purpose, it, item): any split over ranks and micro-steps draws the same -> (t (K,), eps (K, *shape), the
+    generators)."""
+    gens = [torch.Generator().manual_seed(run.seed_for(purpose, it, g)) for g in items]
+    t = torch.cat([S.train_timesteps(run.pipe, 1, g) for g in gens] or [S.train_timesteps(run.pipe, 0, None)])
+    eps = S.randn(shape, gens, run.device) if gens else torch.zeros((0, *shape), device=run.device)
+    return t.to(run.device), eps, gens
 
 
 def denoising_sum(run, d, net, cond=None):

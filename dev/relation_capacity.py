@@ -36,12 +36,7 @@ seeds = 16               # probe seeds per caption
 train_text_encoder = False  # train the text encoder too (fp32, the same lr): a conditioning free to separate the words
 threads = 0              # torch threads (0: all cores)
 seed = 1337
-for arg in sys.argv[1:]:  # --key=value overrides the lines above
-    key, _, val = arg.removeprefix("--").partition("=")
-    if key not in globals() or key.startswith("_") or not val:
-        sys.exit(f"error: unknown or empty option {arg!r} (the options: model, pairs, steps, batch, lr, every, seeds, "
-                 f"train_text_encoder, threads, seed)")
-    globals()[key] = val.lower() in ("1", "true") if isinstance(globals()[key], bool) else type(globals()[key])(val)
+S.configure(globals(), sys.argv[1:])  # --key=value overrides the lines above
 if pairs < 1 or steps < 0 or batch < 1 or every < 1 or seeds < 1:
     sys.exit("error: pairs, batch, every and seeds must be >= 1 and steps >= 0")
 if threads:
