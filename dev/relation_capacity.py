@@ -9,6 +9,14 @@ signal; the two level however long it trains: its conditioning path cannot carry
 
     python dev/relation_capacity.py                      # 1,500 steps of 32 renders: ~40 min on 2 CPU cores
     python dev/relation_capacity.py --pairs=1 --steps=300 --every=100 --seeds=4    # a quick look
+    python dev/relation_capacity.py --attention=16+8   # cross-attention at 16x16 too (new layers start as identities)
+    python dev/relation_capacity.py --init=scratch --lr=1e-3 --pairs=1   # a fresh UNet on 4 captions only
+
+--attention names the feature-map sides that get cross-attention (the built-in UNet: 8 only, its last down block,
+the mid block and its first up block). Each added level turns that resolution's down and up block into its
+CrossAttn form: the same ResNets and resamplers with the base's weights, plus a transformer block whose output
+projection starts at zero, so the model starts as the base model exactly (checked: the same first probe line);
+the added layers train at --new_lr (at the base's lr they stay near zero: 500 steps probed as the base's run did).
 """
 import os
 import random
@@ -34,6 +42,10 @@ lr = 1e-4                # sft's
 every = 250              # steps between probes (and at 0)
 seeds = 16               # probe seeds per caption
 train_text_encoder = False  # train the text encoder too (fp32, the same lr): a conditioning free to separate the words
+attention = "8"          # feature-map sides with cross-attention, "+"-separated, of 32, 16, 8 (8: the base's own)
+new_lr = 1e-3            # the added cross-attention layers' learning rate (1e-3: the base's pretraining lr)
+init = "base"            # base: the model's UNet | scratch: a fresh random-init toy UNet (the same layout), the model's
+                         # text encoder kept: can this architecture learn relations from the denoising loss at all?
 threads = 0              # torch threads (0: all cores)
 seed = 1337
 S.configure(globals(), sys.argv[1:])  # --key=value overrides the lines above
@@ -46,9 +58,51 @@ if threads:
 items = list(dict.fromkeys(s.items for s in toyworld._SPECS["train"] if s.skill == "spatial"))[:pairs]
 captions = [toyworld.caption(toyworld.Spec("spatial", it, rel)) for it in items for rel in toyworld.RELATIONS]
 pipe = M.load_model(model)
+
+
+def with_attention(unet, sides):
+    """The UNet with cross-attention at these feature-map sides (a superset of its own): its config's down/up block
+    types at the added levels in their CrossAttn form, the base's weights loaded (every base key), each added
+    transformer's proj_out zeroed, so that it starts as the base model."""
+    from diffusers import UNet2DConditionModel
+    cfg = dict(unet.config)
+    level_side = [cfg["sample_size"] // 2 ** i for i in range(len(cfg["down_block_types"]))]  # down block i; up n-1-i
+    own = [side for side, t in zip(level_side, cfg["down_block_types"]) if t.startswith("CrossAttn")]
+    if set(sides) - set(level_side) or set(own) - set(sides):
+        sys.exit(f"error: attention={attention!r}: sides must be among {level_side} and include the base's {own}")
+    if sorted(sides) == sorted(own):
+        return unet
+    attn = [side in sides for side in level_side]
+    cfg["down_block_types"] = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    cfg["up_block_types"] = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    new = UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    assert not unexpected and all(".attentions." in k for k in missing), (missing, unexpected)
+    added = {k.rsplit(".proj_out.", 1)[0] for k in missing if ".proj_out." in k}
+    with torch.no_grad():
+        for name, module in new.named_modules():
+            if name in added:
+                module.proj_out.weight.zero_(), module.proj_out.bias.zero_()
+    return new
+
+
+sides = [int(s) for s in attention.split("+") if s.strip().isdigit()]
+if not sides or len(set(sides)) != len(sides) or len(sides) != len(attention.split("+")):
+    sys.exit(f"error: attention={attention!r}: expected distinct feature-map sides like '16+8'")
+if init not in ("base", "scratch"):
+    sys.exit(f"error: init must be 'base' or 'scratch', got {init!r}")
+if init == "scratch":
+    pipe.unet = toyworld.new_toy_model(seed).unet
+base_names = set(pipe.unet.state_dict())
+pipe.unet = with_attention(pipe.unet, sides)
+added_names = {name for name, _ in pipe.unet.named_parameters()} - base_names
+print(f"cross-attention at sides {sides}: {sum(p.numel() for p in pipe.unet.parameters()):,} UNet parameters, "
+      f"{len(added_names)} added tensors at lr {new_lr:g}")
 unet, te = pipe.unet.requires_grad_(True), pipe.text_encoder.requires_grad_(train_text_encoder)
 trained = [*unet.parameters(), *(te.parameters() if train_text_encoder else [])]
-opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+added = {id(p) for name, p in unet.named_parameters() if name in added_names}  # with_attention's new layers
+opt = torch.optim.AdamW([dict(params=[p for p in trained if id(p) not in added]),
+                         dict(params=[p for p in trained if id(p) in added], lr=new_lr)], lr=lr, weight_decay=0.0)
 probe_seeds = [[10_000 + k for k in range(seeds)] for _ in captions]
 flat = lambda xs: [x for x in xs for _ in range(seeds)]  # noqa: E731
 print(f"{len(captions)} captions: {captions}")
