@@ -8,6 +8,7 @@ end-to-end tests first); --jobs=1 runs them one by one in this process. pytest c
 import ast
 import contextlib
 import copy
+import fcntl
 import glob
 import io
 import itertools
@@ -1321,8 +1322,9 @@ def test_eval_and_sample_bad_input_one_line():
 
 def test_train_bad_input_one_line():
     """A bad setting or input stops train.py with one line naming it (before any work, besides its
-    overrides; a malformed model folder, found when loading, with one error line and no traceback). The
-    cases run two at a time (each is one process, and none writes)."""
+    overrides; a malformed model folder, found when loading, with one error line and no traceback; an out_dir whose
+    lock another run holds, before the model loads). The cases run two at a time (each is one process, and none
+    writes)."""
     with tempfile.TemporaryDirectory() as d:
         open(f"{d}/file", "w").close()
         open(f"{d}/empty.txt", "w").close()
@@ -1377,10 +1379,14 @@ def test_train_bad_input_one_line():
                              (["--method=sft", "--train_text_encoder=True", "--lora_rank=4"], "method='sft' lora_rank=4"),
                              (["--method=sft", "--train_text_encoder=True", f"--model={d}/xl"], "is a sdxl model"),
                              (["--method=sft", "--train_text_encoder=True", "--init_from=resume", f"--out_dir={d}/t"],
-                              "train_text_encoder=False there, True here")]:
+                              "train_text_encoder=False there, True here"),
+                             ([f"--out_dir={d}/busy"], f"out_dir '{d}/busy' is in use by another training run")]:
             if "cuda" not in args[0] or not torch.cuda.is_available():
                 cases.append((assert_one_line_error, needle, "train.py", f"--out_dir={d}/o", *args))
-        two_at_a_time(cases)  # a failed case raises its assertion here
+        os.makedirs(f"{d}/busy")
+        with open(f"{d}/busy/.lock", "w") as lock:  # as a run in progress holds it
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            two_at_a_time(cases)  # a failed case raises its assertion here
         shutil.copytree(M.TOY_MODEL, f"{d}/m")
         with open(f"{d}/m/unet/config.json", "w") as f:
             f.write("{ not json")

@@ -13,6 +13,7 @@ The defaults are the variables below; config files and --key=value override them
 import contextlib
 import copy
 import datetime
+import fcntl
 import gc
 import math
 import os
@@ -265,6 +266,12 @@ if init_from == "resume":  # the checkpoint's config, memory-mapped (cheap): a m
 if dry_run:
     print("config " + " ".join(f"{k}={v!r}" for k, v in config.items()))
     sys.exit(0)
+if master:  # one run per out_dir: a second would resume the same checkpoint and both would write it (held until exit)
+    lock = open(os.path.join(out_dir, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f"out_dir {out_dir!r} is in use by another training run (it holds {out_dir}/.lock); stop it or wait for it")
 
 # -----------------------------------------------------------------------------
 # processes
