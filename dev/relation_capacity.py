@@ -51,6 +51,11 @@ seed = 1337
 S.configure(globals(), sys.argv[1:])  # --key=value overrides the lines above
 if pairs < 1 or steps < 0 or batch < 1 or every < 1 or seeds < 1:
     sys.exit("error: pairs, batch, every and seeds must be >= 1 and steps >= 0")
+sides = [int(s) for s in attention.split("+") if s.strip().isdigit()]
+if not sides or len(set(sides)) != len(sides) or len(sides) != len(attention.split("+")):
+    sys.exit(f"error: attention={attention!r}: expected distinct feature-map sides like '16+8'")
+if init not in ("base", "scratch"):
+    sys.exit(f"error: init must be 'base' or 'scratch', got {init!r}")
 if threads:
     torch.set_num_threads(threads)
 
@@ -86,11 +91,6 @@ def with_attention(unet, sides):
     return new
 
 
-sides = [int(s) for s in attention.split("+") if s.strip().isdigit()]
-if not sides or len(set(sides)) != len(sides) or len(sides) != len(attention.split("+")):
-    sys.exit(f"error: attention={attention!r}: expected distinct feature-map sides like '16+8'")
-if init not in ("base", "scratch"):
-    sys.exit(f"error: init must be 'base' or 'scratch', got {init!r}")
 if init == "scratch":
     pipe.unet = toyworld.new_toy_model(seed).unet
 base_names = set(pipe.unet.state_dict())
