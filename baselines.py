@@ -91,6 +91,22 @@ def nft_loss(x0_theta, x0_old, x0, r, beta, clip=5.0):
     return clip * (r * err(pos) / w_pos + (1 - r) * err(neg) / w_neg) / beta
 
 
+def config_errors(c, per_step, world):
+    """train.py's checks of the options these methods own (c: the run's config; per_step prompts, over world ranks)
+    -> [(bad, one-line message)]."""
+    return [
+        (c.raft_pool % max(per_step, 1) or c.replay % max(world * c.grad_accum, 1), f"raft_pool={c.raft_pool} must be "
+         f"a multiple of prompts_per_step={per_step}, replay={c.replay} of {world} ranks x grad_accum {c.grad_accum}"),
+        (c.method != "raft" and (c.raft_pool or c.raft_select != "best"),
+         f"raft_pool and raft_select are raft's; {c.method} does not use them"),
+        (c.method not in ("raft", "sharpen_sft") and c.replay,
+         f"replay is raft's and sharpen_sft's; {c.method} does not use it"),
+        (c.method == "ddpo" and c.num_steps < 2, f"ddpo needs num_steps >= 2 (stochastic steps to train), got {c.num_steps}"),
+        (c.train_text_encoder and (c.method not in ("sft", "continued", "raft") or c.lora_rank), f"train_text_encoder "
+         f"trains under the plain denoising loss (sft, continued, raft) without LoRA, got method={c.method!r} "
+         f"lora_rank={c.lora_rank}")]
+
+
 # -----------------------------------------------------------------------------
 # the plain denoising loss: pretrain, continued, sft, and raft's selected samples
 

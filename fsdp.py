@@ -2,8 +2,8 @@
 --parallel=fsdp: the trained denoiser (and its frozen copies: the DPO reference, diffusion_nft's old policy) sharded
 over the ranks with FSDP2 (`fully_shard` per UNet down/mid/up block or transformer block, then the root); the fp32
 master weights, gradients and AdamW's state live 1/world per rank. Sharded checkpoints through
-torch.distributed.checkpoint (DCP), committed atomically and resumed on any number of ranks; export gathers the full
-state dict on rank 0.
+torch.distributed.checkpoint (DCP), committed atomically and resumed on any number of ranks (without fsdp: rank
+0's one file, save_file); export gathers the full state dict on rank 0.
 
 How a step runs. How many passes a rank makes depends on its data (ties, failed scores, the start steps drawn,
 raft's and ddpo's rounds, rank 0's probe and evaluation), and FSDP all-gathers a block in every forward by default:
@@ -103,9 +103,16 @@ def no_sync(model, on=True):
             m.set_requires_gradient_sync(True, recurse=False)
 
 
-def count_reductions(counter):
+def count_reductions(counter, ddp_net=None):
     """The tests' no_sync check: counter[0] += 1 for every gradient reduce-scatter of this rank (one per FSDP block
-    per synced backward)."""
+    per synced backward), or with ddp_net (a DDP wrapper) for every all-reduce of its gradient buckets."""
+    if ddp_net is not None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counted_allreduce(state, bucket):  # DDP's default all-reduce, counted
+            counter[0] += 1
+            return allreduce_hook(None, bucket)
+        return ddp_net.register_comm_hook(None, counted_allreduce)
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives as C
     call = C.DefaultReduceScatter.__call__
 
@@ -193,25 +200,61 @@ def save(ckpt_dir, step, models, opt, ema, meta, master, keep=lambda k: True, fa
     dist.barrier()
 
 
-def _write(path, fn):
-    with open(path + ".tmp", "wb") as f:
-        fn(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+def _write(path, fn):  # fn(f) writes the file beside, then the rename: a kill leaves the old file or the new one
+    try:
+        with open(path + ".tmp", "wb") as f:
+            fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
+
+
+def save_file(path, models, opt, ema, meta, keep=lambda k: True, fault=None):
+    """--parallel=ddp (or one process): rank 0's models (their state-dict keys `keep`), opt, the EMA weights and meta's
+    entries in one file. fault(stage, f): the tests' fault injection ("written": before the sync and the rename)."""
+    ck = dict(models=[{k: v for k, v in m.state_dict().items() if keep(k)} for m in models],
+              optimizer=opt.state_dict(), ema=ema, **meta)
+
+    def write(f):
+        torch.save(ck, f)
+        if fault:
+            fault("written", f)
+    _write(path, write)
+
+
+def committed(path):
+    """Whether path holds a checkpoint: a folder of sharded ones with its `latest`, or one file."""
+    return latest(path) is not None if os.path.isdir(path) else os.path.isfile(path)
 
 
 def read_meta(ckpt_dir):
-    """The committed checkpoint's meta dict (step, config, ...): cheap, read before any model loads."""
+    """The committed checkpoint's meta dict (step, config, ...): cheap, read before any model loads (one file:
+    memory-mapped, its tensors not read)."""
+    if not os.path.isdir(ckpt_dir):
+        return torch.load(ckpt_dir, map_location="cpu", weights_only=False, mmap=True)
     folder = latest(ckpt_dir)
     if folder is None:
         raise FileNotFoundError(os.path.join(ckpt_dir, "latest"))
     return torch.load(os.path.join(folder, "meta.pt"), map_location="cpu", weights_only=False)
 
 
-def load(ckpt_dir, models, opt, ema, keep=lambda k: True):
+def load(ckpt_dir, models, opt, ema, keep=lambda k: True, device="cpu"):
     """The committed checkpoint into models, opt and ema in place, whatever the number of ranks that wrote it (DCP
-    reshards to this run's sharding) -> its meta dict. Every rank."""
+    reshards to this run's sharding) -> its meta dict. Every rank. One file (save_file's): every key `keep` loaded."""
+    if not os.path.isdir(ckpt_dir):
+        ck = torch.load(ckpt_dir, map_location=device, weights_only=False)
+        for m, sd in zip(models, ck["models"]):
+            bad = m.load_state_dict(sd, strict=False)
+            if bad.unexpected_keys or any(keep(k) for k in bad.missing_keys):
+                raise RuntimeError(f"{ckpt_dir} does not fit the model: {bad}")
+        opt.load_state_dict(ck["optimizer"])
+        for e, saved in zip(ema or [], ck["ema"] or []):
+            e.copy_(saved)
+        return ck
     folder = latest(ckpt_dir)
     holder, state = _state(models, opt, ema, keep)
     dcp.load(state, checkpoint_id=folder)

@@ -183,6 +183,22 @@ def rlhf_loss(mse_w, mse_l, ref_mse_w, ref_mse_l, R_w, R_l, beta, reward_in_sigm
 # -----------------------------------------------------------------------------
 # the paper's two methods, behind rollout.py's contract: prepare(run, it, micro) -> batch, loss(run, batch)
 
+def config_errors(c):
+    """train.py's checks of the options these two methods own (c: the run's config) -> [(bad, one-line message)]."""
+    return [
+        (c.method == "sharpen_rlhf" and c.n_traj < 2,
+         f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {c.n_traj}"),
+        (c.method != "sharpen_sft" and (c.lam != 0 or c.normalize or (c.sft_data, c.sft_weights) != ("render", "prompt")
+                                        or c.sft_target == "final"),  # an ablation that silently changed nothing
+         f"lam, normalize, sft_data, sft_weights, sft_target=final are sharpen_sft's (Eq. 9's weights, its data); "
+         f"{c.method} does not use them (sharpen_rlhf trains each prompt's best vs worst trajectory, Eq. 11)"),
+        (c.sft_weights == "step" and (c.lam == 0 or c.normalize), f"sft_weights=step needs 0 < lam (0 keeps one "
+         f"trajectory of the whole step) and no normalize, got lam={c.lam} normalize={c.normalize}"),
+        (c.method == "sharpen_rlhf" and c.sft_target == "official" and c.dpo_target != "start",
+         "--sft_target=official reuses the first noise, aimed at the sample that was noised: with sharpen_rlhf it "
+         "needs --dpo_target=start (the outcome targets are exact by construction)")]
+
+
 def rolled(run, gidx):
     """Algorithms 1 and 2 up to the trajectory rewards for the prompts of global indices gidx: each prompt's image
     (Alg. 1, sharpen_sft: a dataset render, or sft_data=alttext a pretraining scene with its alt-text caption as the

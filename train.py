@@ -161,6 +161,7 @@ per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # hsdp's shard group:
 ddp = torchrun or fsdp  # a process group (fsdp on one process: a group of one)
 master = rank == 0
 per_step = batch_size if pretrain else prompts_per_step  # a prompt's n trajectories stay on one rank
+cfg = SimpleNamespace(**config)  # the run's config, as the modules read it
 # every check of the config, (bad, one-line message), in order, before any work: the first that holds stops the run
 CHECKS = [
     (method not in METHODS, f"unknown method {method!r} (known: {', '.join(METHODS)})"),
@@ -178,11 +179,7 @@ CHECKS = [
     *[within(k, 0) for k in ("nfe_budget", "lam", "guidance", "eta", "resolution", "warmup", "weight_decay",
                              "eval_interval", "eval_count", "eval_seeds", "probe_pairs", "lora_rank", "lora_alpha",
                              "threads", "raft_pool", "replay")],
-    (raft_pool % max(per_step, 1) or replay % max(world * grad_accum, 1), f"raft_pool={raft_pool} must be a "
-     f"multiple of prompts_per_step={per_step}, replay={replay} of {world} ranks x grad_accum {grad_accum}"),
-    (method != "raft" and (raft_pool or raft_select != "best"), f"raft_pool and raft_select are raft's; {method} does "
-     "not use them"),
-    (method not in ("raft", "sharpen_sft") and replay, f"replay is raft's and sharpen_sft's; {method} does not use it"),
+    *sharpen.config_errors(cfg), *B.config_errors(cfg, per_step, world),  # the options the methods own
     *[within(k, 2) for k in ("dpo_k", "raft_n")],  # a best and a worst, or a choice
     *[within(k, 0, low_open=True) for k in ("lr", "beta", "grad_clip", "ppo_clip", "ddpo_eta", "ddp_timeout", "nft_beta")],
     within("ema", 0, 1), within("caption_dropout", 0, 1), within("nft_decay", 0), within("nft_kl", 0), within("ddpo_kl", 0),
@@ -190,7 +187,6 @@ CHECKS = [
     (per_step % max(world * grad_accum, 1) != 0, f"{'batch_size' if pretrain else 'prompts_per_step'}={per_step} is not "
                                            f"divisible by {world} ranks x grad_accum {grad_accum}"),
     (not m_steps <= num_steps, f"m_steps={m_steps} must be in 1..num_steps={num_steps}"),
-    (method == "ddpo" and num_steps < 2, f"ddpo needs num_steps >= 2 (stochastic steps to train), got {num_steps}"),
     (R.parse_range(start_range) is None,
      f"start_range={start_range!r}: expected 'a:b' with 0 <= a <= b <= 1 (fractions of the schedule)"),
     (fsdp and (dtype == "fp16" or compile), f"--parallel=fsdp runs in fp32 or bf16 and without compile here, got "
@@ -201,21 +197,9 @@ CHECKS = [
      f"--parallel=fsdp and --device=cuda, got parallel={parallel!r} device={device!r}"),
     (device == "cuda" and not torch.cuda.is_available(), "--device=cuda but no CUDA device is available"),
     (dtype == "fp16" and device != "cuda", "--dtype=fp16 needs --device=cuda (fp16 autocast + GradScaler); on CPU: bf16"),
-    (method == "sharpen_rlhf" and n_traj < 2, f"sharpen_rlhf needs n_traj >= 2 (a best and a worst trajectory), got {n_traj}"),
     (flow and not pretrain, "--flow builds a fresh flow toy model to pretrain (--method=pretrain); to train a flow "
                             "model, pass its folder with --model"),
-    (method != "sharpen_sft" and (lam != 0 or normalize or (sft_data, sft_weights) != ("render", "prompt") or
-                                  sft_target == "final"),  # an ablation that silently changed nothing
-     f"lam, normalize, sft_data, sft_weights, sft_target=final are sharpen_sft's (Eq. 9's weights, its data); {method} "
-     "does not use them (sharpen_rlhf trains each prompt's best vs worst trajectory, Eq. 11)"),
-    (sft_weights == "step" and (lam == 0 or normalize), f"sft_weights=step needs 0 < lam (0 keeps one trajectory of "
-     f"the whole step) and no normalize, got lam={lam} normalize={normalize}"),
-    (method == "sharpen_rlhf" and sft_target == "official" and dpo_target != "start",
-     "--sft_target=official reuses the first noise, aimed at the sample that was noised: with sharpen_rlhf it needs "
-     "--dpo_target=start (the outcome targets are exact by construction)"),
     (lora_rank and pretrain, f"lora_rank={lora_rank}: must be 0 for pretrain (LoRA adapts a trained UNet)"),
-    (train_text_encoder and (method not in ("sft", "continued", "raft") or lora_rank), f"train_text_encoder trains "
-     f"under the plain denoising loss (sft, continued, raft) without LoRA, got method={method!r} lora_rank={lora_rank}"),
     (pretrain and resolution not in (0, toyworld.SIZE),
      f"resolution={resolution}: pretraining trains on {toyworld.SIZE}-pixel toy-world scenes (0 or {toyworld.SIZE})"),
     (bool(prompt_file) and (method in ("pretrain", "sft", "continued", "sharpen_sft") or replay),
@@ -231,7 +215,6 @@ if not pretrain:
 family = "sd" if pretrain else M.folder_family(model)  # FLUX's guidance costs no second pass
 if train_text_encoder and family != "sd":
     fail(f"train_text_encoder: {model!r} is a {family} model; the text encoder trains on SD1.x-style models (one CLIP)")
-cfg = SimpleNamespace(**config)
 if nfe_budget > 0:  # diffusion_dpo's offline pool is paid from the same budget
     pool_cost = dpo_pool * dpo_k * num_steps * S.passes_per_call(guidance, family) if method == "diffusion_dpo" else 0
     steps = config["steps"] = cfg.steps = max(1, int((nfe_budget - pool_cost) // R.planned_nfe(cfg, family)))
@@ -249,12 +232,11 @@ if master:
 ckpt_path = os.path.join(out_dir, "ckpt" if fsdp else "ckpt.pt")  # fsdp: a folder of sharded checkpoints (fsdp.py)
 if init_from == "resume":  # the checkpoint's config, memory-mapped (cheap): a mismatch fails here
     other = os.path.join(out_dir, "ckpt.pt" if fsdp else "ckpt")
-    if not (F.latest(ckpt_path) if fsdp else os.path.exists(ckpt_path)):
+    if not F.committed(ckpt_path):
         fail(f"--init_from=resume but {ckpt_path} does not exist" + (
             f" ({other} does: resume it with --parallel={'ddp' if fsdp else 'fsdp'})" if os.path.exists(other) else ""))
     try:
-        saved_config = F.read_meta(ckpt_path)["config"] if fsdp else \
-            torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["config"]
+        saved_config = F.read_meta(ckpt_path)["config"]
     except Exception as e:
         fail(f"cannot read {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})")
     changed = [k for k in ("method", "seed", "prompts_per_step", "n_traj", "m_steps", "batch_size", "lora_rank", "sft_data",
@@ -323,15 +305,8 @@ opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 ema_params = [p.detach().clone() for p in params] if ema else None
 step, spent, rounds = 0, dict(nfe=0, scored=0), {}  # what the run has spent; ddpo's and raft's sampled rounds
 keep = (lambda k: ".lora_" in k) if lora_rank else (lambda k: True)  # a LoRA checkpoint holds the adapters only
-if init_from == "resume":
-    if fsdp:  # DCP reshards what any number of ranks wrote to this run's ranks
-        ck = F.load(ckpt_path, held, opt, ema_params, keep)
-    else:
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        for m, sd in zip(held, ck["models"]):
-            m.load_state_dict(sd, strict=not lora_rank)
-        opt.load_state_dict(ck["optimizer"])
-        ema_params = ck["ema"]
+if init_from == "resume":  # (fsdp: DCP reshards what any number of ranks wrote to this run's ranks)
+    ck = F.load(ckpt_path, held, opt, ema_params, keep, dev)
     step, spent = ck["step"], ck["spent"] if master or not fsdp else dict(nfe=0, scored=0)  # fsdp: all ranks' on 0
     rounds = ck["rounds"][rank] if len(ck["rounds"]) == world else {}  # other ranks: a round is sampled again
     if master:
@@ -340,23 +315,13 @@ run = R.Run(cfg, pipe, ref=ref_unet, reward_fn=reward_fn, rank=rank, world=world
             prompts=file_prompts, device=dev, amp_dtype=amp_dtype, master=master, spent=spent, rounds=rounds, old=old_unet,
             quiet=not master or not sys.stderr.isatty())  # no progress bar in a redirected log
 run.count_passes(pipe.unet, None if lora_rank else ref_unet, old_unet)  # LoRA's reference runs through pipe.unet
-syncs = [0]  # TRAIN_COUNT_SYNCS: DDP's gradient all-reduces on this rank
-
-
-def counting_allreduce(state, bucket):  # DDP's default all-reduce, counted in `state` (the no_sync check)
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-    state[0] += 1
-    return allreduce_hook(None, bucket)
-
-
 nets = trained  # what the passes with grad go through: DDP wrappers of the trained modules (fsdp: themselves)
 if ddp and not fsdp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     nets = [DDP(m) for m in trained]
-    if "1" in FAULTS["COUNT_SYNCS"]:
-        nets[0].register_comm_hook(syncs, counting_allreduce)
-if fsdp and "1" in FAULTS["COUNT_SYNCS"]:
-    F.count_reductions(syncs)
+syncs = [0]  # TRAIN_COUNT_SYNCS: the gradient all-reduces (fsdp: reduce-scatters) of this rank
+if ddp and "1" in FAULTS["COUNT_SYNCS"]:
+    F.count_reductions(syncs, None if fsdp else nets[0])
 run.net = torch.compile(nets[0]) if compile else nets[0]
 run.text_net = nets[1] if len(nets) > 1 else None
 scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
@@ -415,52 +380,37 @@ def log(line):
         f.write(line + "\n")
 
 
+def fault(stage, f=None):  # the tests' faults, on rank 0, the checkpoint written but not committed (f: its file)
+    if str(step) in FAULTS["FAIL_CKPT_AT_STEP"]:
+        raise OSError(28, "No space left on device")
+    if str(step) in FAULTS["KILL_IN_CKPT_AT_STEP"]:
+        if f is not None:
+            f.truncate(f.tell() // 2)  # killed halfway through the file
+        os._exit(9)
+
+
 def checkpoint(rounds):
-    """out_dir/ckpt.pt (rounds: every rank's, in rank order), written beside and renamed: a crash leaves old or new.
-    fsdp: every rank writes its shard into out_dir/ckpt/step_<N>/, committed in one rename (fsdp.save)."""
+    """ckpt_path (rounds: every rank's, in rank order), written beside and committed in one rename: a crash leaves old
+    or new. fsdp: every rank writes its shard into out_dir/ckpt/step_<N>/ (fsdp.save); else rank 0 one file."""
     finite = torch.tensor(float(all(F.local(p).isfinite().all() for p in params)))
-    if fsdp:  # each rank sees its shard
+    total = torch.tensor([run.spent["nfe"], run.spent["scored"]], dtype=torch.float64)
+    if fsdp:  # each rank sees its shard, and spent its own passes: rank 0 resumes with the sum, any number of ranks
         torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(total)
     if not finite.item():  # never write a poisoned state
         fail(f"non-finite weights at step {step}; not writing {ckpt_path} (it holds the last good state)")
-    if fsdp:
-        def fault(stage):  # the tests' faults, on rank 0 between the shards and the commit
-            if str(step) in FAULTS["FAIL_CKPT_AT_STEP"]:
-                raise OSError(28, "No space left on device")
-            if str(step) in FAULTS["KILL_IN_CKPT_AT_STEP"]:
-                os._exit(9)
-        total = torch.tensor([run.spent["nfe"], run.spent["scored"]], dtype=torch.float64)
-        torch.distributed.all_reduce(total)  # what every rank spent: rank 0 resumes with it, any number of ranks
-        try:
-            F.save(ckpt_path, step, held, opt, ema_params, dict(step=step, config=config, rounds=rounds,
-                   spent=dict(nfe=int(total[0]), scored=int(total[1]))), master, keep, fault)
-        except OSError as e:
-            fail(f"writing {ckpt_path} at step {step} failed ({e.strerror or e}); " + (f"the previous checkpoint (step "
-                 f"{saved}) is intact" if F.latest(ckpt_path) else "there is no earlier checkpoint"))
-        if master and str(step) in FAULTS["CRASH_AFTER_STEP"]:
-            os._exit(3)
-        return step
-    ck = dict(models=[{k: v for k, v in m.state_dict().items() if not lora_rank or ".lora_" in k} for m in held],
-              optimizer=opt.state_dict(), ema=ema_params, step=step, config=config, spent=run.spent, rounds=rounds)
+    meta = dict(step=step, config=config, rounds=rounds, spent=dict(nfe=int(total[0]), scored=int(total[1])))
     try:
-        with open(ckpt_path + ".tmp", "wb") as f:
-            torch.save(ck, f)
-            if str(step) in FAULTS["FAIL_CKPT_AT_STEP"]:
-                raise OSError(28, "No space left on device")
-            if str(step) in FAULTS["KILL_IN_CKPT_AT_STEP"]:
-                f.truncate(f.tell() // 2)
-                os._exit(9)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(ckpt_path + ".tmp", ckpt_path)
-        if str(step) in FAULTS["CRASH_AFTER_STEP"]:
-            os._exit(3)
-        return step
+        if fsdp:
+            F.save(ckpt_path, step, held, opt, ema_params, meta, master, keep, fault)
+        else:
+            F.save_file(ckpt_path, held, opt, ema_params, meta, keep, fault)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(ckpt_path + ".tmp")
         fail(f"writing {ckpt_path} at step {step} failed ({e.strerror or e}); " + (f"the previous checkpoint (step "
-             f"{saved}) is intact" if os.path.exists(ckpt_path) else "there is no earlier checkpoint"))
+             f"{saved}) is intact" if F.committed(ckpt_path) else "there is no earlier checkpoint"))
+    if master and str(step) in FAULTS["CRASH_AFTER_STEP"]:
+        os._exit(3)
+    return step
 
 
 if master:  # a fresh run starts the log; a resumed one keeps its lines up to the checkpoint's step (not those after)
