@@ -11,6 +11,7 @@ signal; the two level however long it trains: its conditioning path cannot carry
     python dev/relation_capacity.py --pairs=1 --steps=300 --every=100 --seeds=4    # a quick look
     python dev/relation_capacity.py --attention=16+8   # cross-attention at 16x16 too (new layers start as identities)
     python dev/relation_capacity.py --init=scratch --lr=1e-3 --pairs=1   # a fresh UNet on 4 captions only
+    python dev/relation_capacity.py --init=scratch --lr=1e-3 --pairs=1 --encoder=bidirectional   # objects see the word
 
 --attention names the feature-map sides that get cross-attention (the built-in UNet: 8 only, its last down block,
 the mid block and its first up block). Each added level turns that resolution's down and up block into its
@@ -46,6 +47,8 @@ attention = "8"          # feature-map sides with cross-attention, "+"-separated
 new_lr = 1e-3            # the added cross-attention layers' learning rate (1e-3: the base's pretraining lr)
 init = "base"            # base: the model's UNet | scratch: a fresh random-init toy UNet (the same layout), the model's
                          # text encoder kept: can this architecture learn relations from the denoising loss at all?
+encoder = "causal"       # causal: the text encoder as trained (a token sees those before it: the first object's tokens
+                         # never see the relation word) | bidirectional: its causal mask removed, every token sees all
 threads = 0              # torch threads (0: all cores)
 seed = 1337
 S.configure(globals(), sys.argv[1:])  # --key=value overrides the lines above
@@ -56,8 +59,14 @@ if not sides or len(set(sides)) != len(sides) or len(sides) != len(attention.spl
     sys.exit(f"error: attention={attention!r}: expected distinct feature-map sides like '16+8'")
 if init not in ("base", "scratch"):
     sys.exit(f"error: init must be 'base' or 'scratch', got {init!r}")
+if encoder not in ("causal", "bidirectional"):
+    sys.exit(f"error: encoder must be 'causal' or 'bidirectional', got {encoder!r}")
 if threads:
     torch.set_num_threads(threads)
+if encoder == "bidirectional":  # CLIP's text model asks masking_utils for its causal mask: an all-zero additive one
+    import transformers.models.clip.modeling_clip as clip_module
+    clip_module.create_causal_mask = lambda config, inputs_embeds, **kw: inputs_embeds.new_zeros(
+        inputs_embeds.shape[0], 1, inputs_embeds.shape[1], inputs_embeds.shape[1])
 
 # the captions: each object pair of the first train spatial specs in all four relations
 items = list(dict.fromkeys(s.items for s in toyworld._SPECS["train"] if s.skill == "spatial"))[:pairs]
