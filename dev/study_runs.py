@@ -52,7 +52,8 @@ scaling_fig = ""         # --table: also gold against training UNet passes here,
 pairs = ("sft-sharpen_sft+sharpen_sft-diffusion_dpo+ddpo-sharpen_rlhf+diffusion_dpo-sharpen_rlhf+sharpen_sft-grpo"
          "+grpo-ddpo+grpo-sharpen_rlhf+sharpen_rlhf-diffusion_nft+sharpen_sft-diffusion_nft+grpo_hack-grpo+grpo_x3-grpo"
          "+sft_x3-sft+grpo_x3-sharpen_sft+sft_x3-grpo_x3+sharpen_sft_x3-sharpen_sft+sharpen_sft_x3-grpo_x3"
-         "+sft_x3-sharpen_sft_x3+diffusion_nft_x3-diffusion_nft+sharpen_sft_x3-diffusion_nft_x3+diffusion_nft_x3-grpo_x3")
+         "+sft_x3-sharpen_sft_x3+diffusion_nft_x3-diffusion_nft+sharpen_sft_x3-diffusion_nft_x3+diffusion_nft_x3-grpo_x3"
+         "+sft_x10-sft_x3+sft_x10-sft")
                          # --table: paired differences a − b, per seed where both are kept
 # -----------------------------------------------------------------------------
 KEEP = ["name", "search", "overall", "delta", "delta_se", "per_skill", "diversity", "background", "palette", "denoise",
