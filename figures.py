@@ -49,7 +49,7 @@ def line_plot(path, series, xlabel, ylabel, xticks=None, levels=None, top_axis=N
             ax.axhline(y, color=colour(name), linestyle="--", linewidth=1.2, label=NAMES.get(name, name))
     if xticks:
         ax.set_xscale("log", base=2)
-        ax.set_xticks(xticks, [f"{v:g}" for v in xticks])
+        ax.set_xticks(xticks, [f"{v:,.0f}" if v == int(v) else f"{v:g}" for v in xticks])  # 1,843,200, not 1.8432e+06
         ax.minorticks_off()
         xs = [x for pts in series.values() for x, _ in pts] + list(xticks)
         ax.set_xlim(min(xs) / 1.15, max(xs) * 1.15)
