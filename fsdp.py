@@ -254,7 +254,7 @@ def load(ckpt_dir, models, opt, ema, keep=lambda k: True, device="cpu"):
         opt.load_state_dict(ck["optimizer"])
         for e, saved in zip(ema or [], ck["ema"] or []):
             e.copy_(saved)
-        return ck
+        return {k: v for k, v in ck.items() if k not in ("models", "optimizer", "ema")}  # not a second copy of the state
     folder = latest(ckpt_dir)
     holder, state = _state(models, opt, ema, keep)
     dcp.load(state, checkpoint_id=folder)
