@@ -95,13 +95,24 @@ BASE = M.TOY_MODEL  # model's folder
 POOL, QUEUED, LOCK = None, [], threading.Lock()  # with jobs > 1: the training runs in flight, and out/wall.json's lock
 
 
+def die_with_parent():
+    """In the child before it runs (Linux): SIGTERM when the thread that started it dies, so a killed reproduce.py /
+    study_runs.py takes its train.py with it instead of leaving it running, holding its out_dir's lock."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: an orphan is left as before
+
+
 def sh(script, *args, log=None):
     """Run one of our scripts from the repo root; its output goes to `log` (and its tail into the error on
     failure). Its wall time is added to out/wall.json under the log's name."""
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
     t0 = time.time()
     with open(log, "w") if log else open(os.devnull, "w") as f:
-        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=die_with_parent)
     if p.returncode:
         tail = open(log).read()[-1500:] if log else ""
         raise SystemExit(f"error: {' '.join(cmd)} failed ({p.returncode}); see {log}\n{tail}")
