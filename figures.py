@@ -13,7 +13,7 @@ COLOURS = {  # method -> colour; a name is coloured by the longest method it con
     "toy-model": "#7f7f7f", "pretrain": "#bcbd22", "sharpen_rlhf": "#1f77b4", "sharpen_sft": "#d62728",
     "sft": "#2ca02c", "diffusion_dpo": "#ff7f0e", "ddpo": "#9467bd", "bon": "#17becf", "noise": "#8c564b",
     "greedy": "#e377c2", "continued": "#aec7e8", "raft": "#8c6d31", "sft_steps": "#98df8a", "diffusion_nft": "#e7ba52",
-    "grpo": "#393b79"}
+    "diffusion_nft_slow": "#bd9e39", "grpo": "#393b79"}
 NAMES = {"bon": "best-of-N", "noise": "noise search", "greedy": "greedy search"}
 
 

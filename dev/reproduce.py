@@ -84,9 +84,12 @@ FLAGS = {  # each method's settings; the controls share sharpen_sft's so that ea
     "raft_rounds": [os.path.join(ROOT, "config", "raft_rounds.py")],  # RAFT's rounds of a pool, scenes replayed
     "raft_first": [os.path.join(ROOT, "config", "raft_rounds.py"), "--raft_select=first"],  # its pools unselected
     "diffusion_nft": [os.path.join(ROOT, "config", "diffusion_nft.py")],  # its lr chosen on train prompts
+    "diffusion_nft_slow": [os.path.join(ROOT, "config", "diffusion_nft.py"), "--lr=3e-5"],  # its runner-up lr there: for
+    # the longer runs, where at 1e-4 its train-prompt rollout reward falls from step 28 on
     "grpo": [os.path.join(ROOT, "config", "grpo.py")],  # ddpo with group advantages and the KL (Flow-GRPO's recipe)
 }
-METHOD = {"raft_rounds": "raft", "raft_first": "raft", "grpo": "ddpo", "sft_te": "sft"}  # rows that are another method's settings: train.py's method
+METHOD = {"raft_rounds": "raft", "raft_first": "raft", "grpo": "ddpo", "sft_te": "sft",  # rows that are another
+          "diffusion_nft_slow": "diffusion_nft"}  # method's settings: train.py's method
 FLOW = {m: [os.path.join(ROOT, "config", f"flow_{m}.py")]  # on a flow model instead of FLAGS (grpo: Flow-GRPO, its SDE)
         for m in ("sharpen_sft", "sharpen_rlhf", "grpo", "diffusion_nft")}
 DEFAULTS = ("sharpen_rlhf", "diffusion_dpo", "ddpo")  # methods trained on train.py's defaults: no FLAGS entry
