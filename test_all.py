@@ -2039,6 +2039,8 @@ def test_study_runs_row_names_and_scaling_table():
     assert SR.parse_row("grpo_x3_s1") == ("grpo", 1, 3.0) and SR.parse_row("sharpen_sft") == ("sharpen_sft", 0, 1.0)
     assert SR.parse_row("diffusion_nft_x10") == ("diffusion_nft", 0, 10.0)
     assert SR.parse_row("grpo_hack_x3_s1") == ("grpo_hack", 1, 3.0)
+    assert SR.parse_row("diffusion_nft_slow_x3") == ("diffusion_nft_slow", 0, 3.0)  # its own lr, diffusion_nft's method
+    assert SR.R.METHOD["diffusion_nft_slow"] == "diffusion_nft" and "--lr=3e-5" in SR.R.flags("diffusion_nft_slow")
     assert SR.R.flags("grpo") == SR.R.FLAGS["grpo"] and SR.R.flags("sharpen_rlhf") == []
     with mock.patch.object(SR.R, "BASE", os.path.join(os.path.dirname(M.TOY_MODEL), "toy-flow-model")):
         assert SR.R.flags("grpo") == SR.R.FLOW["grpo"] and SR.R.flags("sft") == SR.R.FLAGS["sft"]
@@ -2071,6 +2073,26 @@ def test_study_runs_row_names_and_scaling_table():
             want = [gold[[t == k for t in tags]].mean().item() for k in dict.fromkeys(tags)]
             assert len(skill[name]) == len(want) > 1 and all(abs(a - b) < 1e-3 for a, b in zip(skill[name], want)), (name, skill)
         assert os.path.getsize(f"{d}/s.png") > 0
+
+
+def test_study_child_dies_with_its_parent():
+    """A study script killed with -9 takes its child with it (reproduce.sh's children: Linux's parent-death signal),
+    instead of leaving a train.py running that holds its out_dir's lock."""
+    if not sys.platform.startswith("linux"):
+        raise Skip("PR_SET_PDEATHSIG is Linux's")
+    code = ("import subprocess, sys; sys.path.insert(0, 'dev'); import reproduce as R; "
+            "p = subprocess.Popen(['sleep', '120'], preexec_fn=R.die_with_parent); print(p.pid, flush=True); p.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(200):  # the signal is sent as the parent exits: give the child a moment to go
+        if not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the child outlived its killed parent")
 
 
 def test_scaling_quick_end_to_end_and_resumable():
