@@ -83,7 +83,8 @@ def with_attention(unet, sides):
     level_side = [cfg["sample_size"] // 2 ** i for i in range(len(cfg["down_block_types"]))]  # down block i; up n-1-i
     own = [side for side, t in zip(level_side, cfg["down_block_types"]) if t.startswith("CrossAttn")]
     if set(sides) - set(level_side) or set(own) - set(sides):
-        sys.exit(f"error: attention={'+'.join(map(str, sides))!r}: sides must be among {level_side} and include the base's {own}")
+        sys.exit(f"error: attention={'+'.join(map(str, sides))!r}: sides must be among {level_side} and include the "
+                 f"base's {own}")
     if sorted(sides) == sorted(own):
         return unet
     attn = [side in sides for side in level_side]
