@@ -26,9 +26,11 @@ config/reproduce_quick.py into every train.py run, after its config files and be
 prompts and seeds are fixed (eval.py); no setting here was chosen on them. docs/reproduce.md and docs/fig/
 are committed copies of a full run's output.
 """
+import ctypes
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -98,15 +100,17 @@ BASE = M.TOY_MODEL  # model's folder
 POOL, QUEUED, LOCK = None, [], threading.Lock()  # with jobs > 1: the training runs in flight, and out/wall.json's lock
 
 
+try:  # loaded here, not in the forked child: an import there can deadlock while the pool's threads run
+    LIBC = ctypes.CDLL("libc.so.6")
+except OSError:
+    LIBC = None  # not Linux: a killed script leaves its child running, as before
+
+
 def die_with_parent():
     """In the child before it runs (Linux): SIGTERM when the thread that started it dies, so a killed reproduce.py /
     study_runs.py takes its train.py with it instead of leaving it running, holding its out_dir's lock."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: an orphan is left as before
+    if LIBC is not None:
+        LIBC.prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
 
 
 def sh(script, *args, log=None):

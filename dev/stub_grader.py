@@ -41,8 +41,20 @@ class StubGrader:
         self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            counted = None  # the kind this request is in flight as, until it leaves
+
             def log_message(self, *a):
                 pass
+
+            def leave(self):  # out of flight, once: before the answer's first byte, since a client that has read an
+                with stub.lock:  # answer may send its next request before this thread would reach a `finally`
+                    if self.counted is not None:
+                        stub.inflight[self.counted] -= 1
+                        self.counted = None
+
+            def send_response(self, *args, **kwargs):  # every answer, send_error's too, leaves flight first
+                self.leave()
+                super().send_response(*args, **kwargs)
 
             def do_POST(self):
                 import json
@@ -57,20 +69,13 @@ class StubGrader:
                     stub.max_inflight[kind] = max(stub.max_inflight[kind], stub.inflight[kind])
                     stub.auth.add(self.headers.get("Authorization"))
                     n = stub.calls[prompt]
-                counted, left = kind, []
-
-                def leave():  # out of flight before the answer's first byte is sent: once a client has read an
-                    if not left:  # answer its next request may arrive before this thread would run a `finally`
-                        left.append(1)
-                        with stub.lock:
-                            stub.inflight[counted] -= 1
+                    self.counted = kind
                 try:
                     if self.path.startswith("/half/"):  # toy captions: a score from the image, or (about half
                         kind = "garbage" if len(prompt) % 2 else "vary"  # of the captions) no score at all
                     if self.path.startswith("/flaky/") and n % 3 == 1:  # a third of the first answers fail
                         kind = ("garbage", "500")[len(prompt) % 2]
                         if kind == "500":
-                            leave()
                             return self.send_error(500)
                     if kind == "conc":  # held until conc_hold are in flight at once (at most 2 s): on a busy machine
                         t0 = time.time()  # too, a client that allows that many has them in flight together
@@ -79,7 +84,6 @@ class StubGrader:
                     if kind in ("slow", "conc", "lat50"):  # lat50: bench.py's throughput stub
                         time.sleep({"slow": 1.0, "conc": 0.05, "lat50": 0.05}[kind])
                     if kind == "flaky" and n <= 2:
-                        leave()
                         return self.send_error(500)
                     answer = {"good": '```json\n{"prompt_fidelity": 9, "creativity": 7, "visual_quality": 8, '
                                       '"consistency": 8, "emotional_resonance": 8, "overall": 8}\n```',
@@ -88,7 +92,6 @@ class StubGrader:
                               "vary": '{"overall": %d}' % image_score(body["messages"][0]["content"][1]["image_url"]["url"]),
                               }.get(kind, '{"overall": 5}')  # any other prompt: the same score for every image
                     data = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
-                    leave()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
@@ -97,7 +100,7 @@ class StubGrader:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out first
                 finally:
-                    leave()
+                    self.leave()  # no answer sent (an error of the stub's own): out of flight all the same
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
