@@ -141,7 +141,7 @@ def print_table():
     print("\n| method | budget | seeds | gold | Δ vs base ± SE | background | palette | denoise × | matches best-of-N (95 %) |")
     print("|---|---|---|---|---|---|---|---|---|")
     parsed = {run: parse_row(run) for run in kept_rows}  # (method, seed, budget multiple)
-    for m, k in dict.fromkeys((m, k) for m, _, k in parsed.values()):
+    for m, k in sorted(set((m, k) for m, _, k in parsed.values())):  # by method, then budget
         runs = [run for run, (m2, _, k2) in parsed.items() if (m2, k2) == (m, k)]
         rs = [kept_rows[run][1] for run in runs]
         seeds = [str(parsed[run][1] or 1337) for run in runs]  # 0: train.py's seed
