@@ -2076,7 +2076,7 @@ def test_study_runs_row_names_and_scaling_table():
 
 
 def test_study_child_dies_with_its_parent():
-    """A study script killed with -9 takes its child with it (reproduce.sh's: Linux's parent-death signal),
+    """A study script killed with -9 takes its child with it (dev/reproduce.py's sh: Linux's parent-death signal),
     instead of leaving a train.py running that holds its out_dir's lock."""
     if not sys.platform.startswith("linux"):
         raise Skip("PR_SET_PDEATHSIG is Linux's")
