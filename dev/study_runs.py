@@ -54,7 +54,8 @@ pairs = ("sft-sharpen_sft+sharpen_sft-diffusion_dpo+ddpo-sharpen_rlhf+diffusion_
          "+sft_x3-sft+grpo_x3-sharpen_sft+sft_x3-grpo_x3+sharpen_sft_x3-sharpen_sft+sharpen_sft_x3-grpo_x3"
          "+sft_x3-sharpen_sft_x3+diffusion_nft_x3-diffusion_nft+sharpen_sft_x3-diffusion_nft_x3+diffusion_nft_x3-grpo_x3"
          "+sft_x10-sft_x3+sft_x10-sft+sharpen_sft_x10-sharpen_sft_x3+sharpen_sft_x10-sharpen_sft+sharpen_sft_x10-sft_x10"
-         "+sharpen_sft_x10-sft_x3+sharpen_sft_x10-grpo_x3+diffusion_nft_slow_x3-diffusion_nft_slow+diffusion_nft_slow-diffusion_nft")
+         "+sharpen_sft_x10-sft_x3+sharpen_sft_x10-grpo_x3+diffusion_nft_slow_x3-diffusion_nft_slow+diffusion_nft_slow-diffusion_nft"
+         "+grpo_x10-grpo_x3+grpo_x10-grpo+grpo_x10-sharpen_sft_x10+grpo_x10-sft_x10")
                          # --table: paired differences a − b, per seed where both are kept
 # -----------------------------------------------------------------------------
 KEEP = ["name", "search", "overall", "delta", "delta_se", "per_skill", "diversity", "background", "palette", "denoise",
